@@ -1,0 +1,230 @@
+"""The contract every target implements, and the artifact directory helpers they share.
+
+A target turns :class:`exporter.components.Components` plus a :class:`Recipe`
+into an artifact directory, and loads such a directory back as a
+:class:`Session` that the shared host runner (``exporter/runner.py``) drives.
+
+Artifact directory layout (DESIGN.md): the artifact file(s), the
+``tokenizer.json`` it was built with, and ``artifact.json`` (target, recipe,
+method signatures, metadata, runtime versions, sha256 of every file).
+Everything is written into a temporary sibling directory and moved into
+place at the end (:func:`atomic_artifact_dir`): a failed export leaves
+nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+
+from exporter.errors import ArtifactError, OutputError, UnknownRecipeError
+
+ARTIFACT_JSON = "artifact.json"
+ARTIFACT_SCHEMA = 1
+METHODS = ("token_embedding", "vision_encoder", "audio_encoder", "text_decoder")
+
+# Progress callback: (stage, done, total). Targets call it during long work.
+Progress = Callable[[str, int, int], None]
+
+
+def no_progress(stage: str, done: int, total: int) -> None:  # pragma: no cover - trivial
+    pass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to turn float components into a deployable program.
+
+    name: fp32 | fp16 | int8-weight | int8-static | 8da4w | 8da8w
+    keep_float: module names (as in ``model.named_modules()``) left in float
+    group_size: weight group size for 8da4w (0 = per channel)
+    """
+
+    name: str
+    keep_float: tuple[str, ...] = ()
+    group_size: int = 32
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.name not in ("fp32", "fp16")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.name == "int8-static"
+
+
+ALL_RECIPES = ("fp32", "fp16", "int8-weight", "int8-static", "8da4w", "8da8w")
+
+
+def check_recipe(target: str, recipe: Recipe, supported: tuple[str, ...]) -> None:
+    if recipe.name not in supported:
+        known = "" if recipe.name in ALL_RECIPES else f" (known recipes: {', '.join(ALL_RECIPES)})"
+        raise UnknownRecipeError(
+            f"recipe '{recipe.name}' is not supported by target '{target}'; "
+            f"it supports: {', '.join(supported)}{known}"
+        )
+
+
+@runtime_checkable
+class Session(Protocol):
+    """A loaded artifact. Inputs and outputs are NumPy arrays.
+
+    Method inputs (identical names on every target):
+      token_embedding(tokens int64 [1,T])                          -> embeds [1,T,H]
+      vision_encoder(pixels float32 [1,3,S,S])                     -> image_embeds [1,N,H]
+      audio_encoder(mel float32 [1,n_mels,F])                      -> audio_embeds [1,A,H]
+      text_decoder(embeds [1,T,H], position_ids int64 [3,T],
+                   cache_position int64 [T])                       -> logits [1,T,V]
+    The KV cache lives inside the session; ``reset()`` forgets it.
+    ``provenance`` says how numbers were obtained (e.g. "ExecuTorch runtime 1.5.1",
+    "Core ML program emulated on Linux").
+    """
+
+    provenance: str
+
+    def run(self, method: str, **inputs: np.ndarray) -> np.ndarray: ...
+
+    def reset(self) -> None: ...
+
+
+@dataclass
+class Artifact:
+    dir: Path
+    target: str
+    recipe: str
+    files: list[str]
+    info: dict[str, Any] = field(default_factory=dict)  # the whole artifact.json
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.info.get("metadata", {})
+
+
+class Target(Protocol):
+    name: str
+    recipes: tuple[str, ...]
+
+    def export(
+        self,
+        components: Any,  # exporter.components.Components
+        recipe: Recipe,
+        out: Path,
+        calibration: Any | None = None,  # calibration.stats.CalibrationData
+        progress: Progress = no_progress,
+    ) -> Artifact: ...
+
+    def load(self, artifact: Artifact) -> Session: ...
+
+
+# --- artifact directory helpers ------------------------------------------------
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def tree_files(root: Path) -> list[Path]:
+    """Every regular file under ``root`` (an .mlpackage is a directory), sorted."""
+    if root.is_file():
+        return [root]
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def file_hashes(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """sha256 and size of each listed file or directory (directories hash their files in order)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        p = root / name
+        if p.is_dir():
+            h = hashlib.sha256()
+            size = 0
+            for f in tree_files(p):
+                h.update(str(f.relative_to(p)).encode())
+                h.update(sha256_file(f).encode())
+                size += f.stat().st_size
+            out[name] = {"sha256": h.hexdigest(), "bytes": size}
+        else:
+            out[name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return out
+
+
+@contextlib.contextmanager
+def atomic_artifact_dir(out: Path) -> Iterator[Path]:
+    """Yield a fresh temp dir next to ``out``; on success it replaces ``out`` atomically.
+
+    On any exception the temp dir is removed and ``out`` is left as it was.
+    """
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    except OSError as e:
+        raise OutputError(f"cannot write output directory {out}: {e.strerror or e}") from e
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_artifact_json(root: Path, info: dict[str, Any]) -> None:
+    info = dict(info)
+    info.setdefault("schema", ARTIFACT_SCHEMA)
+    info["files"] = file_hashes(root, list(info.get("files", [])))
+    (root / ARTIFACT_JSON).write_text(json.dumps(info, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_artifact(path: Path) -> Artifact:
+    """Read an artifact directory (or a file inside one) and check its files' hashes exist."""
+    path = Path(path)
+    root = path if path.is_dir() else path.parent
+    meta = root / ARTIFACT_JSON
+    if not root.exists():
+        raise ArtifactError(f"artifact not found: {path}")
+    if not meta.is_file():
+        raise ArtifactError(f"{root} is not an artifact directory: no {ARTIFACT_JSON}")
+    try:
+        info = json.loads(meta.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{meta}: unreadable artifact description: {e}") from e
+    for key in ("target", "recipe", "files", "metadata"):
+        if key not in info:
+            raise ArtifactError(f"{meta}: missing key '{key}'")
+    files = sorted(info["files"])
+    for name in files:
+        if not (root / name).exists():
+            raise ArtifactError(f"{root}: artifact file '{name}' listed in {ARTIFACT_JSON} is missing")
+    return Artifact(dir=root, target=info["target"], recipe=info["recipe"], files=files, info=info)
