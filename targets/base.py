@@ -228,3 +228,92 @@ def read_artifact(path: Path) -> Artifact:
         if not (root / name).exists():
             raise ArtifactError(f"{root}: artifact file '{name}' listed in {ARTIFACT_JSON} is missing")
     return Artifact(dir=root, target=info["target"], recipe=info["recipe"], files=files, info=info)
+
+
+# --- what every artifact carries -------------------------------------------------
+
+
+def artifact_metadata(config: Any, recipe: Recipe) -> dict[str, Any]:
+    """Metadata every target stores (artifact.json, and in-format where the format has a place)."""
+    from exporter import __version__
+
+    t = config.tokens
+    return {
+        "model_name": config.name,
+        "model": config.to_dict(),
+        "max_seq_len": config.shape.max_seq_len,
+        "vocab_size": config.text.vocab_size,
+        "hidden_size": config.text.hidden_size,
+        "bos_ids": list(t.bos_ids),
+        "eos_ids": list(t.eos_ids),
+        "image_size": config.shape.image_size if config.vision else 0,
+        "image_tokens": config.image_tokens,
+        "audio_frames": config.shape.audio_frames if config.audio else 0,
+        "audio_tokens": config.audio_tokens,
+        "n_mels": config.audio.n_mels if config.audio else 0,
+        "image_token_id": t.image_token_id,
+        "image_start_id": t.image_start_id,
+        "image_end_id": t.image_end_id,
+        "audio_token_id": t.audio_token_id,
+        "audio_start_id": t.audio_start_id,
+        "audio_end_id": t.audio_end_id,
+        "recipe": recipe.name,
+        "keep_float": list(recipe.keep_float),
+        "package_version": __version__,
+    }
+
+
+def method_signatures(components: Any) -> dict[str, dict[str, Any]]:
+    """Input/output names, dtypes and shapes (symbolic 'T' for the dynamic length) per method."""
+    cfg = components.config
+    h, v = cfg.text.hidden_size, cfg.text.vocab_size
+    sigs: dict[str, dict[str, Any]] = {
+        "token_embedding": {"inputs": {"tokens": ["int64", [1, "T"]]}, "outputs": {"embeds": ["float32", [1, "T", h]]}},
+        "text_decoder": {
+            "inputs": {
+                "embeds": ["float32", [1, "T", h]],
+                "position_ids": ["int64", [3, "T"]],
+                "cache_position": ["int64", ["T"]],
+            },
+            "outputs": {"logits": ["float32", [1, "T", v]]},
+        },
+    }
+    if cfg.vision:
+        s = cfg.shape.image_size
+        sigs["vision_encoder"] = {
+            "inputs": {"pixels": ["float32", [1, 3, s, s]]},
+            "outputs": {"image_embeds": ["float32", [1, cfg.image_tokens, h]]},
+        }
+    if cfg.audio:
+        sigs["audio_encoder"] = {
+            "inputs": {"mel": ["float32", [1, cfg.audio.n_mels, cfg.shape.audio_frames]]},
+            "outputs": {"audio_embeds": ["float32", [1, cfg.audio_tokens, h]]},
+        }
+    return {m: sigs[m] for m in METHODS if m in sigs}
+
+
+def copy_tokenizer(config: Any, dest_dir: Path) -> str:
+    """Copy the tokenizer.json the model was built with into an artifact dir; returns its name."""
+    from calibration.preprocess import tokenizer_file
+
+    shutil.copyfile(tokenizer_file(config.tokenizer), dest_dir / "tokenizer.json")
+    return "tokenizer.json"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def runtime_versions(*packages: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for p in ("torch", *packages):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = "not installed"
+    return out

@@ -116,3 +116,19 @@ def _init_weights(model: nn.Module, std: float = 0.02) -> None:
     for name, p in model.named_parameters():
         if name.endswith("layernorm.weight") or name.endswith("norm1.weight") or name.endswith("norm2.weight"):
             p.normal_(1.0, 0.05)
+
+
+def materialize_buffers(model: MultimodalModel) -> None:
+    """Recompute the non-persistent buffers of a model whose weights were assigned onto meta."""
+    from exporter.model.audio import sinusoids
+    from exporter.model.decoder import Rope
+
+    cfg = model.config
+    if model.text.rope.inv_freq.is_meta:
+        model.text.rope = Rope(cfg.text)
+    if model.audio is not None and model.audio.embed_positions.is_meta:
+        a = cfg.audio
+        model.audio.register_buffer("embed_positions", sinusoids((a.max_frames + 1) // 2, a.hidden_size), persistent=False)
+    still = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still:
+        raise RuntimeError(f"tensors left on the meta device: {', '.join(still[:5])}")

@@ -1,0 +1,280 @@
+"""Load a transformers Glm4vForConditionalGeneration checkpoint onto the reference model.
+
+A checkpoint directory holds ``config.json`` and one or more safetensors
+shards (``model.safetensors`` or ``model.safetensors.index.json`` + shards),
+optionally ``generation_config.json``, ``tokenizer.json`` and
+``preprocessor_config.json``. Both key layouts are accepted: current
+(``model.language_model.*``, ``model.visual.*``, ``lm_head.*``) and older
+(``model.*`` for the text part).
+
+Shards are memory-mapped and parsed here (8-byte header length, JSON header,
+raw data); each tensor is a zero-copy view of the mapping, assigned straight
+into a model built on the meta device, so the weights are never held twice.
+Truncated or corrupt shards, missing and unexpected keys, and configs the
+model cannot represent each raise :class:`CheckpointError` naming the file or key.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import re
+import struct
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from exporter.errors import CheckpointError, ConfigError
+from exporter.model.config import ExportShape, ModelConfig, SpecialTokens, TextConfig, VisionConfig
+from exporter.model.multimodal import MultimodalModel, build, materialize_buffers
+
+_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+# checkpoint key prefix -> reference model prefix (first match wins)
+_KEY_RULES = [
+    (re.compile(r"^model\.language_model\."), "text."),
+    (re.compile(r"^model\.visual\."), "visual."),
+    (re.compile(r"^model\.audio\."), "audio."),
+    (re.compile(r"^model\.fusion\."), "fusion."),
+    (re.compile(r"^lm_head\."), "text.lm_head."),
+    (re.compile(r"^model\."), "text."),  # older layout: text part directly under model.
+]
+
+
+def map_key(key: str) -> str:
+    for pattern, repl in _KEY_RULES:
+        if pattern.match(key):
+            return pattern.sub(repl, key, count=1)
+    return key
+
+
+# --- config ----------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+
+
+def _as_ids(v: Any) -> tuple[int, ...]:
+    if v is None:
+        return ()
+    return tuple(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+
+
+def config_from_checkpoint(ckpt: Path, shape: ExportShape | None = None) -> ModelConfig:
+    """Translate a Glm4v ``config.json`` into a :class:`ModelConfig`, or say what cannot be represented."""
+    path = ckpt / "config.json"
+    raw = _read_json(path)
+    if raw.get("model_type") not in ("glm4v", None):
+        raise CheckpointError(f"{path}: model_type '{raw.get('model_type')}' is not glm4v")
+    try:
+        tc = raw["text_config"]
+        vc = raw.get("vision_config")
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing key {e}") from None
+    rope = dict(tc.get("rope_parameters") or {})
+    rope.update({k: v for k, v in (tc.get("rope_scaling") or {}).items() if k == "mrope_section"})
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if key in tc:
+            rope.setdefault(key, tc[key])
+    for sub, cfg in (("text_config", tc), ("vision_config", vc or {})):
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise CheckpointError(f"{path}: {sub}.hidden_act '{act}' is not supported (only silu)")
+    if rope.get("rope_type", "default") not in ("default", "mrope"):
+        raise CheckpointError(f"{path}: text rope_type '{rope.get('rope_type')}' is not supported")
+    gen = ckpt / "generation_config.json"
+    gen_cfg = _read_json(gen) if gen.exists() else {}
+    eos = _as_ids(tc.get("eos_token_id")) or _as_ids(raw.get("eos_token_id")) or _as_ids(gen_cfg.get("eos_token_id"))
+    if not eos:
+        raise CheckpointError(f"{path}: no eos_token_id in config.json or generation_config.json")
+    pre = ckpt / "preprocessor_config.json"
+    pre_cfg = _read_json(pre) if pre.exists() else {}
+    tok = ckpt / "tokenizer.json"
+    try:
+        text = TextConfig(
+            vocab_size=int(tc["vocab_size"]),
+            hidden_size=int(tc["hidden_size"]),
+            num_layers=int(tc["num_hidden_layers"]),
+            num_heads=int(tc["num_attention_heads"]),
+            num_kv_heads=int(tc.get("num_key_value_heads") or tc["num_attention_heads"]),
+            intermediate_size=int(tc["intermediate_size"]),
+            rms_eps=float(tc.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
+            partial_rotary_factor=float(rope.get("partial_rotary_factor", 0.5)),
+            mrope_section=tuple(int(x) for x in rope.get("mrope_section", (8, 12, 12))),
+            tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        )
+        vision = None
+        if vc:
+            vision = VisionConfig(
+                hidden_size=int(vc["hidden_size"]),
+                depth=int(vc["depth"]),
+                num_heads=int(vc["num_heads"]),
+                out_hidden_size=int(vc["out_hidden_size"]),
+                intermediate_size=int(vc["intermediate_size"]),
+                patch_size=int(vc.get("patch_size", 14)),
+                temporal_patch_size=int(vc.get("temporal_patch_size", 2)),
+                in_channels=int(vc.get("in_channels", 3)),
+                spatial_merge_size=int(vc.get("spatial_merge_size", 2)),
+                pos_grid_size=int(vc.get("image_size", 336)),
+                rms_eps=float(vc.get("rms_norm_eps", 1e-5)),
+                rope_theta=float((vc.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+                attention_bias=bool(vc.get("attention_bias", False)),
+                image_mean=tuple(pre_cfg.get("image_mean", VisionConfig.image_mean)),
+                image_std=tuple(pre_cfg.get("image_std", VisionConfig.image_std)),
+            )
+        bos = tuple(
+            i
+            for i in (raw.get("gmask_token_id", tc.get("gmask_token_id")), raw.get("sop_token_id", tc.get("sop_token_id")))
+            if i is not None
+        )
+        tokens = SpecialTokens(
+            eos_ids=eos,
+            bos_ids=bos,
+            pad_id=int(tc.get("pad_token_id") or eos[0]),
+            image_token_id=int(raw.get("image_token_id", -1)),
+            image_start_id=int(raw.get("image_start_token_id", -1)),
+            image_end_id=int(raw.get("image_end_token_id", -1)),
+            video_token_id=int(raw.get("video_token_id", -1)),
+        )
+        if shape is None:
+            size = vision.pos_grid_size if vision else 336
+            shape = ExportShape(max_seq_len=min(int(tc.get("max_position_embeddings", 2048)), 2048), image_size=size)
+        return ModelConfig(
+            name=ckpt.resolve().name,
+            text=text,
+            tokens=tokens,
+            vision=vision,
+            shape=shape,
+            tokenizer=str(tok) if tok.exists() else "",
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read config value: {e}") from None
+
+
+# --- safetensors, memory-mapped -------------------------------------------------------------
+
+
+def shard_files(ckpt: Path) -> list[Path]:
+    index = ckpt / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: no weight_map")
+        files = [ckpt / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{f}: shard listed in {index.name} is missing")
+        return files
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{ckpt}: no *.safetensors weights found")
+    return files
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of a shard; tensors are copy-on-write views of an mmap."""
+    try:
+        fh = open(path, "rb")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open: {e.strerror}") from None
+    with fh:
+        size = path.stat().st_size
+        if size < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+        (hlen,) = struct.unpack("<Q", fh.read(8))
+        if hlen > size - 8 or hlen > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt safetensors header (length {hlen} for a {size}-byte file)")
+        try:
+            header = json.loads(fh.read(hlen))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+        header.pop("__metadata__", None)
+        base = 8 + hlen
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        if base + end > size:
+            raise CheckpointError(f"{path}: truncated: header needs {base + end} bytes, file has {size}")
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+    for name, info in header.items():
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            start, stop = (int(x) for x in info["data_offsets"])
+            shape = [int(x) for x in info["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor '{name}' has a corrupt header entry") from None
+        count = 1
+        for d in shape:
+            count *= d
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if stop - start != count * itemsize:
+            raise CheckpointError(f"{path}: tensor '{name}' has {stop - start} bytes, expected {count * itemsize}")
+        if count == 0:
+            yield name, torch.empty(shape, dtype=dtype)
+            continue
+        t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start)
+        yield name, t.view(shape)
+
+
+def load_checkpoint(
+    ckpt: str | Path, shape: ExportShape | None = None, dtype: torch.dtype = torch.float32
+) -> MultimodalModel:
+    """The reference model with a checkpoint's weights (eval mode)."""
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        raise CheckpointError(f"{ckpt}: checkpoint directory not found")
+    if not ckpt.is_dir():
+        raise CheckpointError(f"{ckpt}: not a directory (expected a checkpoint directory with config.json)")
+    config = config_from_checkpoint(ckpt, shape)
+    model = build(config, device="meta")
+    expected = {k: v for k, v in model.state_dict().items()}
+    if config.text.tie_embeddings:
+        expected.pop("text.lm_head.weight", None)
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for shard in shard_files(ckpt):
+        tensors = {}
+        for key, tensor in iter_safetensors(shard):
+            name = map_key(key)
+            if name not in expected:
+                unexpected.append(f"{key} ({shard.name})")
+                continue
+            want = tuple(expected[name].shape)
+            if tuple(tensor.shape) != want:
+                raise CheckpointError(
+                    f"{shard}: tensor '{key}' has shape {tuple(tensor.shape)}, the config implies {want}"
+                )
+            tensors[name] = tensor if tensor.dtype == dtype else tensor.to(dtype)
+            seen.add(name)
+        model.load_state_dict(tensors, strict=False, assign=True)
+        del tensors
+    if unexpected:
+        more = f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(f"{ckpt}: unexpected keys: {', '.join(unexpected[:5])}{more}")
+    missing = sorted(set(expected) - seen)
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{ckpt}: missing keys: {', '.join(missing[:5])}{more}")
+    if config.text.tie_embeddings:
+        model.text.lm_head.weight = model.text.embed_tokens.weight
+    materialize_buffers(model)
+    return model.eval()
