@@ -162,13 +162,17 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-    def with_layers(self, num_layers: int) -> "ModelConfig":
-        """The same model cut to ``num_layers`` decoder layers (full widths kept)."""
-        if num_layers < 1:
-            raise ConfigError(f"--layers must be >= 1, got {num_layers}")
+    def with_layers(self, num_layers: int, vision_layers: int | None = None) -> "ModelConfig":
+        """The same model cut to ``num_layers`` decoder layers (and optionally vision blocks), widths kept."""
+        if num_layers < 1 or (vision_layers is not None and vision_layers < 1):
+            raise ConfigError(f"layer counts must be >= 1, got {num_layers}/{vision_layers}")
+        vision = self.vision
+        if vision is not None and vision_layers is not None:
+            vision = dataclasses.replace(vision, depth=vision_layers)
         return self.replace(
             name=f"{self.name}-{num_layers}l",
             text=dataclasses.replace(self.text, num_layers=num_layers),
+            vision=vision,
         )
 
 

@@ -1,0 +1,179 @@
+"""autoglm-export command line: parse, call exporter/pipeline.py, map typed errors to exit codes.
+
+Exit codes: 0 success, 1 a parity threshold failed, 2 bad usage or bad input,
+3 an export or runtime failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from exporter.errors import AutoglmExportError, BadInputError
+
+app = typer.Typer(
+    name="autoglm-export",
+    help="Export the multimodal AutoGLM-Phone-9B (GLM-4.1V family) to ExecuTorch, Core ML and ONNX Runtime mobile.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+Preset = Annotated[Optional[str], typer.Option("--preset", help="Named preset (tiny, autoglm-phone-9b).")]
+Checkpoint = Annotated[
+    Optional[Path], typer.Option("--checkpoint", help="Local checkpoint directory (config.json + safetensors).")
+]
+Layers = Annotated[Optional[int], typer.Option("--layers", help="Cut a preset to this many decoder layers.")]
+
+
+def _fail(err: AutoglmExportError) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(err.exit_code)
+
+
+def handled(fn: Callable) -> Callable:
+    """Run a command; typed errors become one line on stderr and their exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AutoglmExportError as e:
+            _fail(e)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _source(preset: str | None, checkpoint: Path | None) -> tuple[str | None, Path | None]:
+    if preset and checkpoint:
+        raise BadInputError("give --preset or --checkpoint, not both")
+    return (None if checkpoint else (preset or "tiny")), checkpoint
+
+
+class Progress:
+    """Progress bars on stderr, one per stage (tqdm), fed by the library's progress(stage, done, total)."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, object] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, file=sys.stderr, leave=True, dynamic_ncols=True)
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+            self.bars.pop(stage, None)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+@handled
+def info(
+    preset: Preset = None,
+    checkpoint: Checkpoint = None,
+    layers: Layers = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Parameters and size per component at fp32/fp16/int8 (no weights are allocated)."""
+    from exporter import pipeline
+
+    preset, checkpoint = _source(preset, checkpoint)
+    result = pipeline.info(preset, checkpoint, layers)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"model: {result['model']}  ({', '.join(f'{k}={v}' for k, v in result['config'].items())})")
+    typer.echo(f"{'component':<18}{'params':>16}{'fp32':>12}{'fp16':>12}{'int8':>12}")
+    for name, row in list(result["components"].items()) + [("total", result["total"])]:
+        typer.echo(
+            f"{name:<18}{row['params']:>16,}{_human(row['fp32_bytes']):>12}"
+            f"{_human(row['fp16_bytes']):>12}{_human(row['int8_bytes']):>12}"
+        )
+
+
+@app.command()
+@handled
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", help="The user prompt.")],
+    image: Annotated[Optional[Path], typer.Option("--image", help="An image file.")] = None,
+    audio: Annotated[Optional[Path], typer.Option("--audio", help="A speech file (wav at any common rate).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 32,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    preset: Preset = None,
+    checkpoint: Checkpoint = None,
+    layers: Layers = None,
+    artifact: Annotated[Optional[Path], typer.Option("--artifact", help="An exported artifact (dir or file).")] = None,
+) -> None:
+    """Generate from the reference model or from an exported artifact."""
+    from exporter import pipeline
+
+    if artifact is None:
+        preset, checkpoint = _source(preset, checkpoint)
+    label, result = pipeline.generate(
+        prompt, image, audio, max_new_tokens, temperature, top_p, seed, preset, checkpoint, layers, artifact
+    )
+    typer.echo(f"[{label}] prompt tokens: {len(result.prompt_tokens)}", err=True)
+    typer.echo(f"tokens: {result.tokens}")
+    typer.echo(f"text: {result.text!r}")
+
+
+@app.command()
+@handled
+def export(
+    target: Annotated[str, typer.Option("--target", help="executorch | coreml | ort")],
+    recipe: Annotated[str, typer.Option("--recipe", help="fp32 | fp16 | int8-weight | int8-static | 8da4w | 8da8w")],
+    out: Annotated[Path, typer.Option("--out", help="Output artifact directory.")],
+    preset: Preset = None,
+    checkpoint: Checkpoint = None,
+    layers: Layers = None,
+    calibration: Annotated[
+        Optional[Path], typer.Option("--calibration", help="calibrate --out DIR, or a manifest .jsonl")
+    ] = None,
+    keep_float: Annotated[
+        Optional[str], typer.Option("--keep-float", help="Comma-separated module names left in float.")
+    ] = None,
+    group_size: Annotated[int, typer.Option("--group-size", help="Weight group size for 8da4w.")] = 32,
+) -> None:
+    """Export one target x recipe into an artifact directory."""
+    from exporter import pipeline
+
+    preset, checkpoint = _source(preset, checkpoint)
+    keep = tuple(k.strip() for k in keep_float.split(",") if k.strip()) if keep_float else ()
+    art = pipeline.export(
+        target, recipe, out, preset, checkpoint, layers, calibration, keep, group_size, progress=Progress()
+    )
+    for name, meta in sorted(art.info.get("files", {}).items()):
+        typer.echo(f"{art.dir / name}  {_human(meta['bytes'])}  sha256:{meta['sha256'][:16]}")
+    exp = art.info.get("export", {})
+    if exp:
+        typer.echo(f"export: {exp.get('wall_s', 0):.1f} s, peak RSS {exp.get('peak_rss_mb', 0):.0f} MiB")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,269 @@
+"""The functions cli.py calls: each is one step of the data flow in docs/ARCHITECTURE.md.
+
+cli.py never touches torch; everything model-side happens here or below.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from exporter.errors import BadInputError, ConfigError
+from exporter.model.config import ModelConfig, get_preset
+
+Progress = Callable[[str, int, int], None]
+
+
+# --- the reference model ------------------------------------------------------------
+
+
+def resolve_config(preset: str | None = "tiny", checkpoint: str | Path | None = None, layers: int | None = None) -> ModelConfig:
+    """The config of a preset or a checkpoint, without touching weights."""
+    if checkpoint:
+        from exporter.checkpoint import config_from_checkpoint
+
+        cfg = config_from_checkpoint(_checkpoint_dir(checkpoint))
+        return cfg.with_layers(layers) if layers else cfg
+    return get_preset(preset or "tiny", layers)
+
+
+def _checkpoint_dir(checkpoint: str | Path) -> Path:
+    from exporter.errors import CheckpointError
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected a checkpoint directory with config.json)")
+    return path
+
+
+def load_reference(preset: str | None = "tiny", checkpoint: str | Path | None = None, layers: int | None = None):
+    """The eager reference model (MultimodalModel) from a preset or a local checkpoint."""
+    if checkpoint:
+        from exporter.checkpoint import load_checkpoint
+
+        if layers:
+            raise ConfigError("--layers applies to presets; a checkpoint is loaded whole")
+        return load_checkpoint(_checkpoint_dir(checkpoint))
+    from exporter.model import build
+
+    return build(get_preset(preset or "tiny", layers))
+
+
+def source_of(preset: str | None, checkpoint: str | Path | None, layers: int | None) -> dict[str, Any]:
+    """Where the weights came from, recorded in every artifact so parity can rebuild the reference."""
+    if checkpoint:
+        return {"checkpoint": str(Path(checkpoint).resolve())}
+    return {"preset": preset or "tiny", "layers": layers}
+
+
+def reference_from_source(source: dict[str, Any]):
+    return load_reference(preset=source.get("preset"), checkpoint=source.get("checkpoint"), layers=source.get("layers"))
+
+
+# --- info -----------------------------------------------------------------------------
+
+
+def info(preset: str | None = "tiny", checkpoint: str | Path | None = None, layers: int | None = None) -> dict[str, Any]:
+    """Parameter count and size per component at fp32/fp16/int8, computed on the meta device."""
+    import torch
+
+    from exporter.model import build
+
+    cfg = resolve_config(preset, checkpoint, layers)
+    model = build(cfg, device="meta")
+
+    def count(module: torch.nn.Module | None) -> int:
+        if module is None:
+            return 0
+        return sum(p.numel() for p in module.parameters())
+
+    t = model.text
+    tied = cfg.text.tie_embeddings
+    parts = {
+        "token_embedding": count(t.embed_tokens),
+        "vision_encoder": count(model.visual),
+        "audio_encoder": count(model.audio),
+        "gated_fusion": count(model.fusion),
+        "text_decoder": count(t.layers) + count(t.norm) + (0 if tied else t.lm_head.weight.numel()),
+    }
+    rows = {
+        name: {"params": n, "fp32_bytes": 4 * n, "fp16_bytes": 2 * n, "int8_bytes": n}
+        for name, n in parts.items()
+        if n or name in ("token_embedding", "text_decoder")
+    }
+    total = sum(parts.values())
+    return {
+        "model": cfg.name,
+        "components": rows,
+        "total": {"params": total, "fp32_bytes": 4 * total, "fp16_bytes": 2 * total, "int8_bytes": total},
+        "config": {
+            "layers": cfg.text.num_layers,
+            "hidden": cfg.text.hidden_size,
+            "vocab": cfg.text.vocab_size,
+            "image_size": cfg.shape.image_size if cfg.vision else None,
+            "image_tokens": cfg.image_tokens,
+            "audio_tokens": cfg.audio_tokens,
+            "max_seq_len": cfg.shape.max_seq_len,
+            "fusion": cfg.fusion,
+        },
+    }
+
+
+# --- generate -------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    """A session with what the runner needs beside it."""
+
+    session: Any
+    config: ModelConfig
+    tokenizer: Any
+    label: str
+
+
+def open_reference(preset: str | None = "tiny", checkpoint: str | Path | None = None, layers: int | None = None) -> Loaded:
+    from exporter.components import build_components
+    from exporter.runner import EagerSession, load_tokenizer
+
+    model = load_reference(preset, checkpoint, layers)
+    comps = build_components(model)
+    return Loaded(EagerSession(comps), model.config, load_tokenizer(model.config), f"reference {model.config.name}")
+
+
+def open_artifact(path: str | Path) -> Loaded:
+    from calibration.preprocess import load_tokenizer as load_tok
+    from targets import get_target
+    from targets.base import read_artifact
+
+    art = read_artifact(Path(path))
+    config = ModelConfig.from_dict(art.metadata["model"])
+    session = get_target(art.target).load(art)
+    return Loaded(session, config, load_tok(art.dir / "tokenizer.json"), f"{art.target}/{art.recipe} ({session.provenance})")
+
+
+def generate(
+    text: str,
+    image: str | Path | None = None,
+    audio: str | Path | None = None,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    preset: str | None = "tiny",
+    checkpoint: str | Path | None = None,
+    layers: int | None = None,
+    artifact: str | Path | None = None,
+):
+    from exporter.runner import Prompt, Runner
+
+    for kind, p in (("image", image), ("audio", audio)):
+        if p is not None and not Path(p).is_file():
+            raise BadInputError(f"--{kind} {p}: file not found")
+    loaded = open_artifact(artifact) if artifact else open_reference(preset, checkpoint, layers)
+    runner = Runner(loaded.session, loaded.config, loaded.tokenizer)
+    t0 = time.perf_counter()
+    result = runner.generate(
+        Prompt(text=text, image=image, audio=audio),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
+    result.timings["total_s"] = time.perf_counter() - t0
+    return loaded.label, result
+
+
+# --- export ---------------------------------------------------------------------------
+
+
+def export(
+    target: str,
+    recipe: str,
+    out: str | Path,
+    preset: str | None = "tiny",
+    checkpoint: str | Path | None = None,
+    layers: int | None = None,
+    calibration: str | Path | None = None,
+    keep_float: tuple[str, ...] = (),
+    group_size: int = 32,
+    progress: Progress | None = None,
+):
+    """Export one target x recipe into ``out`` (atomic). Returns the Artifact."""
+    from exporter.components import build_components
+    from targets import get_target
+    from targets.base import Recipe, check_recipe, no_progress
+
+    progress = progress or no_progress
+    tgt = get_target(target)  # unknown target -> exit 2 before any model work
+    rec = Recipe(recipe, keep_float=tuple(keep_float), group_size=group_size)
+    check_recipe(target, rec, tgt.recipes)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out {out}: exists and is not a directory")
+    model = load_reference(preset, checkpoint, layers)
+    comps = build_components(model)
+    calib = None
+    if rec.needs_calibration:
+        calib = calibration_data(comps, calibration, progress)
+    artifact = tgt.export(comps, rec, out, calibration=calib, progress=progress)
+    _record_source(artifact, source_of(preset, checkpoint, layers))
+    return artifact
+
+
+def _record_source(artifact, source: dict[str, Any]) -> None:
+    """Add where the weights came from to artifact.json (parity rebuilds the reference from it)."""
+    import json
+
+    from targets.base import ARTIFACT_JSON
+
+    path = artifact.dir / ARTIFACT_JSON
+    info = json.loads(path.read_text())
+    info.setdefault("metadata", {})["source"] = source
+    path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    artifact.info = info
+
+
+def calibration_data(components, calibration: str | Path | None, progress: Progress | None = None):
+    """CalibrationData for int8-static: a calibrate --out DIR, a manifest .jsonl, or the built-in set."""
+    from exporter.runner import load_tokenizer
+
+    tokenizer = load_tokenizer(components.config)
+    try:
+        from calibration import stats
+
+        calibrate = getattr(stats, "calibrate", None)
+        load = getattr(stats, "load_calibration", None)
+    except ImportError:  # pragma: no cover
+        calibrate = load = None
+    path = Path(calibration) if calibration else None
+    if path is not None and not path.exists():
+        raise BadInputError(f"--calibration {path}: not found")
+    if path is not None and path.is_dir() and load is not None:
+        return load(path)
+    if calibrate is not None:
+        return calibrate(components, path, tokenizer, progress=progress)
+    # until calibration.stats.calibrate exists: the built-in set's samples, recorded through the runner
+    from calibration.dataset import calibration_manifest
+    from exporter.runner import Prompt
+
+    import json
+
+    manifest = path or calibration_manifest()
+    prompts = []
+    for line in Path(manifest).read_text().splitlines():
+        if line.strip():
+            d = json.loads(line)
+            base = Path(manifest).parent
+            prompts.append(
+                Prompt(
+                    text=d.get("text", ""),
+                    image=base / d["image"] if d.get("image") else None,
+                    audio=base / d["audio"] if d.get("audio") else None,
+                )
+            )
+    return stats.collect_method_inputs(components, prompts, tokenizer, progress=progress)

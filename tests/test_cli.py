@@ -1,0 +1,67 @@
+"""The command line: info, generate, and one clear line + exit code for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+
+runner = CliRunner()
+
+
+def _one_error_line(result):
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_info_9b_counts_about_10_3b_parameters():
+    result = runner.invoke(app, ["info", "--preset", "autoglm-phone-9b", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert 10.2e9 < info["total"]["params"] < 10.4e9
+    assert info["components"]["token_embedding"]["params"] == 151552 * 4096
+
+
+def test_info_tiny_is_under_20_mb():
+    info = json.loads(runner.invoke(app, ["info", "--json"]).output)
+    assert info["total"]["fp32_bytes"] < 20e6
+    assert set(info["components"]) >= {"token_embedding", "vision_encoder", "audio_encoder", "text_decoder"}
+
+
+def test_generate_with_image_and_audio_prints_tokens():
+    from calibration.dataset import sample_inputs
+
+    s = sample_inputs()
+    result = runner.invoke(
+        app,
+        ["generate", "--prompt", "describe", "--image", str(s["image"]), "--audio", str(s["audio"]), "--max-new-tokens", "5"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "tokens: [" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, code, needle",
+    [
+        (["info", "--preset", "nope"], 2, "unknown preset 'nope'"),
+        (["generate", "--prompt", "x", "--image", "/no/such.jpg"], 2, "/no/such.jpg"),
+        (["export", "--target", "tpu", "--recipe", "fp32", "--out", "o"], 2, "unknown target 'tpu'"),
+        (["info", "--checkpoint", "/no/such/dir"], 2, "/no/such/dir"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code(args, code, needle):
+    result = runner.invoke(app, args)
+    assert result.exit_code == code
+    assert needle in _one_error_line(result)
+
+
+def test_corrupt_image_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    result = runner.invoke(app, ["generate", "--prompt", "x", "--image", str(bad)])
+    assert result.exit_code == 2
+    assert "bad.jpg" in _one_error_line(result)
