@@ -171,6 +171,75 @@ def export(
         typer.echo(f"export: {exp.get('wall_s', 0):.1f} s, peak RSS {exp.get('peak_rss_mb', 0):.0f} MiB")
 
 
+@app.command()
+@handled
+def calibrate(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the calibration result.")],
+    manifest: Annotated[
+        Optional[Path], typer.Option("--manifest", help="Calibration manifest (.jsonl); default: the built-in set.")
+    ] = None,
+    sensitivity: Annotated[
+        bool, typer.Option("--sensitivity", help="Also rank layers by INT8 sensitivity (SQNR per layer).")
+    ] = False,
+    preset: Preset = None,
+    checkpoint: Checkpoint = None,
+    layers: Layers = None,
+) -> None:
+    """Run the reference over a calibration set once; cache per-method samples and activation statistics."""
+    from exporter import pipeline
+
+    preset, checkpoint = _source(preset, checkpoint)
+    summary = pipeline.calibrate(out, manifest, sensitivity, preset, checkpoint, layers, progress=Progress())
+    for line in summary:
+        typer.echo(line)
+
+
+@app.command()
+@handled
+def parity(
+    artifact_dir: Annotated[Path, typer.Argument(help="An exported artifact directory.")],
+    inputs: Annotated[
+        Optional[Path], typer.Option("--inputs", help="Held-out inputs (.jsonl); default: the built-in held-out set.")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report directory (default ARTIFACT_DIR/parity).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Greedy tokens compared per prompt.")] = 32,
+    threshold: Annotated[
+        Optional[list[str]], typer.Option("--threshold", help="Override, e.g. text_decoder.cosine=0.99 (repeatable).")
+    ] = None,
+) -> None:
+    """Run the artifact and the PyTorch reference on held-out inputs; report; exit 1 if a threshold fails."""
+    from exporter import pipeline
+
+    lines = pipeline.parity(artifact_dir, inputs, out, steps, threshold or [], progress=Progress())
+    for line in lines:
+        typer.echo(line)
+
+
+@app.command()
+@handled
+def build(
+    config: Annotated[Optional[Path], typer.Argument(help="Build config (TOML); default: the embedded tiny build.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("build"),
+) -> None:
+    """Build every target x recipe of a config, check parity of each, write DIR/manifest.json."""
+    from exporter import pipeline
+
+    manifest = pipeline.build(config, out, progress=Progress())
+    typer.echo(f"manifest: {manifest}")
+
+
+@app.command()
+@handled
+def bench(
+    artifact_dir: Annotated[Path, typer.Argument(help="An exported artifact directory.")],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+) -> None:
+    """Load time, prefill/decode tok/s, peak RSS, size and the decode bandwidth bound, vs eager PyTorch."""
+    from exporter import pipeline
+
+    typer.echo(pipeline.bench(artifact_dir, json_out, progress=Progress()))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -267,3 +267,94 @@ def calibration_data(components, calibration: str | Path | None, progress: Progr
                 )
             )
     return stats.collect_method_inputs(components, prompts, tokenizer, progress=progress)
+
+
+# --- calibrate, parity, build, bench ----------------------------------------------------------
+
+
+def _module(name: str):
+    """Import a pipeline stage; a missing stage is reported, never faked."""
+    import importlib
+
+    from exporter.errors import TargetNotAvailableError
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:
+            raise TargetNotAvailableError(f"'{name}' is not available in this build") from None
+        raise
+
+
+def calibrate(
+    out: str | Path,
+    manifest: str | Path | None = None,
+    sensitivity: bool = False,
+    preset: str | None = "tiny",
+    checkpoint: str | Path | None = None,
+    layers: int | None = None,
+    progress: Progress | None = None,
+) -> list[str]:
+    from exporter.components import build_components
+    from exporter.runner import load_tokenizer
+
+    stats = _module("calibration.stats")
+    manifest_mod = _module("calibration.manifest")
+    if manifest is not None:
+        manifest_mod.read_manifest(Path(manifest))  # every bad line reported before any model work
+    model = load_reference(preset, checkpoint, layers)
+    comps = build_components(model)
+    data = stats.calibrate(comps, Path(manifest) if manifest else None, load_tokenizer(model.config), progress=progress)
+    lines = stats.save_calibration(data, Path(out))
+    if sensitivity:
+        sens = _module("calibration.sensitivity")
+        ranking = sens.layer_sensitivity(comps, data, progress=progress)
+        lines += sens.write_sensitivity_report(ranking, Path(out))
+    return lines
+
+
+def _parse_thresholds(items: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise BadInputError(f"--threshold '{item}': expected NAME=NUMBER, e.g. text_decoder.cosine=0.99") from None
+    return out
+
+
+def parity(
+    artifact_dir: str | Path,
+    inputs: str | Path | None = None,
+    out: str | Path | None = None,
+    steps: int = 32,
+    thresholds: list[str] | None = None,
+    progress: Progress | None = None,
+) -> list[str]:
+    par = _module("exporter.parity")
+    report = par.run_parity(
+        Path(artifact_dir),
+        inputs=Path(inputs) if inputs else None,
+        out_dir=Path(out) if out else None,
+        thresholds=_parse_thresholds(thresholds or []) or None,
+        steps=steps,
+        progress=progress,
+    )
+    lines = par.summary_lines(report) if hasattr(par, "summary_lines") else [str(report.get("summary", ""))]
+    par.check(report)
+    return lines
+
+
+def build(config: str | Path | None, out: str | Path, progress: Progress | None = None) -> Path:
+    if config is not None and not Path(config).is_file():
+        raise BadInputError(f"build config {config}: file not found")
+    return _module("exporter.manifest").build(Path(config) if config else None, Path(out), progress=progress)
+
+
+def bench(artifact_dir: str | Path, json_out: str | Path | None = None, progress: Progress | None = None) -> str:
+    b = _module("exporter.bench")
+    result = b.run_bench(Path(artifact_dir), Path(json_out) if json_out else None, progress=progress)
+    return b.format_table(result)
