@@ -21,8 +21,8 @@ CONFIGS = {
         image=84,
         photo="astronaut",
     ),
-    "mrope-4-6-6_heads8_kv1_img112_older-keys": dict(
-        text=dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=1, mrope_section=[4, 6, 6]),
+    "mrope-4-6-6_heads6_kv1_img112_older-keys": dict(
+        text=dict(hidden_size=384, num_attention_heads=6, num_key_value_heads=1, mrope_section=[4, 6, 6]),
         vision=dict(hidden_size=48, num_heads=6, image_size=84),
         image=112,
         photo="chelsea",
