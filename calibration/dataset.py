@@ -19,7 +19,9 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 def _shipped(name: str) -> Path:
     path = DATA_DIR / name
     if not path.is_file():
-        raise InputFileError(f"{path}: built-in data file missing (package data not installed; reinstall autoglm-export)")
+        raise InputFileError(
+            f"{path}: built-in data file missing (package data not installed; reinstall autoglm-export)"
+        )
     return path
 
 

@@ -262,7 +262,7 @@ def _stft_power(wave: np.ndarray) -> np.ndarray:
     """|STFT|^2 [1 + N_FFT // 2, 1 + len // HOP_LENGTH] as torch.stft(center=True, pad_mode="reflect")."""
     # wave: [samples]
     x = np.pad(wave.astype(np.float64), N_FFT // 2, mode="reflect")
-    window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(N_FFT) / (N_FFT - 1))  # periodic Hann
+    window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(N_FFT) / N_FFT)  # periodic Hann
     n_frames = 1 + (len(x) - N_FFT) // HOP_LENGTH
     frames = np.lib.stride_tricks.sliding_window_view(x, N_FFT)[::HOP_LENGTH][:n_frames]
     spec = np.fft.rfft(frames * window, axis=-1)

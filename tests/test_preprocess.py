@@ -88,7 +88,8 @@ def test_grayscale_and_rgba_images_become_three_channels(tmp_path):
     np.testing.assert_array_equal(px, pp.image_to_pixels(np.full((20, 20, 3), 200, np.uint8), 28, MEAN, STD))
     rgba = np.zeros((10, 10, 4), np.uint8)
     rgba[:] = (10, 20, 30, 0)  # alpha is dropped, not composited
-    np.testing.assert_array_equal(pp.image_to_pixels(rgba, 28, MEAN, STD), pp.image_to_pixels(rgba[..., :3], 28, MEAN, STD))
+    without_alpha = pp.image_to_pixels(rgba[..., :3], 28, MEAN, STD)
+    np.testing.assert_array_equal(pp.image_to_pixels(rgba, 28, MEAN, STD), without_alpha)
 
 
 def test_corrupt_image_raises_input_file_error_naming_the_file(tmp_path):
