@@ -155,6 +155,10 @@ def export(
         Optional[str], typer.Option("--keep-float", help="Comma-separated module names left in float.")
     ] = None,
     group_size: Annotated[int, typer.Option("--group-size", help="Weight group size for 8da4w.")] = 32,
+    parity_target: Annotated[
+        Optional[str],
+        typer.Option("--parity-target", help="e.g. cos=0.999: keep the most sensitive layers in float to meet it."),
+    ] = None,
 ) -> None:
     """Export one target x recipe into an artifact directory."""
     from exporter import pipeline
@@ -162,7 +166,7 @@ def export(
     preset, checkpoint = _source(preset, checkpoint)
     keep = tuple(k.strip() for k in keep_float.split(",") if k.strip()) if keep_float else ()
     art = pipeline.export(
-        target, recipe, out, preset, checkpoint, layers, calibration, keep, group_size, progress=Progress()
+        target, recipe, out, preset, checkpoint, layers, calibration, keep, group_size, Progress(), parity_target
     )
     for name, meta in sorted(art.info.get("files", {}).items()):
         typer.echo(f"{art.dir / name}  {_human(meta['bytes'])}  sha256:{meta['sha256'][:16]}")
@@ -210,9 +214,10 @@ def parity(
     """Run the artifact and the PyTorch reference on held-out inputs; report; exit 1 if a threshold fails."""
     from exporter import pipeline
 
-    lines = pipeline.parity(artifact_dir, inputs, out, steps, threshold or [], progress=Progress())
+    lines, report = pipeline.parity(artifact_dir, inputs, out, steps, threshold or [], progress=Progress())
     for line in lines:
         typer.echo(line)
+    pipeline.check_parity(report)
 
 
 @app.command()

@@ -9,6 +9,12 @@ explicit-past backends (ONNX Runtime) need to replay a call on its own.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -61,3 +67,261 @@ def collect_method_inputs(
         if progress:
             progress("calibration samples", i + 1, len(prompts))
     return session.calls
+
+
+# --- calibrate: one reference run, cached ---------------------------------------------
+
+
+CACHE_SCHEMA = 1
+PERCENTILES = (0.01, 0.1, 1.0, 99.0, 99.9, 99.99)
+HIST_BINS = 256
+_RESERVOIR = 200_000  # values kept per module for percentiles / histogram (min/max are exact)
+
+
+@dataclass
+class CalibrationData:
+    """What one reference run over a calibration set gives every target.
+
+    method_inputs: ``collect_method_inputs``'s dict (per method, inputs in call order).
+    activation_stats: per module name (as in ``model.named_modules()``), statistics of
+      that nn.Linear / Conv's *input* activation: min, max, absmax, p<q> percentiles,
+      hist {edges, counts} (percentiles and histogram from a deterministic subsample
+      of at most 200k values; min/max exact), calls, numel.
+    key: the cache key (sha256 of weights hash + manifest hash + PREPROCESS_VERSION).
+    manifest: the manifest the samples came from.
+    """
+
+    method_inputs: MethodInputs
+    activation_stats: dict[str, dict[str, Any]]
+    key: str
+    manifest: Path | None = None
+    from_cache: bool = field(default=False, compare=False)
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("AUTOGLM_EXPORT_CACHE")
+    base = Path(env) if env else Path.home() / ".cache" / "autoglm-export"
+    return base / "calibration"
+
+
+def weights_hash(model: Any) -> str:
+    """sha256 over every parameter and buffer of the model (names, dtypes, shapes, bytes)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def calibration_key(components: Any, manifest: Path, decode_steps: int) -> str:
+    from calibration.manifest import manifest_hash
+    from calibration.preprocess import PREPROCESS_VERSION
+
+    parts = [
+        f"schema={CACHE_SCHEMA}",
+        f"weights={weights_hash(components.model)}",
+        f"manifest={manifest_hash(manifest)}",
+        f"preprocess={PREPROCESS_VERSION}",
+        f"decode_steps={decode_steps}",
+        f"max_seq={components.text_decoder.cache.max_seq_len if hasattr(components.text_decoder.cache, 'max_seq_len') else ''}",
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+class _ActivationObserver:
+    """Forward pre-hooks on every nn.Linear / Conv: exact min/max and a subsample of values."""
+
+    def __init__(self, model: Any):
+        import torch.nn as nn
+
+        self.stats: dict[str, dict[str, Any]] = {}
+        self.samples: dict[str, list[np.ndarray]] = {}
+        self.kept: dict[str, int] = {}
+        self.rng = np.random.default_rng(0)
+        self.handles = []
+        for name, mod in model.named_modules():
+            if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                self.handles.append(mod.register_forward_pre_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(_mod, args):
+            x = args[0].detach().float().reshape(-1).numpy()
+            if x.size == 0:
+                return
+            s = self.stats.setdefault(name, {"min": float("inf"), "max": float("-inf"), "calls": 0, "numel": 0})
+            s["min"] = min(s["min"], float(x.min()))
+            s["max"] = max(s["max"], float(x.max()))
+            s["calls"] += 1
+            s["numel"] += int(x.size)
+            room = _RESERVOIR - self.kept.get(name, 0)
+            if room > 0:
+                take = x if x.size <= min(room, 20_000) else x[self.rng.choice(x.size, min(room, 20_000), replace=False)]
+                self.samples.setdefault(name, []).append(take.astype(np.float32))
+                self.kept[name] = self.kept.get(name, 0) + take.size
+
+        return hook
+
+    def close(self) -> dict[str, dict[str, Any]]:
+        for h in self.handles:
+            h.remove()
+        out = {}
+        for name, s in self.stats.items():
+            v = np.concatenate(self.samples.get(name, [np.zeros(1, np.float32)]))
+            s = dict(s)
+            s["absmax"] = max(abs(s["min"]), abs(s["max"]))
+            for q in PERCENTILES:
+                s[f"p{q:g}"] = float(np.percentile(v, q))
+            lo, hi = s["min"], s["max"]
+            if hi <= lo:
+                hi = lo + 1e-6
+            counts, edges = np.histogram(v, bins=HIST_BINS, range=(lo, hi))
+            s["hist"] = {"edges": edges.astype(float).tolist(), "counts": counts.astype(int).tolist()}
+            out[name] = s
+        return out
+
+
+def _flatten(method_inputs: MethodInputs) -> dict[str, np.ndarray]:
+    flat: dict[str, np.ndarray] = {}
+    for method, calls in method_inputs.items():
+        for i, call in enumerate(calls):
+            for name, v in call.items():
+                if name == "past":
+                    for layer, (k, vv) in enumerate(v):
+                        flat[f"{method}/{i}/past/{layer}/k"] = k
+                        flat[f"{method}/{i}/past/{layer}/v"] = vv
+                else:
+                    flat[f"{method}/{i}/{name}"] = v
+    return flat
+
+
+def _unflatten(flat: dict[str, np.ndarray], counts: dict[str, int]) -> MethodInputs:
+    out: MethodInputs = {m: [{} for _ in range(n)] for m, n in counts.items()}
+    pasts: dict[tuple[str, int], dict[int, dict[str, np.ndarray]]] = {}
+    for key, v in flat.items():
+        parts = key.split("/")
+        method, i = parts[0], int(parts[1])
+        if parts[2] == "past":
+            pasts.setdefault((method, i), {}).setdefault(int(parts[3]), {})[parts[4]] = v
+        else:
+            out[method][i][parts[2]] = v
+    for (method, i), layers in pasts.items():
+        out[method][i]["past"] = [(layers[n]["k"], layers[n]["v"]) for n in sorted(layers)]
+    for method, calls in out.items():  # a decoder call at position 0 has an empty past
+        for call in calls:
+            if method == "text_decoder" and "past" not in call and "cache_position" in call:
+                call["past"] = []
+    return out
+
+
+def save_calibration(data: CalibrationData, out: Path) -> list[str]:
+    """Write ``out/method_inputs.npz`` + ``out/calibration.json`` (atomically); return summary lines."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {m: len(c) for m, c in data.method_inputs.items()}
+    has_past = {m: any("past" in c for c in calls) for m, calls in data.method_inputs.items()}
+    meta = {
+        "schema": CACHE_SCHEMA,
+        "key": data.key,
+        "manifest": str(data.manifest) if data.manifest else None,
+        "calls": counts,
+        "has_past": has_past,
+        "activation_stats": data.activation_stats,
+    }
+    for name, payload in (("method_inputs.npz", None), ("calibration.json", meta)):
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            if payload is None:
+                with open(tmp, "wb") as f:
+                    np.savez(f, **_flatten(data.method_inputs))
+            else:
+                Path(tmp).write_text(json.dumps(payload, indent=1))
+            os.replace(tmp, out / name)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    calls = ", ".join(f"{m} {n}" for m, n in counts.items())
+    return [
+        f"calibration: {out} (key {data.key}{', from cache' if data.from_cache else ''})",
+        f"  samples per method: {calls}; activation statistics for {len(data.activation_stats)} modules",
+    ]
+
+
+def load_calibration(path: Path) -> CalibrationData:
+    """Read what :func:`save_calibration` (``autoglm-export calibrate --out DIR``) wrote."""
+    from exporter.errors import InputFileError
+
+    path = Path(path)
+    meta_file, npz_file = path / "calibration.json", path / "method_inputs.npz"
+    if not meta_file.is_file() or not npz_file.is_file():
+        raise InputFileError(f"{path}: not a calibration directory (needs calibration.json and method_inputs.npz)")
+    try:
+        meta = json.loads(meta_file.read_text())
+        with np.load(npz_file, allow_pickle=False) as z:
+            flat = {k: z[k] for k in z.files}
+    except Exception as e:  # json / zip errors
+        raise InputFileError(f"{path}: corrupt calibration data: {e}") from e
+    if meta.get("schema") != CACHE_SCHEMA:
+        raise InputFileError(f"{meta_file}: calibration schema {meta.get('schema')}, expected {CACHE_SCHEMA}")
+    inputs = _unflatten(flat, meta["calls"])
+    for m, hp in meta.get("has_past", {}).items():
+        if not hp:
+            for call in inputs[m]:
+                call.pop("past", None)
+    return CalibrationData(
+        method_inputs=inputs,
+        activation_stats=meta["activation_stats"],
+        key=meta["key"],
+        manifest=Path(meta["manifest"]) if meta.get("manifest") else None,
+    )
+
+
+def calibrate(
+    components: Any,
+    manifest: Path | None,
+    tokenizer: Any,
+    cache_dir: Path | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    decode_steps: int = 4,
+) -> CalibrationData:
+    """Run the reference over ``manifest`` (default: the built-in set) once; cache the result.
+
+    The cache entry ``cache_dir/<key>/`` is keyed by the model's weights, the
+    manifest and every file it references, and PREPROCESS_VERSION; a second
+    call with the same inputs reads it instead of running the model.
+    """
+    from calibration.dataset import calibration_manifest
+    from calibration.manifest import read_manifest
+
+    manifest = Path(manifest) if manifest else calibration_manifest()
+    samples = read_manifest(manifest)  # every bad line reported before any model work
+    key = calibration_key(components, manifest, decode_steps)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    entry = cache / key
+    if (entry / "calibration.json").is_file():
+        try:
+            data = load_calibration(entry)
+            data.from_cache = True
+            data.manifest = manifest
+            if progress:
+                progress("calibration (cached)", len(samples), len(samples))
+            return data
+        except Exception:  # a damaged cache entry is recomputed
+            pass
+    observer = _ActivationObserver(components.model)
+    try:
+        inputs = collect_method_inputs(
+            components, [s.to_prompt() for s in samples], tokenizer, decode_steps=decode_steps, progress=progress
+        )
+    finally:
+        act = observer.close()
+        components.text_decoder.cache.reset()
+    data = CalibrationData(method_inputs=inputs, activation_stats=act, key=key, manifest=manifest)
+    try:
+        save_calibration(data, entry)
+    except OSError:  # an unwritable cache only costs the next run time
+        pass
+    return data

@@ -192,8 +192,13 @@ def export(
     keep_float: tuple[str, ...] = (),
     group_size: int = 32,
     progress: Progress | None = None,
+    parity_target: str | None = None,
 ):
-    """Export one target x recipe into ``out`` (atomic). Returns the Artifact."""
+    """Export one target x recipe into ``out`` (atomic). Returns the Artifact.
+
+    ``parity_target`` (e.g. "cos=0.999") keeps the most INT8-sensitive layers in float,
+    the smallest such set found greedily by calibration.sensitivity.
+    """
     from exporter.components import build_components
     from targets import get_target
     from targets.base import Recipe, check_recipe, no_progress
@@ -205,11 +210,24 @@ def export(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadInputError(f"--out {out}: exists and is not a directory")
+    target_cos = None
+    if parity_target:
+        from calibration.sensitivity import parse_parity_target
+
+        target_cos = parse_parity_target(parity_target)
+        if not rec.is_quantized:
+            raise BadInputError(f"--parity-target applies to int8 recipes, not '{recipe}'")
     model = load_reference(preset, checkpoint, layers)
     comps = build_components(model)
     calib = None
-    if rec.needs_calibration:
+    if rec.needs_calibration or target_cos is not None:
         calib = calibration_data(comps, calibration, progress)
+    if target_cos is not None:
+        from calibration.sensitivity import choose_keep_float, layer_sensitivity
+
+        ranking = layer_sensitivity(comps, calib, progress=progress)
+        keep = choose_keep_float(comps, calib, ranking, target_cos, progress=progress)
+        rec = Recipe(recipe, keep_float=tuple(dict.fromkeys(tuple(keep_float) + tuple(keep))), group_size=group_size)
     artifact = tgt.export(comps, rec, out, calibration=calib, progress=progress)
     _record_source(artifact, source_of(preset, checkpoint, layers))
     return artifact
@@ -232,41 +250,15 @@ def calibration_data(components, calibration: str | Path | None, progress: Progr
     """CalibrationData for int8-static: a calibrate --out DIR, a manifest .jsonl, or the built-in set."""
     from exporter.runner import load_tokenizer
 
-    tokenizer = load_tokenizer(components.config)
-    try:
-        from calibration import stats
+    from calibration import stats
 
-        calibrate = getattr(stats, "calibrate", None)
-        load = getattr(stats, "load_calibration", None)
-    except ImportError:  # pragma: no cover
-        calibrate = load = None
+    tokenizer = load_tokenizer(components.config)
     path = Path(calibration) if calibration else None
     if path is not None and not path.exists():
         raise BadInputError(f"--calibration {path}: not found")
-    if path is not None and path.is_dir() and load is not None:
-        return load(path)
-    if calibrate is not None:
-        return calibrate(components, path, tokenizer, progress=progress)
-    # until calibration.stats.calibrate exists: the built-in set's samples, recorded through the runner
-    from calibration.dataset import calibration_manifest
-    from exporter.runner import Prompt
-
-    import json
-
-    manifest = path or calibration_manifest()
-    prompts = []
-    for line in Path(manifest).read_text().splitlines():
-        if line.strip():
-            d = json.loads(line)
-            base = Path(manifest).parent
-            prompts.append(
-                Prompt(
-                    text=d.get("text", ""),
-                    image=base / d["image"] if d.get("image") else None,
-                    audio=base / d["audio"] if d.get("audio") else None,
-                )
-            )
-    return stats.collect_method_inputs(components, prompts, tokenizer, progress=progress)
+    if path is not None and path.is_dir():
+        return stats.load_calibration(path)
+    return stats.calibrate(components, path, tokenizer, progress=progress)
 
 
 # --- calibrate, parity, build, bench ----------------------------------------------------------
@@ -333,7 +325,8 @@ def parity(
     steps: int = 32,
     thresholds: list[str] | None = None,
     progress: Progress | None = None,
-) -> list[str]:
+) -> tuple[list[str], dict]:
+    """Run parity; returns (summary lines, report). Call check_parity(report) after showing the lines."""
     par = _module("exporter.parity")
     report = par.run_parity(
         Path(artifact_dir),
@@ -343,9 +336,12 @@ def parity(
         steps=steps,
         progress=progress,
     )
-    lines = par.summary_lines(report) if hasattr(par, "summary_lines") else [str(report.get("summary", ""))]
-    par.check(report)
-    return lines
+    return par.summary_lines(report), report
+
+
+def check_parity(report: dict) -> None:
+    """Raise ParityFailure naming the failed method(s) and metric(s)."""
+    _module("exporter.parity").check(report)
 
 
 def build(config: str | Path | None, out: str | Path, progress: Progress | None = None) -> Path:

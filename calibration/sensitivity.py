@@ -1,0 +1,217 @@
+"""INT8 layer sensitivity and the mixed-precision (keep-in-float) fallback.
+
+Eager PyTorch fake quantization, on the calibration samples recorded by
+:func:`calibration.stats.calibrate`: a layer's weights are quantized per
+output channel, symmetric int8, and its input activation per tensor,
+symmetric int8, with the range from the calibration statistics (absmax).
+
+* :func:`layer_sensitivity` quantizes one nn.Linear at a time and ranks the
+  layers by the SQNR (dB) of their method's output against float, worst first.
+* :func:`choose_keep_float` quantizes every layer and, greedily by that
+  ranking, keeps the most sensitive ones in float until the cosine of every
+  method's output against float meets the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+Progress = Callable[[str, int, int], None]
+MAX_CALLS = 24  # recorded calls replayed per method (decoder: whole prompts, in order)
+
+
+def _linears(components: Any) -> dict[str, tuple[str, Any]]:
+    """name (as in model.named_modules()) -> (method, nn.Linear), for every method's linears."""
+    import torch.nn as nn
+
+    by_id = {id(m): n for n, m in components.model.named_modules()}
+    out: dict[str, tuple[str, Any]] = {}
+    for method, module in components.methods().items():
+        for mod in module.modules():
+            if isinstance(mod, nn.Linear) and id(mod) in by_id and by_id[id(mod)] not in out:
+                out[by_id[id(mod)]] = (method, mod)
+    return out
+
+
+def _calls(calib: Any, method: str) -> list[dict[str, np.ndarray]]:
+    calls = calib.method_inputs.get(method, [])
+    if method != "text_decoder":
+        return calls[:MAX_CALLS]
+    # whole prompts only: stop at the last prompt start that fits
+    out: list[dict[str, np.ndarray]] = []
+    for c in calls:
+        if int(c["cache_position"][0]) == 0 and len(out) >= MAX_CALLS:
+            break
+        out.append(c)
+    return out
+
+
+def _replay(components: Any, method: str, calls: list[dict[str, np.ndarray]]) -> np.ndarray:
+    import torch
+
+    module = components.methods()[method]
+    names = components.input_names(method)
+    outs = []
+    with torch.no_grad():
+        for c in calls:
+            if method == "text_decoder" and int(c["cache_position"][0]) == 0:
+                components.text_decoder.cache.reset()
+            args = [torch.from_numpy(np.ascontiguousarray(c[n])) for n in names]
+            outs.append(module(*args).float().reshape(-1).numpy())
+    if method == "text_decoder":
+        components.text_decoder.cache.reset()
+    return np.concatenate(outs) if outs else np.zeros(0, np.float32)
+
+
+def _fq_weight(w):
+    import torch
+
+    scale = w.abs().amax(dim=tuple(range(1, w.ndim)), keepdim=True).clamp(min=1e-12) / 127.0
+    return (torch.clamp(torch.round(w / scale), -127, 127) * scale).to(w.dtype)
+
+
+@contextlib.contextmanager
+def fake_quantized(layers: Iterable[tuple[str, Any]], activation_stats: dict[str, dict[str, Any]]):
+    """Within the block, each (name, nn.Linear) runs with int8-fake-quantized weights and input."""
+    import torch
+
+    saved, handles = [], []
+    try:
+        for name, mod in layers:
+            saved.append((mod, mod.weight.data))
+            mod.weight.data = _fq_weight(mod.weight.data)
+            st = activation_stats.get(name)
+            if st is None:
+                continue
+            scale = max(float(st.get("absmax", max(abs(st["min"]), abs(st["max"])))), 1e-12) / 127.0
+
+            def pre(_m, args, scale=scale):
+                x = args[0]
+                q = torch.clamp(torch.round(x / scale), -127, 127) * scale
+                return (q.to(x.dtype),) + tuple(args[1:])
+
+            handles.append(mod.register_forward_pre_hook(pre))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for mod, w in saved:
+            mod.weight.data = w
+
+
+def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    noise = float(np.sum((ref.astype(np.float64) - test.astype(np.float64)) ** 2))
+    signal = float(np.sum(ref.astype(np.float64) ** 2))
+    if noise == 0.0:
+        return float("inf")
+    return 10.0 * float(np.log10(max(signal, 1e-300) / noise))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    d = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b / d) if d > 0 else float(np.array_equal(a, b))
+
+
+def layer_sensitivity(components: Any, calib: Any, progress: Progress | None = None) -> list[tuple[str, float]]:
+    """(module name, SQNR dB of its method's output with only that layer int8) for every nn.Linear, worst first."""
+    layers = _linears(components)
+    refs: dict[str, np.ndarray] = {}
+    result: list[tuple[str, float]] = []
+    for i, (name, (method, mod)) in enumerate(layers.items()):
+        calls = _calls(calib, method)
+        if not calls:
+            continue
+        if method not in refs:
+            refs[method] = _replay(components, method, calls)
+        with fake_quantized([(name, mod)], calib.activation_stats):
+            out = _replay(components, method, calls)
+        result.append((name, sqnr_db(refs[method], out)))
+        if progress:
+            progress("layer sensitivity", i + 1, len(layers))
+    result.sort(key=lambda t: t[1])
+    return result
+
+
+def quantized_cosine(components: Any, calib: Any, keep_float: Iterable[str] = ()) -> dict[str, float]:
+    """Per method: cosine of the output with every nn.Linear not in keep_float int8-fake-quantized, vs float."""
+    keep = set(keep_float)
+    layers = _linears(components)
+    out: dict[str, float] = {}
+    for method in components.methods():
+        qs = [(n, m) for n, (meth, m) in layers.items() if meth == method and n not in keep]
+        calls = _calls(calib, method)
+        if not calls or not any(meth == method for meth, _ in layers.values()):
+            continue
+        ref = _replay(components, method, calls)
+        with fake_quantized(qs, calib.activation_stats):
+            q = _replay(components, method, calls)
+        out[method] = cosine(ref, q)
+    return out
+
+
+def choose_keep_float(
+    components: Any,
+    calib: Any,
+    ranking: list[tuple[str, float]],
+    target_cos: float,
+    progress: Progress | None = None,
+) -> tuple[str, ...]:
+    """The smallest prefix of ``ranking`` (most sensitive first) kept in float so every method's cosine >= target."""
+    keep: list[str] = []
+    names = [n for n, _ in ranking]
+    for i in range(len(names) + 1):
+        cos = quantized_cosine(components, calib, keep)
+        if progress:
+            progress("mixed-precision search", i, len(names))
+        if all(c >= target_cos for c in cos.values()):
+            return tuple(keep)
+        if i < len(names):
+            keep.append(names[i])
+    return tuple(keep)
+
+
+def parse_parity_target(spec: str) -> float:
+    """``cos=0.999`` -> 0.999 (BadInputError otherwise)."""
+    from exporter.errors import BadInputError
+
+    key, sep, value = spec.partition("=")
+    try:
+        v = float(value)
+    except ValueError:
+        v = float("nan")
+    if not sep or key.strip() not in ("cos", "cosine") or not (0.0 < v <= 1.0):
+        raise BadInputError(f"--parity-target '{spec}': expected cos=NUMBER with 0 < NUMBER <= 1, e.g. cos=0.999")
+    return v
+
+
+def write_sensitivity_report(ranking: list[tuple[str, float]], out_dir: Path) -> list[str]:
+    """``out_dir/sensitivity.json`` and ``out_dir/sensitivity.txt`` (ranked, worst first); returns summary lines."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"rank": i + 1, "module": n, "sqnr_db": None if s == float("inf") else round(s, 3)}
+        for i, (n, s) in enumerate(ranking)
+    ]
+    def fmt(v):
+        return "inf" if v is None else f"{v:.2f}"
+
+    text = ["rank  sqnr_db  module"] + [f"{r['rank']:>4}  {fmt(r['sqnr_db']):>7}  {r['module']}" for r in rows]
+    for name, body in (
+        ("sensitivity.json", json.dumps({"metric": "output SQNR (dB), int8 per-channel weight + per-tensor input", "layers": rows}, indent=1)),
+        ("sensitivity.txt", "\n".join(text) + "\n"),
+    ):
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
+        os.replace(tmp, out_dir / name)
+    lines = [f"sensitivity: {out_dir / 'sensitivity.json'} ({len(rows)} layers; most sensitive first)"]
+    lines += ["  " + t for t in text[1:6]]
+    return lines
