@@ -140,9 +140,14 @@ def open_artifact(path: str | Path) -> Loaded:
     from targets import get_target
     from targets.base import read_artifact
 
-    art = read_artifact(Path(path))
+    path = Path(path)
+    art = read_artifact(path)
     config = ModelConfig.from_dict(art.metadata["model"])
-    session = get_target(art.target).load(art)
+    target = get_target(art.target)
+    if path.is_file() and path.suffix == ".ort":  # an ORT-format file picks the .ort models of the artifact
+        session = target.load(art, model_format="ort")
+    else:
+        session = target.load(art)
     return Loaded(session, config, load_tok(art.dir / "tokenizer.json"), f"{art.target}/{art.recipe} ({session.provenance})")
 
 

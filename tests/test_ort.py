@@ -1,0 +1,378 @@
+"""ONNX Runtime mobile target: real onnxruntime on the tiny preset, one export per recipe per session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from exporter.runner import EagerSession, Prompt, Runner
+from targets.base import Recipe, read_artifact
+from targets.ort import OrtTarget, graph_io, record_builtin_inputs
+
+pytestmark = pytest.mark.slow
+
+METHOD_FILES = ("token_embedding", "vision_encoder", "audio_encoder", "text_decoder")
+
+
+@pytest.fixture(scope="session")
+def ort_calibration(tiny_components):
+    # real calibration samples (photos, recordings, prompts) through the reference runner
+    return record_builtin_inputs(tiny_components, limit=12)
+
+
+@pytest.fixture(scope="session")
+def ort_artifacts(tiny_components, ort_calibration, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ort")
+    target = OrtTarget()
+    return {
+        name: target.export(tiny_components, Recipe(name), root / name, calibration=ort_calibration if name == "int8-static" else None)
+        for name in ("fp32", "int8-weight", "int8-static")
+    }
+
+
+@pytest.fixture(scope="module")
+def media():
+    from calibration.dataset import sample_inputs
+
+    return sample_inputs()  # held-out: never seen by calibration
+
+
+@pytest.fixture(scope="module")
+def eager_run(tiny_components, tiny_tokenizer, media):
+    """The eager reference's method inputs and outputs over a held-out prompt with image and audio."""
+    session = EagerSession(tiny_components)
+    runner = Runner(session, tiny_components.config, tiny_tokenizer)
+    prompt = Prompt(text=media["prompt"], image=media["image"], audio=media["audio"])
+    segments = runner.segments(prompt)
+    result = runner.generate(prompt, max_new_tokens=6, stop_at_eos=False)
+    return {"runner": runner, "prompt": prompt, "segments": segments, "result": result}
+
+
+def _method_outputs(session, eager_run) -> dict[str, np.ndarray]:
+    """Each method's output on the same (eager) inputs; the decoder is teacher-forced with eager embeddings."""
+    runner, segments, result = eager_run["runner"], eager_run["segments"], eager_run["result"]
+    outs: dict[str, list[np.ndarray]] = {m: [] for m in METHOD_FILES}
+    embeds = []
+    for seg in segments:
+        kind = {"text": "token_embedding", "image": "vision_encoder", "audio": "audio_encoder"}[seg.kind]
+        mine = Runner(session, runner.config, runner.tokenizer).embed(seg)
+        outs[kind].append(mine.reshape(-1, mine.shape[-1]))
+        embeds.append(runner.embed(seg))  # eager embeddings feed every decoder
+    session.reset()
+    start = 0
+    for seg, emb in zip(segments, embeds):
+        n = seg.length
+        logits = session.run("text_decoder", embeds=emb, position_ids=seg.position_ids,
+                             cache_position=np.arange(start, start + n, dtype=np.int64))
+        outs["text_decoder"].append(logits.reshape(n, -1))
+        start += n
+    next_pos = int(segments[-1].position_ids.max()) + 1
+    for tok in result.tokens[:-1]:  # decode steps with a growing past
+        emb = runner.session.run("token_embedding", tokens=np.array([[tok]], np.int64))
+        logits = session.run("text_decoder", embeds=emb, position_ids=np.full((3, 1), next_pos, np.int64),
+                             cache_position=np.array([start], np.int64))
+        outs["text_decoder"].append(logits.reshape(1, -1))
+        start += 1
+        next_pos += 1
+    return {m: np.concatenate(v, axis=0) for m, v in outs.items()}
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(tiny_components, eager_run):
+    return _method_outputs(EagerSession(tiny_components), eager_run)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _row_cos(a: np.ndarray, b: np.ndarray) -> float:
+    return min(_cos(x, y) for x, y in zip(a, b))
+
+
+# --- layout ------------------------------------------------------------------------------
+
+
+def test_artifact_holds_onnx_ort_ops_config_genai_config_and_usability_report(ort_artifacts):
+    art = ort_artifacts["fp32"]
+    names = set(art.files)
+    for m in METHOD_FILES:
+        assert {f"{m}.onnx", f"{m}.ort"} <= names
+    assert {"required_operators_and_types.config", "genai_config.json", "tokenizer.json", "mobile_usability.txt"} <= names
+    ops = (art.dir / "required_operators_and_types.config").read_text()
+    assert "ai.onnx;" in ops and "MatMul" in ops
+    report = art.info["report"]["mobile_usability"]
+    assert set(report) == set(METHOD_FILES) and all(r["checked"] for r in report.values())
+    text = (art.dir / "mobile_usability.txt").read_text()
+    assert "NNAPI" in text and "CoreML" in text
+    # nothing but the listed files and artifact.json
+    assert {p.name for p in art.dir.iterdir()} == names | {"artifact.json"}
+
+
+def test_decoder_has_genai_past_present_io_with_dynamic_lengths(ort_artifacts):
+    model = onnx.load(ort_artifacts["fp32"].dir / "text_decoder.onnx", load_external_data=False)
+    inputs = {i.name: i for i in model.graph.input}
+    outputs = {o.name: o for o in model.graph.output}
+    n = json.loads((ort_artifacts["fp32"].dir / "artifact.json").read_text())["metadata"]["model"]["text"]["num_layers"]
+    for i in range(n):
+        for kv in ("key", "value"):
+            past = inputs[f"past_key_values.{i}.{kv}"].type.tensor_type.shape.dim
+            present = outputs[f"present.{i}.{kv}"].type.tensor_type.shape.dim
+            assert past[2].dim_param and not past[2].dim_value  # dynamic past length
+            assert present[2].dim_param and present[2].dim_param != past[2].dim_param
+    seq = inputs["inputs_embeds"].type.tensor_type.shape.dim[1]
+    assert seq.dim_param and inputs["position_ids"].type.tensor_type.shape.dim[2].dim_param == seq.dim_param
+    assert set(inputs) == set(graph_io(_config(ort_artifacts))["text_decoder"][0])
+
+
+def _config(ort_artifacts):
+    from exporter.model.config import ModelConfig
+
+    return ModelConfig.from_dict(ort_artifacts["fp32"].metadata["model"])
+
+
+def test_metadata_in_metadata_props_and_artifact_json(ort_artifacts):
+    art = ort_artifacts["int8-static"]
+    for m in METHOD_FILES:
+        props = {p.key: p.value for p in onnx.load(art.dir / f"{m}.onnx", load_external_data=False).metadata_props}
+        assert props["autoglm.method"] == m
+        assert props["autoglm.recipe"] == "int8-static"
+        assert json.loads(props["autoglm.max_seq_len"]) == art.metadata["max_seq_len"]
+        assert json.loads(props["autoglm.eos_ids"]) == art.metadata["eos_ids"]
+    assert art.info["runtime_versions"]["onnxruntime"] and art.info["export"]["wall_s"] > 0
+
+
+def test_genai_config_follows_the_multimodal_layout(ort_artifacts):
+    art = ort_artifacts["fp32"]
+    cfg = json.loads((art.dir / "genai_config.json").read_text())["model"]
+    assert cfg["decoder"]["filename"] == "text_decoder.onnx"
+    assert cfg["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert cfg["decoder"]["outputs"]["present_value_names"] == "present.%d.value"
+    assert cfg["embedding"]["filename"] == "token_embedding.onnx" and cfg["vision"]["filename"] == "vision_encoder.onnx"
+    for section, method in (("decoder", "text_decoder"), ("embedding", "token_embedding"), ("vision", "vision_encoder")):
+        model = onnx.load(art.dir / cfg[section]["filename"], load_external_data=False)
+        names = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
+        for value in list(cfg[section]["inputs"].values()) + list(cfg[section]["outputs"].values()):
+            assert value.replace("%d", "0") in names, (section, value)
+
+
+# --- fp32 parity ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "ort"])
+def test_fp32_each_method_equals_eager(ort_artifacts, eager_run, reference_outputs, fmt):
+    session = OrtTarget().load(ort_artifacts["fp32"], fmt)
+    got = _method_outputs(session, eager_run)
+    for m in METHOD_FILES:
+        assert got[m].shape == reference_outputs[m].shape
+        assert np.abs(got[m] - reference_outputs[m]).max() <= 1e-4, m
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "ort"])
+def test_fp32_greedy_16_tokens_with_image_and_audio_equal_eager(ort_artifacts, tiny_components, tiny_tokenizer, media, fmt):
+    prompt = Prompt(text=media["prompt"], image=media["image"], audio=media["audio"])
+    cfg = tiny_components.config
+    expected = Runner(EagerSession(tiny_components), cfg, tiny_tokenizer).generate(prompt, max_new_tokens=16, stop_at_eos=False)
+    got = Runner(OrtTarget().load(ort_artifacts["fp32"], fmt), cfg, tiny_tokenizer).generate(
+        prompt, max_new_tokens=16, stop_at_eos=False
+    )
+    assert len(got.tokens) == 16 and got.tokens == expected.tokens
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "int8-static"])
+def test_ort_format_results_equal_onnx_results(ort_artifacts, eager_run, recipe):
+    a = _method_outputs(OrtTarget().load(ort_artifacts[recipe], "onnx"), eager_run)
+    b = _method_outputs(OrtTarget().load(ort_artifacts[recipe], "ort"), eager_run)
+    for m in METHOD_FILES:
+        np.testing.assert_allclose(b[m], a[m], rtol=0, atol=1e-5, err_msg=m)
+
+
+def test_session_keeps_and_slices_the_past(ort_artifacts, tiny_components, eager_run):
+    # replaying a segment at an earlier cache position overwrites the cache there, as the eager cache does
+    session = OrtTarget().load(ort_artifacts["fp32"])
+    eager = EagerSession(tiny_components)
+    segs, runner = eager_run["segments"], eager_run["runner"]
+    emb = runner.embed(segs[0])
+    n = segs[0].length
+    for s in (session, eager):
+        s.reset()
+        s.run("text_decoder", embeds=emb, position_ids=segs[0].position_ids, cache_position=np.arange(n))
+    half = n // 2
+    args = dict(embeds=emb[:, half:], position_ids=segs[0].position_ids[:, half:], cache_position=np.arange(half, n))
+    assert np.abs(session.run("text_decoder", **args) - eager.run("text_decoder", **args)).max() <= 1e-4
+    assert session.past[0][0].shape[2] == n
+    from exporter.errors import RuntimeFailure
+
+    with pytest.raises(RuntimeFailure, match="cache_position starts at"):
+        session.run("text_decoder", embeds=emb[:, :1], position_ids=segs[0].position_ids[:, :1],
+                    cache_position=np.array([n + 5]))
+
+
+# --- int8 ----------------------------------------------------------------------------------
+
+
+def _producers(graph):
+    return {o: n for n in graph.node for o in n.output}
+
+
+def test_int8_static_wraps_every_decoder_matmul_in_qdq(ort_artifacts):
+    graph = onnx.load(ort_artifacts["int8-static"].dir / "text_decoder.onnx").graph
+    prod = _producers(graph)
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    mm = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    cfg = _config(ort_artifacts).text
+    assert len(mm) >= 6 * cfg.num_layers + 1  # q k v o gate_up down per layer, lm_head (+ attention matmuls)
+    for n in mm:
+        assert all(i in prod and prod[i].op_type == "DequantizeLinear" for i in n.input[:2]), n.name
+        assert consumers.get(n.output[0]) and all(c.op_type == "QuantizeLinear" for c in consumers[n.output[0]]), n.name
+
+
+def test_int8_weight_is_int8_weights_with_float_activations(ort_artifacts):
+    for m in METHOD_FILES:
+        graph = onnx.load(ort_artifacts["int8-weight"].dir / f"{m}.onnx").graph
+        inits = {i.name: i for i in graph.initializer}
+        prod = _producers(graph)
+        assert not [n for n in graph.node if n.op_type == "QuantizeLinear"], m  # activations stay float
+        for n in graph.node:
+            if n.op_type in ("MatMul", "Gemm", "Conv") and n.input[1] in prod:
+                dq = prod[n.input[1]]
+                if dq.op_type == "DequantizeLinear":
+                    assert inits[dq.input[0]].data_type == onnx.TensorProto.INT8
+            if n.op_type in ("MatMul", "Gemm", "Conv"):
+                assert n.input[1] not in inits, f"{m}: float weight left on {n.name}"
+
+
+def _embedding_table_is_int8(path: Path, vocab: int, hidden: int) -> bool:
+    graph = onnx.load(path).graph
+    inits = {i.name: i for i in graph.initializer}
+    float_tables = [i for i in graph.initializer if list(i.dims) == [vocab, hidden] and i.data_type == onnx.TensorProto.FLOAT]
+    int8_gathers = [
+        n for n in graph.node
+        if n.op_type == "Gather" and n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.INT8
+        and list(inits[n.input[0]].dims) == [vocab, hidden]
+    ]
+    return not float_tables and len(int8_gathers) == 1
+
+
+@pytest.mark.parametrize("recipe", ["int8-weight", "int8-static"])
+def test_int8_embedding_table_is_quantized(ort_artifacts, recipe):
+    t = _config(ort_artifacts).text
+    assert _embedding_table_is_int8(ort_artifacts[recipe].dir / "token_embedding.onnx", t.vocab_size, t.hidden_size)
+
+
+def test_int8_static_is_at_most_035x_fp32_size(ort_artifacts):
+    fp32 = ort_artifacts["fp32"].info["report"]["onnx_bytes"]
+    int8 = ort_artifacts["int8-static"].info["report"]["onnx_bytes"]
+    measured = sum(ort_artifacts["int8-static"].info["files"][f"{m}.onnx"]["bytes"] for m in METHOD_FILES)
+    assert int8 == measured
+    assert int8 <= 0.35 * fp32, f"{int8} / {fp32} = {int8 / fp32:.3f}"
+
+
+@pytest.mark.parametrize("recipe, floor", [("int8-weight", 0.999), ("int8-static", 0.97)])
+def test_int8_cosine_per_method(ort_artifacts, eager_run, reference_outputs, recipe, floor):
+    got = _method_outputs(OrtTarget().load(ort_artifacts[recipe]), eager_run)
+    for m in METHOD_FILES:
+        assert _cos(got[m], reference_outputs[m]) >= floor, m
+    assert _row_cos(got["text_decoder"], reference_outputs["text_decoder"]) >= floor
+
+
+# --- the command line and bad input ------------------------------------------------------------
+
+
+def _one_error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--recipe", "fp16"], "recipe 'fp16' is not supported by target 'ort'"),
+        (["--recipe", "int4"], "recipe 'int4' is not supported by target 'ort'"),
+        (["--recipe", "int8-static", "--calibration", "/no/such/calib.jsonl"], "/no/such/calib.jsonl"),
+    ],
+)
+def test_export_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, extra, needle):
+    from cli import app
+
+    out = tmp_path / "art"
+    result = CliRunner().invoke(app, ["export", "--target", "ort", "--out", str(out), *extra])
+    assert result.exit_code == 2, result.output
+    assert needle in _one_error_line(result)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_into_a_file_path_is_exit_2(tmp_path):
+    from cli import app
+
+    out = tmp_path / "taken"
+    out.write_text("not a directory")
+    result = CliRunner().invoke(app, ["export", "--target", "ort", "--recipe", "fp32", "--out", str(out)])
+    assert result.exit_code == 2 and "taken" in _one_error_line(result)
+    assert out.read_text() == "not a directory" and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_target_rejects_calibration_without_samples_before_writing(tiny_components, ort_calibration, tmp_path):
+    from exporter.errors import BadInputError
+
+    partial = {"token_embedding": ort_calibration["token_embedding"][:2]}
+    with pytest.raises(BadInputError, match="no samples for method 'vision_encoder'"):
+        OrtTarget().export(tiny_components, Recipe("int8-static"), tmp_path / "x", calibration=partial)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_loading_a_missing_ort_file_is_an_artifact_error(ort_artifacts, tmp_path):
+    import shutil
+
+    from exporter.errors import ArtifactError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ort_artifacts["fp32"].dir, broken)
+    (broken / "vision_encoder.ort").unlink()
+    with pytest.raises(ArtifactError, match="vision_encoder"):
+        OrtTarget().load(read_artifact(broken), "ort")
+
+
+@pytest.mark.parametrize("path", ["", "text_decoder.ort"])
+def test_cli_generate_runs_the_artifact_as_onnx_and_as_ort(ort_artifacts, tiny_components, tiny_tokenizer, path):
+    from cli import app
+
+    art = ort_artifacts["fp32"]
+    result = CliRunner().invoke(
+        app, ["generate", "--artifact", str(art.dir / path) if path else str(art.dir), "--prompt", "Open the camera.",
+              "--max-new-tokens", "8"]
+    )
+    assert result.exit_code == 0, result.output
+    expected = Runner(EagerSession(tiny_components), tiny_components.config, tiny_tokenizer).generate(
+        Prompt(text="Open the camera."), max_new_tokens=8
+    )
+    assert f"tokens: {expected.tokens}" in result.output
+    assert ("(ort, fp32)" if path.endswith(".ort") else "(onnx, fp32)") in result.output
+
+
+def test_onnxruntime_genai_loads_the_artifact_and_generates_the_runner_tokens(ort_artifacts, tiny_components, tiny_tokenizer):
+    og = pytest.importorskip("onnxruntime_genai")
+    runner = Runner(EagerSession(tiny_components), tiny_components.config, tiny_tokenizer)
+    prompt = Prompt(text="Set an alarm for seven.")
+    ids = [t for s in runner.segments(prompt) for t in s.tokens]
+    expected = runner.generate(prompt, max_new_tokens=8, stop_at_eos=False).tokens
+    model = og.Model(str(ort_artifacts["fp32"].dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 8, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([ids], dtype=np.int32))
+    got = []
+    while not gen.is_done() and len(got) < 8:
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    assert got == expected
