@@ -160,21 +160,7 @@ class DecoderGraph(nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, past):
         # inputs_embeds: [1, T, H]; attention_mask: [1, P+T]; position_ids: [3, 1, T];
         # past[i]: ([1, kv, P, D], [1, kv, P, D]) -> logits [1, T, V], presents [1, kv, P+T, D]
-        t = inputs_embeds.shape[1]
-        p = past[0][0].shape[2]
-        q_pos = torch.arange(t, device=inputs_embeds.device) + p
-        k_pos = torch.arange(p + t, device=inputs_embeds.device)
-        mask = (k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)) & attention_mask[0].bool().unsqueeze(0)  # [T, P+T]
-        presents: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-        def kv_fn(layer: int, k: torch.Tensor, v: torch.Tensor):
-            pk, pv = past[layer]
-            kk, vv = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
-            presents.append((kk, vv))
-            return kk, vv
-
-        logits = self.text._run(inputs_embeds, position_ids[:, 0, :], mask, kv_fn)
-        return logits, presents
+        return self.text.forward_with_past(inputs_embeds, position_ids[:, 0, :], past, key_mask=attention_mask[0].bool())
 
 
 def past_names(num_layers: int) -> list[str]:

@@ -179,13 +179,18 @@ class TextModel(nn.Module):
 
         return self._run(embeds, position_ids, mask, kv_fn)
 
-    def forward_with_past(self, embeds, position_ids, past: list[tuple[torch.Tensor, torch.Tensor]]):
-        # embeds: [1, T, H]; past[i]: ([1, kv, P, D], [1, kv, P, D]) -> logits [1, T, V], presents [1, kv, P+T, D]
+    def forward_with_past(
+        self, embeds, position_ids, past: list[tuple[torch.Tensor, torch.Tensor]], key_mask: torch.Tensor | None = None
+    ):
+        # embeds: [1, T, H]; past[i]: ([1, kv, P, D], [1, kv, P, D]); key_mask: [P+T] bool (None = all)
+        # -> logits [1, T, V], presents [1, kv, P+T, D]
         t = embeds.shape[1]
         p = past[0][0].shape[2]
         q_pos = torch.arange(t, device=embeds.device) + p
         k_pos = torch.arange(p + t, device=embeds.device)
         mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [T, P+T]
+        if key_mask is not None:
+            mask = mask & key_mask.unsqueeze(0)
         presents: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def kv_fn(layer: int, k: torch.Tensor, v: torch.Tensor):
