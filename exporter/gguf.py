@@ -154,6 +154,13 @@ def gguf_tokenizer_json(reader, path: Path, cache_dir: Path | None = None) -> Pa
     return out
 
 
+def gguf_file_config(gguf_path: str | Path, tokenizer_cache: Path | None = None):
+    """The ModelConfig of a GGUF file, without loading its tensors."""
+    path = Path(gguf_path)
+    reader = _reader(path)
+    return gguf_config(reader, path, tokenizer=str(gguf_tokenizer_json(reader, path, tokenizer_cache)))
+
+
 def load_gguf_llama(gguf_path: str | Path, tokenizer_cache: Path | None = None):
     """A text-only MultimodalModel carrying the GGUF's (dequantized, fp32) weights."""
     import torch

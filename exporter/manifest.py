@@ -62,12 +62,20 @@ Progress = Callable[[str, int, int], None]
 
 DEFAULT_CONFIG_TOML = """\
 # The embedded default build: the tiny preset on every target this build ships, a float and an
-# int8-static recipe each. (The ExecuTorch and Core ML targets are not in this build yet; see README.)
+# int8-static recipe each.
 [model]
 preset = "tiny"
 
 [parity]
 steps = 32
+
+[[artifact]]
+target = "executorch"
+recipe = "fp32"
+
+[[artifact]]
+target = "executorch"
+recipe = "int8-static"
 
 [[artifact]]
 target = "ort"

@@ -279,6 +279,12 @@ def compare_sessions(
         art_pos = np.concatenate([a_prompt_logits, np.stack(a_steps)[1:]], axis=0)
         top1 = (ref_pos.argmax(-1) == art_pos.argmax(-1)).astype(int).tolist()
         pos_metrics = [compare(r, a) for r, a in zip(ref_pos, art_pos)]
+        # held-out text: each prompt logit scored on the prompt's next token (media placeholders excluded)
+        media_ids = {config.tokens.image_token_id, config.tokens.audio_token_id}
+        scored = [i for i in range(len(ref.prompt_tokens) - 1) if ref.prompt_tokens[i + 1] not in media_ids]
+        targets = np.asarray([ref.prompt_tokens[i + 1] for i in scored], dtype=np.int64)
+        nll_ref = _nll(ref.prompt_logits[scored], targets)
+        nll_art = _nll(a_prompt_logits[scored], targets)
 
         first_div = next((i for i, (x, y) in enumerate(zip(ref.tokens, art.tokens)) if x != y), None)
         if first_div is None and len(ref.tokens) != len(art.tokens):
@@ -299,6 +305,9 @@ def compare_sessions(
                 "first_divergence": first_div,
                 "greedy_match": matched / max(len(ref.tokens), 1),
                 "top1_agreement": float(np.mean(top1)) if top1 else 1.0,
+                "text_tokens_scored": len(scored),
+                "nll_reference": nll_ref,
+                "nll_artifact": nll_art,
                 "per_position": {
                     "top1": top1,
                     "cosine": [m["cosine"] for m in pos_metrics],
@@ -316,17 +325,49 @@ def compare_sessions(
         agg["per_call"] = [{k: c[k] for k in ("item", "call", "max_abs", "mean_abs", "cosine", "sqnr_db")} for c in calls]
         methods[name] = agg
     top1_all = [t for p in prompts_out for t in p["per_position"]["top1"]]
+    n_scored = sum(p["text_tokens_scored"] for p in prompts_out)
+    ppl_ref = float(np.exp(sum(p["nll_reference"] for p in prompts_out) / max(n_scored, 1)))
+    ppl_art = float(np.exp(sum(p["nll_artifact"] for p in prompts_out) / max(n_scored, 1)))
     decoder = {
         "steps": steps,
         "prompts": prompts_out,
+        "perplexity_reference": ppl_ref,
+        "perplexity_artifact": ppl_art,
+        "perplexity_change": ppl_art / ppl_ref - 1.0,
         "top1_agreement": float(np.mean(top1_all)) if top1_all else 1.0,
         "greedy_match": min((p["greedy_match"] for p in prompts_out), default=1.0),
         "how": {
             "top1_agreement": "artifact teacher-forced on the reference's prompt + greedy continuation; argmax equal per position, over all positions of all prompts",
             "greedy_match": "both greedy for N steps; tokens matched before the first divergence / N; worst prompt",
+            "perplexity": "exp(mean next-token NLL) over the held-out prompts' text tokens (media placeholders excluded), "
+            "reference and artifact each scored with its own prompt logits; change = artifact / reference - 1",
         },
     }
     return {"methods": methods, "decoder": decoder}
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Summed next-token negative log-likelihood (float64 log-softmax)."""
+    if len(targets) == 0:
+        return 0.0
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return float(-logp[np.arange(len(targets)), targets].sum())
+
+
+def for_model(items: list[Item], config: Any) -> tuple[list[Item], list[str]]:
+    """Items as this model can take them: media it has no encoder for is dropped (and said so)."""
+    import dataclasses
+
+    out, notes = [], []
+    for it in items:
+        drop = [k for k, enc in (("image", config.vision), ("audio", config.audio)) if getattr(it, k) and enc is None]
+        if drop:
+            notes.append(f"{it.label()}: {' and '.join(drop)} dropped (model '{config.name}' has no such encoder)")
+            it = dataclasses.replace(it, **{k: None for k in drop})
+        out.append(it)
+    return out, notes
 
 
 def evaluate(results: dict[str, Any], thresholds: dict[str, float]) -> list[dict[str, Any]]:
@@ -394,6 +435,7 @@ def run_parity(
     inputs = Path(inputs) if inputs else _default_inputs()
     items = read_inputs(inputs)
     _refuse_calibration_set(items, inputs, calibration_manifest)
+    items, input_notes = for_model(items, config)
     tok_path = art.dir / "tokenizer.json"
     if not tok_path.is_file():
         from exporter.errors import ArtifactError
@@ -410,6 +452,7 @@ def run_parity(
         "model": config.name,
         "files": art.info.get("files", {}),
         "source": art.metadata.get("source"),
+        "input_notes": input_notes,
     }
     report = make_report(artifact_info, reference, session, config, tokenizer, items, inputs, limits, steps, progress)
     out_dir = Path(out_dir) if out_dir else art.dir / "parity"
@@ -509,6 +552,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         )
     d = report["decoder"]
     lines.append(f"  decoder          top-1 agreement {d['top1_agreement']:.4f}  greedy match {d['greedy_match']:.4f} over {d['steps']} steps")
+    if "perplexity_reference" in d:
+        lines.append(
+            f"  held-out text    perplexity {d['perplexity_reference']:.3f} -> {d['perplexity_artifact']:.3f} "
+            f"({100 * d['perplexity_change']:+.2f}%)"
+        )
     return lines
 
 

@@ -26,7 +26,16 @@ def resolve_config(preset: str | None = "tiny", checkpoint: str | Path | None = 
 
         cfg = config_from_checkpoint(_checkpoint_dir(checkpoint))
         return cfg.with_layers(layers) if layers else cfg
+    if preset == GGUF_PRESET:
+        from exporter.gguf import gguf_file_config, smollm2_path
+
+        cfg = gguf_file_config(smollm2_path())
+        return cfg.with_layers(layers) if layers else cfg
     return get_preset(preset or "tiny", layers)
+
+
+# a preset whose weights are real, trained ones: SmolLM2-135M-Instruct's GGUF (text only, Llama switches)
+GGUF_PRESET = "smollm2-135m"
 
 
 def _checkpoint_dir(checkpoint: str | Path) -> Path:
@@ -48,6 +57,12 @@ def load_reference(preset: str | None = "tiny", checkpoint: str | Path | None = 
         if layers:
             raise ConfigError("--layers applies to presets; a checkpoint is loaded whole")
         return load_checkpoint(_checkpoint_dir(checkpoint))
+    if preset == GGUF_PRESET:
+        from exporter.gguf import load_gguf_llama, smollm2_path
+
+        if layers:
+            raise ConfigError(f"--layers does not apply to the {GGUF_PRESET} preset (real weights are loaded whole)")
+        return load_gguf_llama(smollm2_path())
     from exporter.model import build
 
     return build(get_preset(preset or "tiny", layers))

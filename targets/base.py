@@ -300,6 +300,24 @@ def copy_tokenizer(config: Any, dest_dir: Path) -> str:
     return "tokenizer.json"
 
 
+def copy_tokenizer_files(config: Any, dest: Path) -> list[str]:
+    """tokenizer.json, plus the checkpoint's tokenizer_config.json / special_tokens_map.json where present.
+
+    A model without a known tokenizer (a bare preset) ships none; the report says so.
+    """
+    from calibration.preprocess import tokenizer_file
+
+    if not config.tokenizer:
+        return []
+    names = [copy_tokenizer(config, dest)]
+    src = Path(tokenizer_file(config.tokenizer)).parent
+    for extra in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (src / extra).is_file() and not config.tokenizer.startswith("builtin:"):
+            shutil.copyfile(src / extra, dest / extra)
+            names.append(extra)
+    return names
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB."""
     import resource

