@@ -84,6 +84,14 @@ recipe = "fp32"
 [[artifact]]
 target = "ort"
 recipe = "int8-static"
+
+[[artifact]]
+target = "coreml"
+recipe = "fp16"
+
+[[artifact]]
+target = "coreml"
+recipe = "int8-static"
 """
 
 # Files a backend does not yet write reproducibly (seen: two clean builds of the same config, same host).
@@ -96,11 +104,6 @@ KNOWN_NONDETERMINISTIC: dict[str, dict[str, str]] = {
         "required_operators_and_types.config": "its header comments name the absolute path of each converted model "
         "(the build's temporary staging dir)",
         "mobile_usability.txt": "the usability checker's log names the absolute path of each model checked",
-    },
-    "coreml": {
-        "*/Manifest.json": "coremltools writes random UUIDs as item identifiers (uuid5 of the item path would be stable)",
-        "*/model.mlmodel": "protobuf map entries serialized in hash order (SerializeToString(deterministic=True) fixes "
-        "it); conversion_date metadata changes daily",
     },
 }
 

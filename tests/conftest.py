@@ -32,3 +32,23 @@ def tiny_calibration(tiny_components):
     from calibration.stats import record_builtin_inputs
 
     return record_builtin_inputs(tiny_components, limit=12)
+
+
+@pytest.fixture(scope="session")
+def media():
+    """The held-out sample prompt, photo and recording (never seen by calibration)."""
+    from calibration.dataset import sample_inputs
+
+    return sample_inputs()
+
+
+@pytest.fixture(scope="session")
+def eager_run(tiny_components, tiny_tokenizer, media):
+    """The eager reference over the held-out prompt with image and audio: runner, segments, 6 greedy tokens."""
+    from exporter.runner import EagerSession, Prompt, Runner
+
+    runner = Runner(EagerSession(tiny_components), tiny_components.config, tiny_tokenizer)
+    prompt = Prompt(text=media["prompt"], image=media["image"], audio=media["audio"])
+    segments = runner.segments(prompt)
+    result = runner.generate(prompt, max_new_tokens=6, stop_at_eos=False)
+    return {"runner": runner, "prompt": prompt, "segments": segments, "result": result}

@@ -29,24 +29,6 @@ def ort_artifacts(tiny_components, tiny_calibration, tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="module")
-def media():
-    from calibration.dataset import sample_inputs
-
-    return sample_inputs()  # held-out: never seen by calibration
-
-
-@pytest.fixture(scope="module")
-def eager_run(tiny_components, tiny_tokenizer, media):
-    """The eager reference's method inputs and outputs over a held-out prompt with image and audio."""
-    session = EagerSession(tiny_components)
-    runner = Runner(session, tiny_components.config, tiny_tokenizer)
-    prompt = Prompt(text=media["prompt"], image=media["image"], audio=media["audio"])
-    segments = runner.segments(prompt)
-    result = runner.generate(prompt, max_new_tokens=6, stop_at_eos=False)
-    return {"runner": runner, "prompt": prompt, "segments": segments, "result": result}
-
-
 def _method_outputs(session, eager_run) -> dict[str, np.ndarray]:
     """Each method's output on the same (eager) inputs; the decoder is teacher-forced with eager embeddings."""
     runner, segments, result = eager_run["runner"], eager_run["segments"], eager_run["result"]

@@ -1,0 +1,376 @@
+"""Core ML target on the tiny preset: saved ML programs read back, and run through the ML program interpreter.
+
+Core ML itself executes only on macOS; here every number comes from
+``targets.mil_interpreter`` running the saved packages (the session's
+provenance says so). Each recipe is exported once per session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from exporter.runner import EagerSession, Prompt, Runner
+from targets.base import Recipe, read_artifact
+from targets.coreml import (
+    DECODER_FUNCTIONS,
+    CoreMLTarget,
+    convert_decoder,
+    kept_arrays,
+    method_outputs,
+    quantize_weights_int8,
+    read_spec,
+    weight_bytes,
+)
+
+pytestmark = pytest.mark.slow
+
+METHODS = ("token_embedding", "vision_encoder", "audio_encoder", "text_decoder")
+IOS18_SPEC_VERSION = 9
+
+
+def _spec_ops(path: Path) -> dict[str, list]:
+    """{function: [MIL op protos]} of a saved package."""
+    spec = read_spec(path)
+    out = {}
+    for name, fn in spec.mlProgram.functions.items():
+        out[name] = list(fn.block_specializations[fn.opset].operations)
+    return out
+
+
+def _print_report(art) -> None:
+    r = art.info["report"]
+    print(f"\ncoreml {art.recipe}: {r['total_bytes']} bytes, export {art.info['export']['wall_s']} s, "
+          f"peak RSS {art.info['export']['peak_rss_mb']} MiB, convert s {r['convert_s']}")
+    for m, c in r["check"].get("methods", {}).items():
+        print(f"  {m}: max abs {c['max_abs']:.4g}, cosine {c['cosine']:.6f}")
+
+
+@pytest.fixture(scope="session")
+def coreml_calibration(tiny_calibration):
+    return tiny_calibration
+
+
+@pytest.fixture(scope="session")
+def coreml_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("coreml")
+
+
+@pytest.fixture(scope="session")
+def coreml_artifacts(tiny_components, coreml_root):
+    target = CoreMLTarget()
+    arts = {name: target.export(tiny_components, Recipe(name), coreml_root / name) for name in ("fp16", "int8-weight")}
+    for art in arts.values():
+        _print_report(art)
+    return arts
+
+
+@pytest.fixture(scope="session")
+def int8_static_artifact(tiny_components, coreml_calibration, coreml_root):
+    art = CoreMLTarget().export(tiny_components, Recipe("int8-static"), coreml_root / "int8-static", calibration=coreml_calibration)
+    _print_report(art)
+    return art
+
+
+# --- what the saved packages hold -----------------------------------------------------------
+
+
+def test_every_package_is_an_ios18_ml_program_and_the_artifact_lists_them(coreml_artifacts):
+    art = coreml_artifacts["fp16"]
+    assert set(art.files) == {f"{m}.mlpackage" for m in METHODS} | {"tokenizer.json"}
+    assert {p.name for p in art.dir.iterdir()} == set(art.files) | {"artifact.json"}
+    for m in METHODS:
+        spec = read_spec(art.dir / f"{m}.mlpackage")
+        assert spec.specificationVersion == IOS18_SPEC_VERSION, m
+        assert spec.WhichOneof("Type") == "mlProgram", m
+
+
+def test_decoder_is_one_package_with_prefill_and_decode_sharing_state(coreml_artifacts, tiny_components):
+    spec = read_spec(coreml_artifacts["fp16"].dir / "text_decoder.mlpackage")
+    t = tiny_components.config.text
+    max_seq = tiny_components.config.shape.max_seq_len
+    functions = {fn.name: fn for fn in spec.description.functions}
+    assert set(functions) == set(DECODER_FUNCTIONS) == set(spec.mlProgram.functions)
+    expected_states = {f"cache_{kv}_{i}" for i in range(t.num_layers) for kv in "kv"}
+    for name, fn in functions.items():
+        assert [i.name for i in fn.input] == ["embeds", "position_ids", "cache_position"]
+        assert [o.name for o in fn.output] == ["logits"]
+        assert {s.name for s in fn.state} == expected_states
+        for s in fn.state:
+            arr = s.type.stateType.arrayType
+            assert list(arr.shape) == [1, t.num_kv_heads, max_seq, t.head_dim]
+            assert arr.dataType == arr.FLOAT16
+    # prefill takes any length 1..max_seq_len, decode exactly one position
+    embeds = {name: fn.input[0].type.multiArrayType for name, fn in functions.items()}
+    ranges = embeds["prefill"].shapeRange.sizeRanges
+    assert ranges[1].lowerBound == 1 and ranges[1].upperBound == max_seq
+    assert list(embeds["decode"].shape) == [1, 1, t.hidden_size]
+    # the cache is written in place: every function updates every state
+    for name, ops in _spec_ops(coreml_artifacts["fp16"].dir / "text_decoder.mlpackage").items():
+        written = [op.inputs["input"].arguments[0].name for op in ops if op.type == "write_state"]
+        assert sorted(written) == sorted(expected_states), name
+
+
+@pytest.mark.parametrize("recipe", ["fp16", "int8-weight"])
+def test_decoder_functions_share_one_copy_of_the_weights(coreml_artifacts, recipe):
+    art = coreml_artifacts[recipe]
+    pkg = art.info["report"]["packages"]["text_decoder"]
+    one = pkg["weight_bytes_per_function"]["prefill"]
+    assert weight_bytes(art.dir / "text_decoder.mlpackage") == pkg["weight_bytes"]
+    assert pkg["weight_bytes"] <= 1.05 * one, pkg  # ~1x, not 2x
+
+
+def test_metadata_in_every_package_and_artifact_json(coreml_artifacts, tiny_components):
+    art = coreml_artifacts["int8-weight"]
+    cfg = tiny_components.config
+    for m in METHODS:
+        user = read_spec(art.dir / f"{m}.mlpackage").description.metadata.userDefined
+        assert user["autoglm.method"] == m
+        assert user["autoglm.recipe"] == "int8-weight"
+        assert json.loads(user["autoglm.max_seq_len"]) == cfg.shape.max_seq_len == art.metadata["max_seq_len"]
+        assert json.loads(user["autoglm.vocab_size"]) == cfg.text.vocab_size
+        assert json.loads(user["autoglm.eos_ids"]) == list(cfg.tokens.eos_ids)
+        assert json.loads(user["autoglm.bos_ids"]) == list(cfg.tokens.bos_ids)
+        assert json.loads(user["autoglm.image_token_id"]) == cfg.tokens.image_token_id
+        assert json.loads(user["autoglm.image_size"]) == cfg.shape.image_size
+        assert json.loads(user["autoglm.audio_frames"]) == cfg.shape.audio_frames
+        assert user["autoglm.package_version"] == art.metadata["package_version"]
+        assert "com.github.apple.coremltools.conversion_date" not in user  # builds on different days stay identical
+    assert art.info["runtime_versions"]["coremltools"] and art.info["export"]["wall_s"] > 0
+    assert art.info["report"]["deployment_target"] == "iOS18"
+
+
+def _int8_weight_ops(path: Path) -> list:
+    return [op for ops in _spec_ops(path).values() for op in ops if op.type == "constexpr_blockwise_shift_scale"]
+
+
+@pytest.mark.parametrize("recipe", ["int8-weight", "int8-static"])
+def test_int8_recipes_store_int8_weights_including_the_embedding_table(coreml_artifacts, int8_static_artifact, recipe):
+    art = coreml_artifacts["int8-weight"] if recipe == "int8-weight" else int8_static_artifact
+    fp16 = coreml_artifacts["fp16"]
+    for m in METHODS:
+        assert _int8_weight_ops(art.dir / f"{m}.mlpackage"), m
+        assert not _int8_weight_ops(fp16.dir / f"{m}.mlpackage"), m
+    # the embedding table: a gather whose table comes from an int8 constexpr
+    ops = _spec_ops(art.dir / "token_embedding.mlpackage")["main"]
+    producers = {o.name: op for op in ops for o in op.outputs}
+    gathers = [op for op in ops if op.type == "gather"]
+    tables = [producers.get(op.inputs["x"].arguments[0].name) for op in gathers]
+    assert any(t is not None and t.type == "constexpr_blockwise_shift_scale" for t in tables)
+    fp16_bytes, int8_bytes = fp16.info["report"]["total_bytes"], art.info["report"]["total_bytes"]
+    assert int8_bytes <= 0.6 * fp16_bytes, f"{int8_bytes} / {fp16_bytes}"
+
+
+def test_int8_static_quantizes_activations(int8_static_artifact):
+    q = int8_static_artifact.info["report"]["quantization"]
+    for key in ("token_embedding", "vision_encoder", "audio_encoder", "text_decoder.prefill", "text_decoder.decode"):
+        assert q[key]["calibration_samples"] > 0 and q[key]["activation_quantize_ops"] > 0, key
+    ops = [op.type for fn in _spec_ops(int8_static_artifact.dir / "text_decoder.mlpackage").values() for op in fn]
+    assert "quantize" in ops and "dequantize" in ops
+
+
+def test_keep_float_leaves_the_named_layers_weights_in_float(tiny_components):
+    import coremltools as ct  # noqa: F401  (the converted model is inspected in memory)
+
+    decode = convert_decoder(tiny_components, "decode")
+    _, all_int8 = quantize_weights_int8(decode, set())
+    keep = ("text.lm_head", "text.layers.1.mlp")
+    model, kept = quantize_weights_int8(decode, kept_arrays(tiny_components.model, keep))
+    assert kept["float_weights_kept"] == 3  # lm_head, gate_up_proj, down_proj
+    assert kept["int8_weights"] == all_int8["int8_weights"] - 3
+    from targets.coreml import _all_ops, _program
+
+    lm_head = tiny_components.model.text.lm_head.weight.detach().numpy().astype(np.float16)
+    consts = [op for f in _program(model).functions.values() for op in _all_ops(f) if op.op_type == "const"]
+    assert any(isinstance(op.outputs[0].val, np.ndarray) and op.outputs[0].val.shape == lm_head.shape
+               and np.array_equal(op.outputs[0].val, lm_head) for op in consts)
+
+
+def test_keep_float_also_leaves_the_named_layers_activations_in_float(tiny_components, coreml_calibration, tmp_path):
+    from targets.coreml import _all_ops, _program, quantize_activations_int8
+
+    decode = convert_decoder(tiny_components, "decode")
+    keep = kept_arrays(tiny_components.model, ("text.lm_head",))
+    model, report = quantize_activations_int8(decode, keep, coreml_calibration["text_decoder"], "text_decoder", "decode", tmp_path)
+    assert report["calibration_samples"] > 0 and report["activation_quantize_ops"] > 0
+    vocab = tiny_components.config.text.vocab_size
+    fed_by_dequantize = {}
+    for f in _program(model).functions.values():
+        for op in _all_ops(f):
+            if op.op_type == "linear":
+                is_head = op.inputs["weight"].val is not None and op.inputs["weight"].val.shape[0] == vocab
+                producer = op.inputs["x"].op
+                fed_by_dequantize[is_head] = fed_by_dequantize.get(is_head, []) + [producer is not None and producer.op_type == "dequantize"]
+    assert fed_by_dequantize[True] == [False]  # lm_head kept float
+    assert fed_by_dequantize[False] and all(fed_by_dequantize[False])  # every other linear takes int8 activations
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "artifact.json"}
+
+
+def test_two_exports_are_byte_identical(coreml_artifacts, tiny_components, tmp_path):
+    again = CoreMLTarget().export(tiny_components, Recipe("fp16"), tmp_path / "again")
+    first = coreml_artifacts["fp16"]
+    assert _tree_hashes(again.dir) == _tree_hashes(first.dir)
+    assert again.info["files"] == first.info["files"]
+
+
+# --- parity through the ML program interpreter ------------------------------------------------
+
+
+def _method_outputs(session, eager_run) -> dict[str, np.ndarray]:
+    """Each method's output on the same (eager) inputs; the decoder is teacher-forced with eager embeddings."""
+    return method_outputs(session, eager_run["runner"], eager_run["segments"], eager_run["result"].tokens[:-1])
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(tiny_components, eager_run):
+    return _method_outputs(EagerSession(tiny_components), eager_run)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _row_cos(a: np.ndarray, b: np.ndarray) -> float:
+    return min(_cos(x, y) for x, y in zip(a, b))
+
+
+def _session(art):
+    session = CoreMLTarget().load(art)
+    assert "emulat" in session.provenance.lower() and art.recipe in session.provenance
+    return session
+
+
+@pytest.mark.parametrize("recipe, floor", [("fp16", 0.999), ("int8-weight", 0.999), ("int8-static", 0.97)])
+def test_each_method_through_the_interpreter_matches_eager(coreml_artifacts, int8_static_artifact, eager_run,
+                                                           reference_outputs, recipe, floor):
+    art = int8_static_artifact if recipe == "int8-static" else coreml_artifacts[recipe]
+    got = _method_outputs(_session(art), eager_run)
+    for m in METHODS:
+        ref = reference_outputs[m]
+        assert got[m].shape == ref.shape, m
+        print(f"coreml {recipe} {m}: max abs {np.abs(got[m] - ref).max():.4g}, cosine {_cos(got[m], ref):.6f}")
+        assert _cos(got[m], ref) >= floor, m
+    assert _row_cos(got["text_decoder"], reference_outputs["text_decoder"]) >= floor
+
+
+@pytest.mark.parametrize("recipe, floor", [("fp16", 0.999), ("int8-weight", 0.999)])
+def test_export_records_its_own_check_against_eager_in_the_report(coreml_artifacts, recipe, floor):
+    check = coreml_artifacts[recipe].info["report"]["check"]
+    assert check["measured"] and "emulat" in check["how"].lower()
+    assert set(check["methods"]) == set(METHODS)
+    for m, r in check["methods"].items():
+        assert r["cosine"] >= floor and r["max_abs"] < 1.0, (m, r)
+
+
+def test_fp16_greedy_16_tokens_with_image_and_audio_equal_eager(coreml_artifacts, tiny_components, tiny_tokenizer, media):
+    prompt = Prompt(text=media["prompt"], image=media["image"], audio=media["audio"])
+    cfg = tiny_components.config
+    expected = Runner(EagerSession(tiny_components), cfg, tiny_tokenizer).generate(prompt, max_new_tokens=16, stop_at_eos=False)
+    got = Runner(_session(coreml_artifacts["fp16"]), cfg, tiny_tokenizer).generate(prompt, max_new_tokens=16, stop_at_eos=False)
+    assert len(got.tokens) == 16 and got.tokens == expected.tokens
+
+
+def test_reset_forgets_the_cache_and_positions_past_the_cache_fail(coreml_artifacts, tiny_components):
+    from exporter.errors import RuntimeFailure
+
+    session = CoreMLTarget().load(coreml_artifacts["fp16"])
+    h = tiny_components.config.text.hidden_size
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((1, 3, h)).astype(np.float32)
+    pos = np.arange(3, dtype=np.int64)
+    args = dict(embeds=emb, position_ids=np.stack([pos] * 3), cache_position=pos)
+    first = session.run("text_decoder", **args)
+    session.run("text_decoder", embeds=emb[:, :1], position_ids=np.full((3, 1), 3), cache_position=np.array([3]))
+    session.reset()
+    np.testing.assert_array_equal(session.run("text_decoder", **args), first)
+    max_seq = tiny_components.config.shape.max_seq_len
+    with pytest.raises(RuntimeFailure, match="outside the KV cache"):
+        session.run("text_decoder", embeds=emb, position_ids=np.stack([pos] * 3), cache_position=pos + max_seq - 1)
+
+
+# --- the command line and bad input -----------------------------------------------------------
+
+
+def _one_error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_unknown_recipe_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    from cli import app
+
+    result = CliRunner().invoke(app, ["export", "--target", "coreml", "--recipe", "fp32", "--out", str(tmp_path / "art")])
+    assert result.exit_code == 2, result.output
+    assert "recipe 'fp32' is not supported by target 'coreml'" in _one_error_line(result)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_out_is_one_line_exit_2_and_leaves_no_package(tmp_path):
+    from cli import app
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a directory")
+    out = blocker / "art"
+    result = CliRunner().invoke(app, ["export", "--target", "coreml", "--recipe", "fp16", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert str(out) in _one_error_line(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and not list(tmp_path.rglob("*.mlpackage"))
+
+
+def test_int8_static_without_samples_for_a_method_fails_before_writing(tiny_components, coreml_calibration, tmp_path):
+    from exporter.errors import BadInputError
+
+    partial = {"token_embedding": coreml_calibration["token_embedding"][:2]}
+    with pytest.raises(BadInputError, match="no samples for method 'vision_encoder'"):
+        CoreMLTarget().export(tiny_components, Recipe("int8-static"), tmp_path / "x", calibration=partial)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_generate_runs_the_coreml_artifact(coreml_artifacts, tiny_components, tiny_tokenizer):
+    from cli import app
+
+    art = coreml_artifacts["fp16"]
+    result = CliRunner().invoke(app, ["generate", "--artifact", str(art.dir), "--prompt", "Open the camera.", "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    expected = Runner(EagerSession(tiny_components), tiny_components.config, tiny_tokenizer).generate(
+        Prompt(text="Open the camera."), max_new_tokens=8
+    )
+    assert f"tokens: {expected.tokens}" in result.output
+    assert "coreml/fp16" in result.output and "emulated" in result.output
+
+
+def test_loading_an_artifact_with_a_missing_package_is_an_artifact_error(coreml_artifacts, tmp_path):
+    import shutil
+
+    from exporter.errors import ArtifactError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(coreml_artifacts["fp16"].dir, broken)
+    shutil.rmtree(broken / "vision_encoder.mlpackage")
+    with pytest.raises(ArtifactError, match="vision_encoder"):
+        CoreMLTarget().load(read_artifact(broken))
+
+
+def test_a_program_below_the_gate_is_rejected_and_nothing_is_written(tmp_path, monkeypatch):
+    import targets.coreml as cm
+    from exporter.components import build_components
+    from exporter.errors import ExportError
+    from exporter.model import build, get_preset
+
+    # tiny cut to 1 decoder layer and 1 vision block; a floor no int8 program can meet
+    small = build_components(build(get_preset("tiny").with_layers(1, vision_layers=1)))
+    monkeypatch.setitem(cm.GATE, "int8-weight", 0.999999999)
+    with pytest.raises(ExportError, match="rejected by the export check: .* cosine"):
+        CoreMLTarget().export(small, Recipe("int8-weight"), tmp_path / "bad")
+    assert list(tmp_path.iterdir()) == []
