@@ -22,8 +22,14 @@ for t in $TARGETS; do
   for spec in "$f:" "int8-weight:" "int8-static:" "int8-weight:cos=0.999" "int8-static:cos=0.999"; do
     r=${spec%%:*}; pt=${spec#*:}
     name="$t-$r${pt:+-pt}"
+    [ -f "$OUT/$name.rejected" ] && continue
     if [ ! -f "$OUT/$name/artifact.json" ]; then
-      autoglm-export export --preset "$PRESET" --target "$t" --recipe "$r" --out "$OUT/$name" ${pt:+--parity-target "$pt"}
+      # an export a target's own parity gate rejects (exit 3) is a result too: its one-line reason goes in the table
+      if ! autoglm-export export --preset "$PRESET" --target "$t" --recipe "$r" --out "$OUT/$name" \
+           ${pt:+--parity-target "$pt"} 2> "$OUT/$name.log"; then
+        grep '^error: ' "$OUT/$name.log" | tail -1 > "$OUT/$name.rejected"
+        continue
+      fi
     fi
     [ -f "$OUT/$name/parity/report.json" ] && continue
     # exit 1 (a default threshold failed) still leaves the report: drift is what we measure here
@@ -43,7 +49,9 @@ print("| target | recipe | keep-float | top-1 agree | greedy match (worst prompt
 print("|---|---|---|---|---|---|---|---|")
 for t in targets:
     flt = out / f"{t}-{'fp16' if t == 'coreml' else 'fp32'}"
-    for d in sorted(out.glob(f"{t}-*")):
+    for d in sorted(out.glob(f"{t}-*.rejected")):
+        print(f"| {t} | {d.stem[len(t) + 1:]} | | rejected at export: {d.read_text().strip()} | | | | |")
+    for d in sorted(p for p in out.glob(f"{t}-*") if p.is_dir()):
         rep = json.loads((d / "parity" / "report.json").read_text())
         dec, art = rep["decoder"], json.loads((d / "artifact.json").read_text())
         greedy = sum(p["greedy_match"] for p in dec["prompts"]) / len(dec["prompts"])
