@@ -256,6 +256,17 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(_canonical(obj)).hexdigest()
 
 
+def code_digest() -> str:
+    """sha256 over this package's own source (exporter/, targets/, calibration/, cli.py): an artifact
+    exported by other code is not up to date, even at the same version number."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    files = [root / "cli.py"] + [p for d in ("exporter", "targets", "calibration") for p in (root / d).rglob("*.py")]
+    for p in sorted(f for f in files if f.is_file()):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
 def _file_digest(path: str | None) -> str | None:
     """sha256 of a manifest file and every media file it names (so edited samples invalidate the cache)."""
     if not path:
@@ -322,6 +333,7 @@ def build(config_path: Path | None, out: Path, progress: Progress | None = None)
 
     config_sha = hashlib.sha256(config_text(config_path).encode()).hexdigest()
     versions = runtime_versions("executorch", "torchao", "coremltools", "onnx", "onnxruntime", "numpy")
+    code = code_digest()
     source = _source_digest(cfg["model"])
     from calibration.dataset import calibration_manifest, heldout_manifest
 
@@ -341,6 +353,7 @@ def build(config_path: Path | None, out: Path, progress: Progress | None = None)
                 "source": source,
                 "calibration": calib_digest if a["recipe"] == "int8-static" else None,
                 "package": __version__,
+                "code": code,
                 "versions": versions,
             }
         )
@@ -362,6 +375,7 @@ def build(config_path: Path | None, out: Path, progress: Progress | None = None)
             "config_path": str(config_path) if config_path else None,
             "config": cfg,
             "package_version": __version__,
+            "code_sha256": code,
             "runtime_versions": versions,
             "artifacts": [entries[a["name"]] for a in cfg["artifacts"] if a["name"] in entries],
             "complete": len(entries) == len(cfg["artifacts"]),

@@ -186,6 +186,40 @@ def test_lowering_check_fails_when_a_linear_stays_on_the_portable_path():
         check_lowering(report)
 
 
+def test_int8_static_quantizes_linears_not_the_residual_stream_and_honours_keep_float():
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from targets.executorch import xnnpack_static_quantizer
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            h = x + self.a(x)  # residual adds and the gating mul stay float
+            return h * torch.sigmoid(h) + self.b(x)
+
+    def quantized_inputs(keep):
+        torch.manual_seed(0)
+        x = torch.randn(4, 16)
+        prepared = prepare_pt2e(torch.export.export(Block(), (x,)).module(), xnnpack_static_quantizer(keep))
+        prepared(x)
+        g = convert_pt2e(prepared).graph
+        targets = {}
+        for n in g.nodes:
+            if n.op == "call_function" and n.target == torch.ops.aten.linear.default:  # int8 input?
+                targets.setdefault("linear", []).append("dequantize" in str(n.args[0].target))
+            if n.op == "call_function" and n.target == torch.ops.aten.add.Tensor:  # int8 output?
+                targets.setdefault("add", []).append(any("quantize" in str(u.target) for u in n.users))
+        return targets
+
+    everything = quantized_inputs(())
+    assert everything["linear"] == [True, True]
+    assert everything["add"] == [False, False]
+    assert quantized_inputs(("b",))["linear"] == [True, False]
+
+
 def test_parity_gate_rejects_the_lowering_path_that_returns_wrong_numbers(tmp_path, monkeypatch):
     # STACK.md: torchao int8 weight-only lowered to XNNPACK runs but returns wrong numbers in executorch 1.5.1
     from torchao.quantization.granularity import PerAxis
