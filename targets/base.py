@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-from exporter.errors import ArtifactError, OutputError, UnknownRecipeError
+from exporter.errors import ArtifactError, ExportError, OutputError, UnknownRecipeError
 
 ARTIFACT_JSON = "artifact.json"
 ARTIFACT_SCHEMA = 1
@@ -316,6 +316,24 @@ def copy_tokenizer_files(config: Any, dest: Path) -> list[str]:
             shutil.copyfile(src / extra, dest / extra)
             names.append(extra)
     return names
+
+
+def check_tokenizer(config: Any) -> tuple[Any, str]:
+    """The tokenizer an export-time check prompts with, and where it came from.
+
+    The model's own when it names one; a bare preset (random weights, e.g. the 9B widths without a
+    checkpoint) names none, so the check tokenizes its held-out prompt with the tiny preset's tokenizer:
+    its ids are all inside any preset's vocabulary, and only method equivalence is being checked.
+    """
+    from exporter.model import get_preset
+    from exporter.runner import load_tokenizer
+
+    if config.tokenizer:
+        return load_tokenizer(config), f"the model's tokenizer ({config.tokenizer})"
+    tiny = get_preset("tiny")
+    if config.text.vocab_size < tiny.text.vocab_size:
+        raise ExportError(f"model '{config.name}' names no tokenizer and its vocabulary is too small to check it with tiny's")
+    return load_tokenizer(tiny), f"model '{config.name}' names no tokenizer: the tiny preset's tokenizer ids"
 
 
 def peak_rss_mb() -> float:

@@ -78,6 +78,7 @@ from targets.base import (
     artifact_metadata,
     atomic_artifact_dir,
     check_recipe,
+    check_tokenizer,
     copy_tokenizer_files,
     method_signatures,
     no_progress,
@@ -877,16 +878,15 @@ def export_check(components: Any, session: Any, decode_steps: int = 3) -> dict[s
     """
     from calibration.dataset import sample_inputs
     from exporter.parity import compare
-    from exporter.runner import EagerSession, Prompt, Runner, load_tokenizer
+    from exporter.runner import EagerSession, Prompt, Runner
 
     cfg = components.config
-    if not cfg.tokenizer:
-        return {"measured": False, "why": f"model '{cfg.name}' names no tokenizer"}
+    tokenizer, tokenizer_note = check_tokenizer(cfg)
     media = sample_inputs()
     prompt = Prompt(text=media["prompt"], image=media["image"] if cfg.vision else None,
                     audio=media["audio"] if cfg.audio else None)
     eager = EagerSession(components)
-    runner = Runner(eager, cfg, load_tokenizer(cfg))
+    runner = Runner(eager, cfg, tokenizer)
     segments = runner.segments(prompt)
     tokens = runner.generate(prompt, max_new_tokens=decode_steps, stop_at_eos=False).tokens
     ref = method_outputs(eager, runner, segments, tokens)
@@ -895,6 +895,7 @@ def export_check(components: Any, session: Any, decode_steps: int = 3) -> dict[s
     return {
         "measured": True,
         "how": session.provenance,
+        "tokenizer": tokenizer_note,
         "inputs": f"held-out prompt with image and audio ({sum(s.length for s in segments)} prompt positions, "
                   f"{len(tokens)} decode steps, teacher-forced)",
         "methods": {m: compare(ref[m], got[m]) for m in ref},

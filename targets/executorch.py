@@ -58,6 +58,7 @@ from targets.base import (
     artifact_metadata,
     atomic_artifact_dir,
     check_recipe,
+    check_tokenizer,
     copy_tokenizer_files,
     method_signatures,
     no_progress,
@@ -461,12 +462,12 @@ class ExecuTorchSession:
 def gate(session: ExecuTorchSession, components: Any, recipe: Recipe) -> dict[str, Any]:
     """Run a held-out sample (text + image + audio) through both; per-method cosine and relative L2."""
     from calibration.dataset import sample_inputs
-    from exporter.runner import EagerSession, Prompt, Runner, load_tokenizer
+    from exporter.runner import EagerSession, Prompt, Runner
 
     media = sample_inputs()
     prompt = Prompt(text=media["prompt"], image=media["image"] if components.vision_encoder else None,
                     audio=media["audio"] if components.audio_encoder else None)
-    tokenizer = load_tokenizer(components.config)
+    tokenizer, tokenizer_note = check_tokenizer(components.config)
     ref_runner = Runner(EagerSession(components), components.config, tokenizer)
     art_runner = Runner(session, components.config, tokenizer)
     ref_runner.session.reset()
@@ -493,7 +494,8 @@ def gate(session: ExecuTorchSession, components: Any, recipe: Recipe) -> dict[st
                 f"{recipe.name} program rejected by the parity gate: {m} cosine {cos:.5f} (needs >= {floor}), "
                 f"relative L2 {rel:.4f} (needs <= {ceiling}) vs the eager reference on a held-out sample"
             )
-    return {"sample": str(media["image"].name), "floor_cosine": floor, "max_relative_l2": ceiling, "methods": out}
+    return {"sample": str(media["image"].name), "tokenizer": tokenizer_note, "floor_cosine": floor,
+            "max_relative_l2": ceiling, "methods": out}
 
 
 # --- the target -----------------------------------------------------------------------
