@@ -374,3 +374,37 @@ def test_a_program_below_the_gate_is_rejected_and_nothing_is_written(tmp_path, m
     with pytest.raises(ExportError, match="rejected by the export check: .* cosine"):
         CoreMLTarget().export(small, Recipe("int8-weight"), tmp_path / "bad")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_llama_family_decoder_converts_and_matches_eager():
+    """The family switches a Llama-style model (SmolLM2) uses: rotate-halves rope, no sandwich norms, no q/k/v bias,
+    tied embeddings. Its decode function converts and runs through the interpreter like GLM's."""
+    import dataclasses
+
+    from exporter.components import build_components
+    from exporter.model import build, get_preset
+
+    cfg = get_preset("tiny").with_layers(1, vision_layers=1)
+    text = dataclasses.replace(cfg.text, rope_interleaved=False, sandwich_norms=False, attention_bias=False, tie_embeddings=True)
+    comps = build_components(build(cfg.replace(name="tiny-llama", text=text)))
+    model = convert_decoder(comps, "prefill")  # traced size // 2 in the rope used to break conversion here
+    h = text.hidden_size
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((1, 5, h)).astype(np.float32)
+    pos = np.arange(5)
+    from targets.mil_interpreter import MILProgram
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        model.save(f"{d}/dec.mlpackage")
+        prog = MILProgram.load(Path(d) / "dec.mlpackage")
+        feeds = {"embeds": emb, "position_ids": np.stack([pos] * 3).astype(np.int32), "cache_position": pos.astype(np.int32)}
+        got = prog.run(feeds, state=prog.new_state())
+    import torch
+
+    with torch.no_grad():
+        comps.text_decoder.cache.reset()
+        ref = comps.text_decoder(torch.from_numpy(emb), torch.from_numpy(np.stack([pos] * 3)), torch.from_numpy(pos)).numpy()
+    cos = float(np.dot(got["logits"].ravel(), ref.ravel()) / np.linalg.norm(got["logits"]) / np.linalg.norm(ref))
+    assert cos >= 0.999, cos

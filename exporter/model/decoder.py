@@ -45,9 +45,13 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotate_halves(x: torch.Tensor) -> torch.Tensor:
-    """Llama's rotation: (a, b) -> (-b, a) over the two halves."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    """Llama's rotation: (a, b) -> (-b, a) over the two halves.
+
+    ``chunk`` rather than slicing at ``x.shape[-1] // 2``: a traced ``size // 2`` becomes a
+    floor_divide + int cast on a tensor, which Core ML's converter cannot turn into a constant.
+    """
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
 
 
 class Rope(nn.Module):
