@@ -70,7 +70,7 @@ import torch
 from torch import nn
 
 from exporter.errors import ArtifactError, BadInputError, ExportError, MissingRuntimeError, RuntimeFailure
-from exporter.model.decoder import Rope
+from exporter.model.decoder import RMSNorm, Rope
 from targets.base import (
     Artifact,
     Progress,
@@ -227,7 +227,7 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[-1] if text else type(e).__name__
 
 
-def fp16_copy(module: nn.Module) -> nn.Module:
+def fp16_copy(module: nn.Module, safe_rmsnorm: bool = False) -> nn.Module:
     """A deep copy of ``module`` whose floating parameters and buffers are fp16, eval mode, no grad.
 
     Converting from fp16 weights keeps coremltools from holding several float32
@@ -235,6 +235,7 @@ def fp16_copy(module: nn.Module) -> nn.Module:
     4.7 GiB more peak RSS to convert; the same table in fp16, 0.01 GiB). The
     fp16 tensors are made first and handed to ``deepcopy`` through its memo, so
     no float32 copy of the model is ever made. The model itself is not touched.
+    ``safe_rmsnorm`` swaps every RMSNorm for :class:`Fp16SafeRMSNorm` (the decoder).
     """
     import copy
     import itertools
@@ -254,7 +255,31 @@ def fp16_copy(module: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.LayerNorm):
                 setattr(parent, name, _Float32LayerNorm(child))
+            elif safe_rmsnorm and isinstance(child, RMSNorm):
+                setattr(parent, name, Fp16SafeRMSNorm(child))
     return copied
+
+
+class Fp16SafeRMSNorm(nn.Module):
+    """RMSNorm whose mean of squares cannot overflow fp16.
+
+    Core ML runs FLOAT16: trained LLMs carry "massive activations" in the residual
+    stream (SmolLM2-135M: |x| up to 23,852, inside fp16's 65,504), whose squares
+    (5.7e8) overflow to inf, so ``rsqrt`` gives 0 and the row is wiped out (SmolLM2
+    decoder cosine 0.088 before this). Each row is divided by its max |x| first;
+    ``x * rsqrt(mean(x^2) + eps)`` equals ``y * rsqrt(mean(y^2) + eps / s^2)`` for
+    ``y = x / s`` exactly, and now every square is <= 1.
+    """
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.weight = norm.weight
+        self.eps = norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.abs().amax(-1, keepdim=True).clamp(min=1e-2)
+        y = x / s
+        return self.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps / (s * s)))
 
 
 class _Float32LayerNorm(nn.Module):
@@ -315,7 +340,8 @@ def convert_decoder(components: Any, function: str) -> Any:
     """text_decoder's ``prefill`` (T in 1..max_seq_len) or ``decode`` (T = 1) function -> MLModel."""
     import coremltools as ct
 
-    decoder = fp16_copy(CoreMLDecoder(components))
+    # the decoder's residual stream is where trained weights put massive activations
+    decoder = fp16_copy(CoreMLDecoder(components), safe_rmsnorm=True)
     decoder.text.rope = TableRope(components.model.text.rope, decoder.max_seq_len).to(torch.float16)
     cfg = components.config
     h = cfg.text.hidden_size

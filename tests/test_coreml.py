@@ -162,7 +162,8 @@ def test_int8_recipes_store_int8_weights_including_the_embedding_table(coreml_ar
     gathers = [op for op in ops if op.type == "gather"]
     tables = [producers.get(op.inputs["x"].arguments[0].name) for op in gathers]
     assert any(t is not None and t.type == "constexpr_blockwise_shift_scale" for t in tables)
-    fp16_bytes, int8_bytes = fp16.info["report"]["total_bytes"], art.info["report"]["total_bytes"]
+    # the weight blobs (the program text, a fixed cost that dominates at tiny widths, is left out)
+    fp16_bytes, int8_bytes = (sum(p["weight_bytes"] for p in a.info["report"]["packages"].values()) for a in (fp16, art))
     assert int8_bytes <= 0.6 * fp16_bytes, f"{int8_bytes} / {fp16_bytes}"
 
 
@@ -408,3 +409,25 @@ def test_llama_family_decoder_converts_and_matches_eager():
         ref = comps.text_decoder(torch.from_numpy(emb), torch.from_numpy(np.stack([pos] * 3)), torch.from_numpy(pos)).numpy()
     cos = float(np.dot(got["logits"].ravel(), ref.ravel()) / np.linalg.norm(got["logits"]) / np.linalg.norm(ref))
     assert cos >= 0.999, cos
+
+
+def test_fp16_rmsnorm_survives_massive_activations():
+    # trained LLMs carry residual values in the tens of thousands (SmolLM2-135M: 23,852); squared in fp16 they overflow
+    import torch
+
+    from exporter.model.decoder import RMSNorm
+    from targets.coreml import Fp16SafeRMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(576, 1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 576)
+    x[..., 7] = 23852.0
+    tiny_rows = torch.randn(1, 576) * 1e-4
+    half = Fp16SafeRMSNorm(norm).half()
+    for inp in (x, tiny_rows):
+        ref = norm(inp)
+        got = half(inp.half()).float()
+        assert torch.isfinite(got).all()
+        assert torch.allclose(got, ref, rtol=2e-3, atol=2e-3), float((got - ref).abs().max())
