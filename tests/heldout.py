@@ -1,9 +1,11 @@
-"""A small slice of the built-in held-out set, shared by the parity and build tests."""
+"""Helpers shared by the tests: a small slice of the built-in held-out set, and cosine measures."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import numpy as np
 
 
 def heldout_subset(dest: Path, kinds=("text", "image", "audio", "image+audio")) -> Path:
@@ -21,3 +23,14 @@ def heldout_subset(dest: Path, kinds=("text", "image", "audio", "image+audio")) 
             picked[kind] = {k: (str(src.parent / v) if k in ("image", "audio") else v) for k, v in d.items()}
     dest.write_text("".join(json.dumps(picked[k]) + "\n" for k in kinds if k in picked))
     return dest
+
+
+def cos(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two arrays, flattened, in float64."""
+    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def row_cos(a: np.ndarray, b: np.ndarray) -> float:
+    """The worst cosine over matching rows (e.g. decoder positions)."""
+    return min(cos(x, y) for x, y in zip(a, b))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from heldout import cos, row_cos
 from exporter.runner import EagerSession, Prompt, Runner
 from targets.base import Recipe, read_artifact
 from targets.coreml import (
@@ -236,15 +237,6 @@ def reference_outputs(tiny_components, eager_run):
     return _method_outputs(EagerSession(tiny_components), eager_run)
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def _row_cos(a: np.ndarray, b: np.ndarray) -> float:
-    return min(_cos(x, y) for x, y in zip(a, b))
-
-
 def _session(art):
     session = CoreMLTarget().load(art)
     assert "emulat" in session.provenance.lower() and art.recipe in session.provenance
@@ -259,9 +251,9 @@ def test_each_method_through_the_interpreter_matches_eager(coreml_artifacts, int
     for m in METHODS:
         ref = reference_outputs[m]
         assert got[m].shape == ref.shape, m
-        print(f"coreml {recipe} {m}: max abs {np.abs(got[m] - ref).max():.4g}, cosine {_cos(got[m], ref):.6f}")
-        assert _cos(got[m], ref) >= floor, m
-    assert _row_cos(got["text_decoder"], reference_outputs["text_decoder"]) >= floor
+        print(f"coreml {recipe} {m}: max abs {np.abs(got[m] - ref).max():.4g}, cosine {cos(got[m], ref):.6f}")
+        assert cos(got[m], ref) >= floor, m
+    assert row_cos(got["text_decoder"], reference_outputs["text_decoder"]) >= floor
 
 
 @pytest.mark.parametrize("recipe, floor", [("fp16", 0.999), ("int8-weight", 0.999)])
@@ -407,8 +399,8 @@ def test_llama_family_decoder_converts_and_matches_eager():
     with torch.no_grad():
         comps.text_decoder.cache.reset()
         ref = comps.text_decoder(torch.from_numpy(emb), torch.from_numpy(np.stack([pos] * 3)), torch.from_numpy(pos)).numpy()
-    cos = float(np.dot(got["logits"].ravel(), ref.ravel()) / np.linalg.norm(got["logits"]) / np.linalg.norm(ref))
-    assert cos >= 0.999, cos
+    agreement = cos(got["logits"], ref)
+    assert agreement >= 0.999, agreement
 
 
 def test_fp16_rmsnorm_survives_massive_activations():

@@ -20,6 +20,7 @@ from exporter.errors import ExportError
 from exporter.runner import EagerSession, Prompt, Runner
 from targets.base import Recipe
 from targets.executorch import PTE, ExecuTorchTarget, check_lowering, lower, lowering_report
+from heldout import cos
 
 pytestmark = pytest.mark.slow
 
@@ -63,11 +64,6 @@ def media():
     return sample_inputs()  # held-out: never seen by calibration
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def _per_method(session, components, tokenizer, prompt: Prompt, steps: int = 6) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     """(eager, artifact) output pairs per method; each segment is embedded right before its prefill (the
     stock runner's order, which the program's M-RoPE state relies on); the decoder gets eager embeddings."""
@@ -103,8 +99,8 @@ def method_metrics(et_artifacts, tiny_components, tiny_tokenizer, media):
             m: {
                 "max_abs": max(float(np.abs(a - e).max()) for e, a in ps),
                 # over every call of the method (all its outputs concatenated), and the worst single call
-                "cosine": _cos(np.concatenate([e.reshape(-1) for e, _ in ps]), np.concatenate([a.reshape(-1) for _, a in ps])),
-                "min_call_cosine": min(_cos(e, a) for e, a in ps),
+                "cosine": cos(np.concatenate([e.reshape(-1) for e, _ in ps]), np.concatenate([a.reshape(-1) for _, a in ps])),
+                "min_call_cosine": min(cos(e, a) for e, a in ps),
             }
             for m, ps in pairs.items()
         }

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from exporter.runner import EagerSession, Prompt, Runner
+from heldout import cos, row_cos
 from targets.base import Recipe, read_artifact
 from targets.ort import OrtTarget, graph_io
 
@@ -61,15 +62,6 @@ def _method_outputs(session, eager_run) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def reference_outputs(tiny_components, eager_run):
     return _method_outputs(EagerSession(tiny_components), eager_run)
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def _row_cos(a: np.ndarray, b: np.ndarray) -> float:
-    return min(_cos(x, y) for x, y in zip(a, b))
 
 
 # --- layout ------------------------------------------------------------------------------
@@ -257,8 +249,8 @@ def test_int8_static_is_at_most_035x_fp32_size(ort_artifacts):
 def test_int8_cosine_per_method(ort_artifacts, eager_run, reference_outputs, recipe, floor):
     got = _method_outputs(OrtTarget().load(ort_artifacts[recipe]), eager_run)
     for m in METHOD_FILES:
-        assert _cos(got[m], reference_outputs[m]) >= floor, m
-    assert _row_cos(got["text_decoder"], reference_outputs["text_decoder"]) >= floor
+        assert cos(got[m], reference_outputs[m]) >= floor, m
+    assert row_cos(got["text_decoder"], reference_outputs["text_decoder"]) >= floor
 
 
 # --- the command line and bad input ------------------------------------------------------------
