@@ -22,6 +22,6 @@ if recipe == "int8-static":
 art = get_target(target).export(comps, Recipe(recipe), out, calibration=calib)
 rep = art.info["report"]
 size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and not p.name.startswith("tokenizer"))
-check = rep.get("check") or rep.get("parity_gate") or {}
+check = rep.get("export_check") or {}
 print(json.dumps({"target": target, "recipe": recipe, "bytes": size, "export": art.info["export"],
                   "methods": check.get("methods"), "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, indent=1))

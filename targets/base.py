@@ -336,6 +336,103 @@ def check_tokenizer(config: Any) -> tuple[Any, str]:
     return load_tokenizer(tiny), f"model '{config.name}' names no tokenizer: the tiny preset's tokenizer ids"
 
 
+SEGMENT_METHOD = {"text": "token_embedding", "image": "vision_encoder", "audio": "audio_encoder"}
+
+
+def method_calls(session: Any, runner: Any, segments: list[Any], decode_tokens: list[int]) -> dict[str, list[np.ndarray]]:
+    """Each method's output per call on the same inputs, the decoder teacher-forced with ``runner``'s embeddings.
+
+    Each segment is embedded through ``session`` right before its prefill (the stock runners' order: an
+    ExecuTorch program's M-RoPE state reads it), then prefilled in one call with ``runner``'s (reference)
+    embedding of it; every token of ``decode_tokens`` is then one T = 1 call with a growing cache.
+    Embeddings come back as [T, H], logits as [T, V].
+    """
+    from exporter.runner import Runner
+
+    mine = Runner(session, runner.config, runner.tokenizer)
+    session.reset()
+    out: dict[str, list[np.ndarray]] = {}
+    start = 0
+    for seg in segments:
+        e = mine.embed(seg)
+        out.setdefault(SEGMENT_METHOD[seg.kind], []).append(e.reshape(-1, e.shape[-1]))
+        out.setdefault("text_decoder", []).append(mine.decode(runner.embed(seg), seg.position_ids, start))
+        start += seg.length
+    pos = int(segments[-1].position_ids.max()) + 1
+    for tok in decode_tokens:
+        emb = runner.session.run("token_embedding", tokens=np.array([[tok]], np.int64))
+        out["text_decoder"].append(mine.decode(emb, np.full((3, 1), pos, np.int64), start))
+        start += 1
+        pos += 1
+    return out
+
+
+def method_outputs(session: Any, runner: Any, segments: list[Any], decode_tokens: list[int]) -> dict[str, np.ndarray]:
+    """:func:`method_calls`, each method's calls concatenated along positions."""
+    return {m: np.concatenate(v, axis=0) for m, v in method_calls(session, runner, segments, decode_tokens).items()}
+
+
+def export_gate(
+    target: str,
+    recipe: Recipe,
+    session: Any,
+    components: Any,
+    floors: dict[str, tuple[float, float | None]],
+    decode_steps: int = 3,
+) -> dict[str, Any]:
+    """The export-time parity check every target runs on the program it just wrote, before committing it.
+
+    One held-out prompt with its image and audio (never seen by calibration) goes through eager and
+    through ``session``; each method's outputs over all its calls (prefill per segment, then
+    ``decode_steps`` teacher-forced decode calls) are compared. A method below the recipe's cosine
+    floor, or above its relative-L2 ceiling (None: no ceiling), raises :class:`ExportError`, so the
+    caller's atomic directory is discarded and nothing is written.
+    """
+    from calibration.dataset import sample_inputs
+    from exporter.parity import compare
+    from exporter.runner import EagerSession, Prompt, Runner
+
+    cfg = components.config
+    tokenizer, tokenizer_note = check_tokenizer(cfg)
+    media = sample_inputs()
+    prompt = Prompt(text=media["prompt"], image=media["image"] if cfg.vision else None,
+                    audio=media["audio"] if cfg.audio else None)
+    eager = EagerSession(components)
+    runner = Runner(eager, cfg, tokenizer)
+    segments = runner.segments(prompt)
+    tokens = runner.generate(prompt, max_new_tokens=decode_steps, stop_at_eos=False).tokens
+    ref = method_outputs(eager, runner, segments, tokens)
+    got = method_outputs(session, runner, segments, tokens)
+    eager.reset()
+    floor, ceiling = floors[recipe.name]
+    how = getattr(session, "provenance", target)
+    methods: dict[str, dict[str, Any]] = {}
+    for m in ref:
+        r = compare(ref[m], got[m])
+        sqnr = r["sqnr_db"]
+        r["relative_l2"] = None if not r["finite"] else (0.0 if sqnr is None else 10.0 ** (-sqnr / 20.0))
+        methods[m] = r
+        cos, rel = r["cosine"], r["relative_l2"]
+        if cos is None or cos < floor or (ceiling is not None and rel > ceiling):
+            found = "non-finite outputs" if cos is None else f"cosine {cos:.5f}, relative L2 {rel:.4f}"
+            need = f"cosine >= {floor}" + (f", relative L2 <= {ceiling}" if ceiling is not None else "")
+            raise ExportError(
+                f"{target} {recipe.name} program rejected by the export check: {m} {found} (needs {need}) "
+                f"vs the eager reference on a held-out sample ({how})"
+            )
+    return {
+        "measured": True,
+        "how": how,
+        "sample": media["image"].name,
+        "tokenizer": tokenizer_note,
+        "inputs": f"held-out prompt with its media ({sum(s.length for s in segments)} prompt positions, "
+                  f"{len(tokens)} decode steps, teacher-forced)",
+        "floor_cosine": floor,
+        "max_relative_l2": ceiling,
+        "methods": methods,
+    }
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB."""
     import resource

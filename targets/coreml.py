@@ -78,8 +78,8 @@ from targets.base import (
     artifact_metadata,
     atomic_artifact_dir,
     check_recipe,
-    check_tokenizer,
     copy_tokenizer_files,
+    export_gate,
     method_signatures,
     no_progress,
     peak_rss_mb,
@@ -105,9 +105,9 @@ MIN_WEIGHT_ELEMENTS = 256
 WEIGHT_CONSUMERS = ("linear", "conv", "matmul", "gather")
 # calibration samples per method (int8-static): every one is run through the NumPy interpreter
 MAX_CALIB_SAMPLES = 24
-# acceptance gate: per-method cosine floor vs eager on a held-out sample (the export-time check);
-# a program below it is rejected and nothing is written
-GATE = {"fp16": 0.999, "int8-weight": 0.99, "int8-static": 0.95}
+# export check (targets.base.export_gate): per-method (cosine floor, relative-L2 ceiling or None) vs eager
+# on a held-out sample; a program outside it is rejected and nothing is written
+GATE = {"fp16": (0.999, None), "int8-weight": (0.99, None), "int8-static": (0.95, None)}
 
 
 def package_name(method: str) -> str:
@@ -598,8 +598,8 @@ class CoreMLTarget:
             report["convert_wall_s"] = round(time.perf_counter() - t0, 2)
             progress("coreml check", 0, 1)
             c0 = time.perf_counter()
-            report["check"] = self._check(components, root, recipe, meta)
-            report["check"]["wall_s"] = round(time.perf_counter() - c0, 2)
+            report["export_check"] = self._check(components, root, recipe, meta)
+            report["export_check"]["wall_s"] = round(time.perf_counter() - c0, 2)
             progress("coreml check", 1, 1)
             info = {
                 "target": self.name,
@@ -627,17 +627,7 @@ class CoreMLTarget:
             session = CoreMLSession(draft)
         except MissingRuntimeError as e:
             return {"measured": False, "why": str(e)}
-        check = export_check(components, session)
-        if check["measured"]:
-            floor = GATE[recipe.name]
-            check["floor_cosine"] = floor
-            for m, r in check["methods"].items():
-                if not (r["cosine"] is not None and r["cosine"] >= floor):
-                    raise ExportError(
-                        f"coreml {recipe.name} program rejected by the export check: {m} cosine {r['cosine']} "
-                        f"(needs >= {floor}) vs the eager reference on a held-out sample ({check['how']})"
-                    )
-        return check
+        return export_gate(self.name, recipe, session, components, GATE)
 
     def _quantize(self, mlmodel, recipe, keep_prints, samples, method, function, work):
         if recipe.name == "fp16":
@@ -858,74 +848,6 @@ def quantize_activations_int8(mlmodel: Any, keep_prints: set[tuple], samples: li
 
 
 # --- export-time check: each method against the eager reference ------------------------------
-
-
-def method_outputs(session: Any, runner: Any, segments: list[Any], decode_tokens: list[int]) -> dict[str, np.ndarray]:
-    """Each method's outputs on the same inputs, the decoder teacher-forced with ``runner``'s embeddings.
-
-    Segments are prefilled one call each (T > 1: ``prefill``), then every token
-    of ``decode_tokens`` is one T = 1 call (``decode``) with a growing cache.
-    """
-    from exporter.runner import Runner
-
-    kinds = {"text": "token_embedding", "image": "vision_encoder", "audio": "audio_encoder"}
-    outs: dict[str, list[np.ndarray]] = {}
-    embeds = []
-    mine = Runner(session, runner.config, runner.tokenizer)
-    for seg in segments:
-        e = mine.embed(seg)
-        outs.setdefault(kinds[seg.kind], []).append(e.reshape(-1, e.shape[-1]))
-        embeds.append(runner.embed(seg))
-    session.reset()
-    start = 0
-    logits = []
-    for seg, emb in zip(segments, embeds):
-        n = seg.length
-        out = session.run("text_decoder", embeds=emb, position_ids=seg.position_ids,
-                          cache_position=np.arange(start, start + n, dtype=np.int64))
-        logits.append(out.reshape(n, -1))
-        start += n
-    next_pos = int(segments[-1].position_ids.max()) + 1
-    for tok in decode_tokens:
-        emb = runner.session.run("token_embedding", tokens=np.array([[tok]], np.int64))
-        out = session.run("text_decoder", embeds=emb, position_ids=np.full((3, 1), next_pos, np.int64),
-                          cache_position=np.array([start], np.int64))
-        logits.append(out.reshape(1, -1))
-        start += 1
-        next_pos += 1
-    outs["text_decoder"] = logits
-    return {m: np.concatenate(v, axis=0) for m, v in outs.items()}
-
-
-def export_check(components: Any, session: Any, decode_steps: int = 3) -> dict[str, Any]:
-    """Per-method max abs and cosine of the saved packages vs eager, on one held-out prompt with its media.
-
-    Runs through ``session`` (real Core ML on macOS, the ML program interpreter elsewhere).
-    """
-    from calibration.dataset import sample_inputs
-    from exporter.parity import compare
-    from exporter.runner import EagerSession, Prompt, Runner
-
-    cfg = components.config
-    tokenizer, tokenizer_note = check_tokenizer(cfg)
-    media = sample_inputs()
-    prompt = Prompt(text=media["prompt"], image=media["image"] if cfg.vision else None,
-                    audio=media["audio"] if cfg.audio else None)
-    eager = EagerSession(components)
-    runner = Runner(eager, cfg, tokenizer)
-    segments = runner.segments(prompt)
-    tokens = runner.generate(prompt, max_new_tokens=decode_steps, stop_at_eos=False).tokens
-    ref = method_outputs(eager, runner, segments, tokens)
-    got = method_outputs(session, runner, segments, tokens)
-    eager.reset()
-    return {
-        "measured": True,
-        "how": session.provenance,
-        "tokenizer": tokenizer_note,
-        "inputs": f"held-out prompt with image and audio ({sum(s.length for s in segments)} prompt positions, "
-                  f"{len(tokens)} decode steps, teacher-forced)",
-        "methods": {m: compare(ref[m], got[m]) for m in ref},
-    }
 
 
 # --- the session ---------------------------------------------------------------------------

@@ -58,7 +58,7 @@ from targets.base import (
     artifact_metadata,
     atomic_artifact_dir,
     check_recipe,
-    check_tokenizer,
+    export_gate,
     copy_tokenizer_files,
     method_signatures,
     no_progress,
@@ -73,7 +73,7 @@ PTE = "model.pte"
 STATE = "mrope"  # name of the shared position-state module (buffers mrope.offset, mrope.image_pending)
 # ops that must never run outside XNNPACK (substring match on the edge op name)
 MUST_DELEGATE = ("linear", ".mm.", "bmm", "addmm", "matmul", "convolution")
-# quantized-program acceptance gate: cosine floor and relative-L2 ceiling per recipe, on a held-out sample
+# export check (targets.base.export_gate): cosine floor and relative-L2 ceiling per recipe, on a held-out sample
 GATE = {
     "fp32": (0.99999, 1e-3),
     "int8-weight": (0.99, 0.15),
@@ -456,48 +456,6 @@ class ExecuTorchSession:
         pass
 
 
-# --- parity gate ----------------------------------------------------------------------
-
-
-def gate(session: ExecuTorchSession, components: Any, recipe: Recipe) -> dict[str, Any]:
-    """Run a held-out sample (text + image + audio) through both; per-method cosine and relative L2."""
-    from calibration.dataset import sample_inputs
-    from exporter.runner import EagerSession, Prompt, Runner
-
-    media = sample_inputs()
-    prompt = Prompt(text=media["prompt"], image=media["image"] if components.vision_encoder else None,
-                    audio=media["audio"] if components.audio_encoder else None)
-    tokenizer, tokenizer_note = check_tokenizer(components.config)
-    ref_runner = Runner(EagerSession(components), components.config, tokenizer)
-    art_runner = Runner(session, components.config, tokenizer)
-    ref_runner.session.reset()
-    per: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    start = 0
-    for seg in ref_runner.segments(prompt):
-        method = {"text": "token_embedding", "image": "vision_encoder", "audio": "audio_encoder"}[seg.kind]
-        r, a = ref_runner.embed(seg), art_runner.embed(seg)
-        per.setdefault(method, []).append((r, a))
-        r_log = ref_runner.decode(r, seg.position_ids, start)
-        a_log = art_runner.decode(r, seg.position_ids, start)
-        per.setdefault("text_decoder", []).append((r_log, a_log))
-        start += seg.length
-    floor, ceiling = GATE[recipe.name]
-    out: dict[str, Any] = {}
-    for m, pairs in per.items():
-        r = np.concatenate([p[0].reshape(-1) for p in pairs]).astype(np.float64)
-        a = np.concatenate([p[1].reshape(-1) for p in pairs]).astype(np.float64)
-        cos = float(r @ a / max(np.linalg.norm(r) * np.linalg.norm(a), 1e-30))
-        rel = float(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30))
-        out[m] = {"cosine": cos, "relative_l2": rel, "max_abs": float(np.abs(a - r).max())}
-        if not (cos >= floor and rel <= ceiling):
-            raise ExportError(
-                f"{recipe.name} program rejected by the parity gate: {m} cosine {cos:.5f} (needs >= {floor}), "
-                f"relative L2 {rel:.4f} (needs <= {ceiling}) vs the eager reference on a held-out sample"
-            )
-    return {"sample": str(media["image"].name), "tokenizer": tokenizer_note, "floor_cosine": floor,
-            "max_relative_l2": ceiling, "methods": out}
-
-
 # --- the target -----------------------------------------------------------------------
 
 
@@ -566,8 +524,8 @@ class ExecuTorchTarget:
             progress("executorch export", len(methods) + 2, steps)
             timings["emit"] = round(time.perf_counter() - t, 2)
             t = time.perf_counter()
-            report["parity_gate"] = gate(ExecuTorchSession(pte, recipe.name), components, recipe)
-            timings["parity_gate"] = round(time.perf_counter() - t, 2)
+            report["export_check"] = export_gate(self.name, recipe, ExecuTorchSession(pte, recipe.name), components, GATE)
+            timings["export_check"] = round(time.perf_counter() - t, 2)
             files = [PTE, *copy_tokenizer_files(config, root)]
             if len(files) == 1:
                 report["tokenizer"] = f"none: model '{config.name}' names no tokenizer.json"

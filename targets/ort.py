@@ -91,6 +91,7 @@ from targets.base import (
     atomic_artifact_dir,
     check_recipe,
     copy_tokenizer_files,
+    export_gate,
     method_signatures,
     no_progress,
     peak_rss_mb,
@@ -99,6 +100,9 @@ from targets.base import (
 )
 
 RECIPES = ("fp32", "int8-weight", "int8-static")
+# export check (targets.base.export_gate): per-method cosine floor and relative-L2 ceiling vs eager on a
+# held-out sample, run on the files a phone gets (.ort, or .onnx where over the ORT format's limit)
+GATE = {"fp32": (0.99999, 1e-3), "int8-weight": (0.99, 0.15), "int8-static": (0.95, 0.35)}
 # protobuf's hard limit is 2 GiB; leave room for the graph itself
 EXTERNAL_DATA_BYTES = 1 << 30
 ORT_FORMAT_LIMIT = 2 << 30
@@ -800,6 +804,13 @@ class OrtTarget:
                 if (root / f"{m}.ort").is_file():
                     listed.append(f"{m}.ort")
             listed += [OPS_CONFIG, USABILITY_TXT, GENAI_CONFIG, *tokenizer_names]
+            progress("ort check", 0, 1)
+            t = time.perf_counter()
+            fmt = "ort" if all((root / f"{m}.ort").is_file() for m in methods) else "onnx"
+            draft = Artifact(dir=root, target=self.name, recipe=recipe.name, files=listed, info={"metadata": meta})
+            report["export_check"] = export_gate(self.name, recipe, OrtSession(draft, fmt), components, GATE)
+            report["export_check"]["wall_s"] = round(time.perf_counter() - t, 2)
+            progress("ort check", 1, 1)
             sizes = {name: (root / name).stat().st_size for name in listed}
             report["onnx_bytes"] = sum(sizes[p.name] for m in methods for p in model_files(root / files[m]))
             report["ort_bytes"] = sum(sizes.get(f"{m}.ort", 0) for m in methods)

@@ -17,13 +17,12 @@ from typer.testing import CliRunner
 
 from heldout import cos, row_cos
 from exporter.runner import EagerSession, Prompt, Runner
-from targets.base import Recipe, read_artifact
+from targets.base import Recipe, method_outputs, read_artifact
 from targets.coreml import (
     DECODER_FUNCTIONS,
     CoreMLTarget,
     convert_decoder,
     kept_arrays,
-    method_outputs,
     quantize_weights_int8,
     read_spec,
     weight_bytes,
@@ -48,7 +47,7 @@ def _print_report(art) -> None:
     r = art.info["report"]
     print(f"\ncoreml {art.recipe}: {r['total_bytes']} bytes, export {art.info['export']['wall_s']} s, "
           f"peak RSS {art.info['export']['peak_rss_mb']} MiB, convert s {r['convert_s']}")
-    for m, c in r["check"].get("methods", {}).items():
+    for m, c in r["export_check"].get("methods", {}).items():
         print(f"  {m}: max abs {c['max_abs']:.4g}, cosine {c['cosine']:.6f}")
 
 
@@ -258,7 +257,7 @@ def test_each_method_through_the_interpreter_matches_eager(coreml_artifacts, int
 
 @pytest.mark.parametrize("recipe, floor", [("fp16", 0.999), ("int8-weight", 0.999)])
 def test_export_records_its_own_check_against_eager_in_the_report(coreml_artifacts, recipe, floor):
-    check = coreml_artifacts[recipe].info["report"]["check"]
+    check = coreml_artifacts[recipe].info["report"]["export_check"]
     assert check["measured"] and "emulat" in check["how"].lower()
     assert set(check["methods"]) == set(METHODS)
     for m, r in check["methods"].items():
@@ -363,8 +362,8 @@ def test_a_program_below_the_gate_is_rejected_and_nothing_is_written(tmp_path, m
 
     # tiny cut to 1 decoder layer and 1 vision block; a floor no int8 program can meet
     small = build_components(build(get_preset("tiny").with_layers(1, vision_layers=1)))
-    monkeypatch.setitem(cm.GATE, "int8-weight", 0.999999999)
-    with pytest.raises(ExportError, match="rejected by the export check: .* cosine"):
+    monkeypatch.setitem(cm.GATE, "int8-weight", (0.999999999, None))
+    with pytest.raises(ExportError, match="coreml int8-weight program rejected by the export check: .* cosine"):
         CoreMLTarget().export(small, Recipe("int8-weight"), tmp_path / "bad")
     assert list(tmp_path.iterdir()) == []
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from exporter.errors import ExportError
 from exporter.runner import EagerSession, Prompt, Runner
-from targets.base import Recipe
+from targets.base import Recipe, method_calls
 from targets.executorch import PTE, ExecuTorchTarget, check_lowering, lower, lowering_report
 from heldout import cos
 
@@ -26,7 +26,6 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ("fp32", "int8-weight", "8da4w", "int8-static")
-KIND_METHOD = {"text": "token_embedding", "image": "vision_encoder", "audio": "audio_encoder"}
 
 
 def _export_recipes(root: str, recipes: tuple[str, ...]) -> list[str]:
@@ -65,27 +64,14 @@ def media():
 
 
 def _per_method(session, components, tokenizer, prompt: Prompt, steps: int = 6) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    """(eager, artifact) output pairs per method; each segment is embedded right before its prefill (the
-    stock runner's order, which the program's M-RoPE state relies on); the decoder gets eager embeddings."""
+    """(eager, artifact) output pairs per call of each method (targets.base.method_calls: each segment embedded
+    right before its prefill, the stock runner's order that the program's M-RoPE state relies on)."""
     ref = Runner(EagerSession(components), components.config, tokenizer)
-    art = Runner(session, components.config, tokenizer)
-    result = ref.generate(prompt, max_new_tokens=steps, stop_at_eos=False)
+    tokens = ref.generate(prompt, max_new_tokens=steps, stop_at_eos=False).tokens[:-1]
     segments = ref.segments(prompt)
-    ref.session.reset()
-    session.reset()
-    out: dict[str, list] = {}
-    start = 0
-    for seg in segments:
-        r, a = ref.embed(seg), art.embed(seg)
-        out.setdefault(KIND_METHOD[seg.kind], []).append((r, a))
-        out.setdefault("text_decoder", []).append((ref.decode(r, seg.position_ids, start), art.decode(r, seg.position_ids, start)))
-        start += seg.length
-    pos = int(segments[-1].position_ids.max()) + 1
-    for k, tok in enumerate(result.tokens[:-1]):
-        emb = ref.session.run("token_embedding", tokens=np.array([[tok]], np.int64))
-        p = np.full((3, 1), pos + k, np.int64)
-        out["text_decoder"].append((ref.decode(emb, p, start + k), art.decode(emb, p, start + k)))
-    return out
+    eager = method_calls(ref.session, ref, segments, tokens)
+    got = method_calls(session, ref, segments, tokens)
+    return {m: list(zip(eager[m], got[m])) for m in eager}
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +215,7 @@ def test_parity_gate_rejects_the_lowering_path_that_returns_wrong_numbers(tmp_pa
     small = build_components(build(get_preset("tiny").with_layers(1, vision_layers=1)))
 
     monkeypatch.setattr(et, "_torchao_config", lambda recipe: IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)))
-    with pytest.raises(ExportError, match="rejected by the parity gate"):
+    with pytest.raises(ExportError, match="executorch int8-weight program rejected by the export check"):
         ExecuTorchTarget().export(small, Recipe("int8-weight"), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
     assert not [p for p in tmp_path.iterdir()]

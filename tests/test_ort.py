@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from exporter.runner import EagerSession, Prompt, Runner
 from heldout import cos, row_cos
-from targets.base import Recipe, read_artifact
+from targets.base import Recipe, method_outputs, read_artifact
 from targets.ort import OrtTarget, graph_io
 
 pytestmark = pytest.mark.slow
@@ -32,31 +32,7 @@ def ort_artifacts(tiny_components, tiny_calibration, tmp_path_factory):
 
 def _method_outputs(session, eager_run) -> dict[str, np.ndarray]:
     """Each method's output on the same (eager) inputs; the decoder is teacher-forced with eager embeddings."""
-    runner, segments, result = eager_run["runner"], eager_run["segments"], eager_run["result"]
-    outs: dict[str, list[np.ndarray]] = {m: [] for m in METHOD_FILES}
-    embeds = []
-    for seg in segments:
-        kind = {"text": "token_embedding", "image": "vision_encoder", "audio": "audio_encoder"}[seg.kind]
-        mine = Runner(session, runner.config, runner.tokenizer).embed(seg)
-        outs[kind].append(mine.reshape(-1, mine.shape[-1]))
-        embeds.append(runner.embed(seg))  # eager embeddings feed every decoder
-    session.reset()
-    start = 0
-    for seg, emb in zip(segments, embeds):
-        n = seg.length
-        logits = session.run("text_decoder", embeds=emb, position_ids=seg.position_ids,
-                             cache_position=np.arange(start, start + n, dtype=np.int64))
-        outs["text_decoder"].append(logits.reshape(n, -1))
-        start += n
-    next_pos = int(segments[-1].position_ids.max()) + 1
-    for tok in result.tokens[:-1]:  # decode steps with a growing past
-        emb = runner.session.run("token_embedding", tokens=np.array([[tok]], np.int64))
-        logits = session.run("text_decoder", embeds=emb, position_ids=np.full((3, 1), next_pos, np.int64),
-                             cache_position=np.array([start], np.int64))
-        outs["text_decoder"].append(logits.reshape(1, -1))
-        start += 1
-        next_pos += 1
-    return {m: np.concatenate(v, axis=0) for m, v in outs.items()}
+    return method_outputs(session, eager_run["runner"], eager_run["segments"], eager_run["result"].tokens[:-1])
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +272,31 @@ def test_target_rejects_calibration_without_samples_before_writing(tiny_componen
     partial = {"token_embedding": tiny_calibration["token_embedding"][:2]}
     with pytest.raises(BadInputError, match="no samples for method 'vision_encoder'"):
         OrtTarget().export(tiny_components, Recipe("int8-static"), tmp_path / "x", calibration=partial)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("recipe, floor", [("fp32", 0.99999), ("int8-weight", 0.99), ("int8-static", 0.95)])
+def test_export_records_its_check_of_the_ort_files_against_eager(ort_artifacts, recipe, floor):
+    check = ort_artifacts[recipe].info["report"]["export_check"]
+    assert check["measured"] and "(ort, " in check["how"] and check["floor_cosine"] == floor
+    assert set(check["methods"]) == set(METHOD_FILES)
+    for m, r in check["methods"].items():
+        assert r["cosine"] >= floor and r["relative_l2"] <= check["max_relative_l2"], (m, r)
+
+
+def test_a_program_below_the_export_check_is_rejected_and_nothing_is_written(tmp_path, monkeypatch):
+    import targets.ort as ort_target
+    from exporter.components import build_components
+    from exporter.errors import ExportError
+    from exporter.model import build, get_preset
+
+    # tiny cut to 1 decoder layer and 1 vision block: the same path, a quicker export
+    small = build_components(build(get_preset("tiny").with_layers(1, vision_layers=1)))
+
+    # an fp32 program is within float rounding of eager; a relative-L2 ceiling of 0 no real runtime meets
+    monkeypatch.setitem(ort_target.GATE, "fp32", (0.99999, 0.0))
+    with pytest.raises(ExportError, match=r"ort fp32 program rejected by the export check: \w+ cosine 1\.0000\d, relative L2"):
+        OrtTarget().export(small, Recipe("fp32"), tmp_path / "bad")
     assert list(tmp_path.iterdir()) == []
 
 
