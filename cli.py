@@ -185,6 +185,13 @@ def calibrate(
     sensitivity: Annotated[
         bool, typer.Option("--sensitivity", help="Also rank layers by INT8 sensitivity (SQNR per layer).")
     ] = False,
+    sensitivity_recipe: Annotated[
+        str,
+        typer.Option(
+            "--sensitivity-recipe",
+            help="What --sensitivity simulates: int8-static (int8 weights + static int8 inputs) or int8-weight (weights only).",
+        ),
+    ] = "int8-static",
     preset: Preset = None,
     checkpoint: Checkpoint = None,
     layers: Layers = None,
@@ -193,7 +200,8 @@ def calibrate(
     from exporter import pipeline
 
     preset, checkpoint = _source(preset, checkpoint)
-    summary = pipeline.calibrate(out, manifest, sensitivity, preset, checkpoint, layers, progress=Progress())
+    summary = pipeline.calibrate(out, manifest, sensitivity, preset, checkpoint, layers, progress=Progress(),
+                                 sensitivity_recipe=sensitivity_recipe)
     for line in summary:
         typer.echo(line)
 

@@ -2,8 +2,11 @@
 
 Eager PyTorch fake quantization, on the calibration samples recorded by
 :func:`calibration.stats.calibrate`: a layer's weights are quantized per
-output channel, symmetric int8, and its input activation per tensor,
-symmetric int8, with the range from the calibration statistics (absmax).
+output channel, symmetric int8, and (for the int8-static recipe) its input
+activation per tensor, symmetric int8, with the range from the calibration
+statistics (absmax). The int8-weight recipe keeps activations in float, so
+its search quantizes weights only (``weights_only``): simulating static
+activations there would keep layers in float that weight-only int8 handles.
 
 * :func:`layer_sensitivity` quantizes one nn.Linear at a time and ranks the
   layers by the SQNR (dB) of their method's output against float, worst first.
@@ -25,6 +28,16 @@ import numpy as np
 
 Progress = Callable[[str, int, int], None]
 MAX_CALLS = 24  # recorded calls replayed per method (decoder: whole prompts, in order)
+# what each scheme simulates (the sensitivity report's metric line)
+SCHEMES = {
+    False: "output SQNR (dB), int8 per-channel weight + per-tensor input",
+    True: "output SQNR (dB), int8 per-channel weight, float input",
+}
+
+
+def weights_only_for(recipe: str) -> bool:
+    """Whether a recipe's search simulates int8 weights alone (int8-weight) or weights + static inputs (the rest)."""
+    return recipe == "int8-weight"
 
 
 def _linears(components: Any) -> dict[str, tuple[str, Any]]:
@@ -120,9 +133,16 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / d) if d > 0 else float(np.array_equal(a, b))
 
 
-def layer_sensitivity(components: Any, calib: Any, progress: Progress | None = None) -> list[tuple[str, float]]:
+def _stats(calib: Any, weights_only: bool) -> dict[str, dict[str, Any]]:
+    return {} if weights_only else calib.activation_stats  # no input range: fake_quantized leaves the input float
+
+
+def layer_sensitivity(
+    components: Any, calib: Any, progress: Progress | None = None, weights_only: bool = False
+) -> list[tuple[str, float]]:
     """(module name, SQNR dB of its method's output with only that layer int8) for every nn.Linear, worst first."""
     layers = _linears(components)
+    stats = _stats(calib, weights_only)
     refs: dict[str, np.ndarray] = {}
     result: list[tuple[str, float]] = []
     for i, (name, (method, mod)) in enumerate(layers.items()):
@@ -131,7 +151,7 @@ def layer_sensitivity(components: Any, calib: Any, progress: Progress | None = N
             continue
         if method not in refs:
             refs[method] = _replay(components, method, calls)
-        with fake_quantized([(name, mod)], calib.activation_stats):
+        with fake_quantized([(name, mod)], stats):
             out = _replay(components, method, calls)
         result.append((name, sqnr_db(refs[method], out)))
         if progress:
@@ -140,9 +160,12 @@ def layer_sensitivity(components: Any, calib: Any, progress: Progress | None = N
     return result
 
 
-def quantized_cosine(components: Any, calib: Any, keep_float: Iterable[str] = ()) -> dict[str, float]:
+def quantized_cosine(
+    components: Any, calib: Any, keep_float: Iterable[str] = (), weights_only: bool = False
+) -> dict[str, float]:
     """Per method: cosine of the output with every nn.Linear not in keep_float int8-fake-quantized, vs float."""
     keep = set(keep_float)
+    stats = _stats(calib, weights_only)
     layers = _linears(components)
     out: dict[str, float] = {}
     for method in components.methods():
@@ -151,7 +174,7 @@ def quantized_cosine(components: Any, calib: Any, keep_float: Iterable[str] = ()
         if not calls or not any(meth == method for meth, _ in layers.values()):
             continue
         ref = _replay(components, method, calls)
-        with fake_quantized(qs, calib.activation_stats):
+        with fake_quantized(qs, stats):
             q = _replay(components, method, calls)
         out[method] = cosine(ref, q)
     return out
@@ -163,6 +186,7 @@ def choose_keep_float(
     ranking: list[tuple[str, float]],
     target_cos: float,
     progress: Progress | None = None,
+    weights_only: bool = False,
 ) -> tuple[str, ...]:
     """The smallest prefix of ``ranking`` (most sensitive first) kept in float so every method's cosine >= target.
 
@@ -173,7 +197,7 @@ def choose_keep_float(
     names = [n for n, _ in ranking]
 
     def meets(k: int) -> bool:
-        return all(c >= target_cos for c in quantized_cosine(components, calib, names[:k]).values())
+        return all(c >= target_cos for c in quantized_cosine(components, calib, names[:k], weights_only).values())
 
     steps = max(1, int(np.ceil(np.log2(len(names) + 1))) + 2)
     done = 0
@@ -203,8 +227,10 @@ def choose_keep_float(
 SENSITIVITY_VERSION = 1
 
 
-def cached_layer_sensitivity(components: Any, calib: Any, cache_dir: Path | None = None, progress: Progress | None = None):
-    """``layer_sensitivity``, cached beside the calibration cache by the calibration key.
+def cached_layer_sensitivity(
+    components: Any, calib: Any, cache_dir: Path | None = None, progress: Progress | None = None, weights_only: bool = False
+):
+    """``layer_sensitivity``, cached beside the calibration cache by the calibration key (and the scheme).
 
     The key already covers the weights, the calibration manifest and the preprocessing
     version, so every export with ``--parity-target`` on the same model and set reuses
@@ -214,14 +240,15 @@ def cached_layer_sensitivity(components: Any, calib: Any, cache_dir: Path | None
 
     key = getattr(calib, "key", None)
     if not key:
-        return layer_sensitivity(components, calib, progress)
-    path = Path(cache_dir or default_cache_dir()) / f"sensitivity-{SENSITIVITY_VERSION}-{key[:32]}.json"
+        return layer_sensitivity(components, calib, progress, weights_only)
+    scheme = "-w8" if weights_only else ""
+    path = Path(cache_dir or default_cache_dir()) / f"sensitivity-{SENSITIVITY_VERSION}{scheme}-{key[:32]}.json"
     if path.is_file():
         try:
             return [(n, float(s)) for n, s in json.loads(path.read_text())["ranking"]]
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged cache entry is recomputed
-    ranking = layer_sensitivity(components, calib, progress)
+    ranking = layer_sensitivity(components, calib, progress, weights_only)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sensitivity.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -244,7 +271,7 @@ def parse_parity_target(spec: str) -> float:
     return v
 
 
-def write_sensitivity_report(ranking: list[tuple[str, float]], out_dir: Path) -> list[str]:
+def write_sensitivity_report(ranking: list[tuple[str, float]], out_dir: Path, weights_only: bool = False) -> list[str]:
     """``out_dir/sensitivity.json`` and ``out_dir/sensitivity.txt`` (ranked, worst first); returns summary lines."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +284,7 @@ def write_sensitivity_report(ranking: list[tuple[str, float]], out_dir: Path) ->
 
     text = ["rank  sqnr_db  module"] + [f"{r['rank']:>4}  {fmt(r['sqnr_db']):>7}  {r['module']}" for r in rows]
     for name, body in (
-        ("sensitivity.json", json.dumps({"metric": "output SQNR (dB), int8 per-channel weight + per-tensor input", "layers": rows}, indent=1)),
+        ("sensitivity.json", json.dumps({"metric": SCHEMES[weights_only], "layers": rows}, indent=1)),
         ("sensitivity.txt", "\n".join(text) + "\n"),
     ):
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")

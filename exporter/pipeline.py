@@ -243,10 +243,11 @@ def export(
     if rec.needs_calibration or target_cos is not None:
         calib = calibration_data(comps, calibration, progress)
     if target_cos is not None:
-        from calibration.sensitivity import cached_layer_sensitivity, choose_keep_float
+        from calibration.sensitivity import cached_layer_sensitivity, choose_keep_float, weights_only_for
 
-        ranking = cached_layer_sensitivity(comps, calib, progress=progress)
-        keep = choose_keep_float(comps, calib, ranking, target_cos, progress=progress)
+        w8 = weights_only_for(recipe)
+        ranking = cached_layer_sensitivity(comps, calib, progress=progress, weights_only=w8)
+        keep = choose_keep_float(comps, calib, ranking, target_cos, progress=progress, weights_only=w8)
         rec = Recipe(recipe, keep_float=tuple(dict.fromkeys(tuple(keep_float) + tuple(keep))), group_size=group_size)
     artifact = tgt.export(comps, rec, out, calibration=calib, progress=progress)
     _record_source(artifact, source_of(preset, checkpoint, layers))
@@ -306,9 +307,13 @@ def calibrate(
     checkpoint: str | Path | None = None,
     layers: int | None = None,
     progress: Progress | None = None,
+    sensitivity_recipe: str = "int8-static",
 ) -> list[str]:
     from exporter.components import build_components
     from exporter.runner import load_tokenizer
+
+    if sensitivity_recipe not in ("int8-static", "int8-weight"):
+        raise BadInputError(f"--sensitivity-recipe '{sensitivity_recipe}': expected int8-static or int8-weight")
 
     stats = _module("calibration.stats")
     manifest_mod = _module("calibration.manifest")
@@ -320,8 +325,9 @@ def calibrate(
     lines = stats.save_calibration(data, Path(out))
     if sensitivity:
         sens = _module("calibration.sensitivity")
-        ranking = sens.cached_layer_sensitivity(comps, data, progress=progress)
-        lines += sens.write_sensitivity_report(ranking, Path(out))
+        w8 = sens.weights_only_for(sensitivity_recipe)
+        ranking = sens.cached_layer_sensitivity(comps, data, progress=progress, weights_only=w8)
+        lines += sens.write_sensitivity_report(ranking, Path(out), weights_only=w8)
     return lines
 
 

@@ -206,3 +206,28 @@ def test_mixed_precision_fallback_meets_target(outlier_model, calib, ranking):
     assert min(quantized_cosine(outlier_model, data, keep).values()) >= target
     # greedy is minimal along the ranking: one fewer layer in float misses the target
     assert min(quantized_cosine(outlier_model, data, keep[:-1]).values()) < target
+
+
+@pytest.mark.slow
+def test_int8_weight_search_simulates_weights_only(outlier_model, calib, ranking, tmp_path):
+    """int8-weight keeps activations float: its search quantizes weights alone, so it needs no more float layers."""
+    from calibration.sensitivity import (
+        choose_keep_float, layer_sensitivity, quantized_cosine, weights_only_for, write_sensitivity_report,
+    )
+
+    data = calib[0]
+    assert weights_only_for("int8-weight") and not weights_only_for("int8-static")
+    w8 = layer_sensitivity(outlier_model, data, weights_only=True)
+    assert w8[0][0] == OUTLIER_LAYER  # its outliers are in the weights
+    # inputs left float: less error than weight + static input quantization (per layer up to cancellation)
+    both = dict(ranking)
+    assert float(np.median([s - both[n] for n, s in w8])) > 1.0
+    w8_cos = min(quantized_cosine(outlier_model, data, weights_only=True).values())
+    assert w8_cos > min(quantized_cosine(outlier_model, data).values())
+    target = min(0.99999, 1 - (1 - w8_cos) / 4)  # needs a fallback under either scheme
+    keep_w8 = choose_keep_float(outlier_model, data, w8, target, weights_only=True)
+    keep_w8a8 = choose_keep_float(outlier_model, data, ranking, target)
+    assert min(quantized_cosine(outlier_model, data, keep_w8, weights_only=True).values()) >= target
+    assert 0 < len(keep_w8) <= len(keep_w8a8)
+    write_sensitivity_report(w8, tmp_path, weights_only=True)
+    assert "float input" in json.loads((tmp_path / "sensitivity.json").read_text())["metric"]
