@@ -354,20 +354,6 @@ def test_loading_an_artifact_with_a_missing_package_is_an_artifact_error(coreml_
         CoreMLTarget().load(read_artifact(broken))
 
 
-def test_a_program_below_the_gate_is_rejected_and_nothing_is_written(tmp_path, monkeypatch):
-    import targets.coreml as cm
-    from exporter.components import build_components
-    from exporter.errors import ExportError
-    from exporter.model import build, get_preset
-
-    # tiny cut to 1 decoder layer and 1 vision block; a floor no int8 program can meet
-    small = build_components(build(get_preset("tiny").with_layers(1, vision_layers=1)))
-    monkeypatch.setitem(cm.GATE, "int8-weight", (0.999999999, None))
-    with pytest.raises(ExportError, match="coreml int8-weight program rejected by the export check: .* cosine"):
-        CoreMLTarget().export(small, Recipe("int8-weight"), tmp_path / "bad")
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_llama_family_decoder_converts_and_matches_eager():
     """The family switches a Llama-style model (SmolLM2) uses: rotate-halves rope, no sandwich norms, no q/k/v bias,
     tied embeddings. Its decode function converts and runs through the interpreter like GLM's."""

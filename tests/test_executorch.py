@@ -202,25 +202,6 @@ def test_int8_static_quantizes_linears_not_the_residual_stream_and_honours_keep_
     assert quantized_inputs(("b",))["linear"] == [True, False]
 
 
-def test_parity_gate_rejects_the_lowering_path_that_returns_wrong_numbers(tmp_path, monkeypatch):
-    # STACK.md: torchao int8 weight-only lowered to XNNPACK runs but returns wrong numbers in executorch 1.5.1
-    from torchao.quantization.granularity import PerAxis
-    from torchao.quantization.quant_api import IntxWeightOnlyConfig
-
-    import targets.executorch as et
-    from exporter.components import build_components
-    from exporter.model import build, get_preset
-
-    # tiny cut to 1 decoder layer and 1 vision block: the same path, a quicker lowering
-    small = build_components(build(get_preset("tiny").with_layers(1, vision_layers=1)))
-
-    monkeypatch.setattr(et, "_torchao_config", lambda recipe: IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)))
-    with pytest.raises(ExportError, match="executorch int8-weight program rejected by the export check"):
-        ExecuTorchTarget().export(small, Recipe("int8-weight"), tmp_path / "bad")
-    assert not (tmp_path / "bad").exists()
-    assert not [p for p in tmp_path.iterdir()]
-
-
 # --- ExecuTorch's stock multimodal runner --------------------------------------------------------------------
 
 _STOCK = r"""
