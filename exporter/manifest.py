@@ -101,9 +101,6 @@ KNOWN_NONDETERMINISTIC: dict[str, dict[str, str]] = {
     "ort": {
         "*.ort": "onnxruntime's ORT-format converter serializes the optimized graph's flatbuffer tables in a "
         "varying order (same size, same .onnx input; the .onnx files are byte-identical)",
-        "required_operators_and_types.config": "its header comments name the absolute path of each converted model "
-        "(the build's temporary staging dir)",
-        "mobile_usability.txt": "the usability checker's log names the absolute path of each model checked",
     },
 }
 

@@ -775,6 +775,12 @@ class OrtTarget:
                 log = convert_to_ort(root)
             except Exception as e:
                 raise ExportError(f"ORT format conversion of {root} failed: {e}") from e
+            ops = root / OPS_CONFIG
+            if ops.is_file():  # its header names each model by its staging path: name them by file name
+                text = ops.read_text()
+                for prefix in {str(root) + os.sep, str(root.resolve()) + os.sep}:
+                    text = text.replace(prefix, "")
+                ops.write_text(text)
             report["ort_format"] = {}
             for m in methods:
                 size = sum(p.stat().st_size for p in model_files(root / files[m]))

@@ -51,6 +51,9 @@ def test_artifact_holds_onnx_ort_ops_config_genai_config_and_usability_report(or
     assert {"required_operators_and_types.config", "genai_config.json", "tokenizer.json", "mobile_usability.txt"} <= names
     ops = (art.dir / "required_operators_and_types.config").read_text()
     assert "ai.onnx;" in ops and "MatMul" in ops
+    # the header names the converted models by file name, not by the export's staging path
+    assert "# - text_decoder.ort" in ops.splitlines() and str(art.dir.parent) not in ops
+    assert str(art.dir.parent) not in (art.dir / "mobile_usability.txt").read_text()
     report = art.info["report"]["mobile_usability"]
     assert set(report) == set(METHOD_FILES) and all(r["checked"] for r in report.values())
     text = (art.dir / "mobile_usability.txt").read_text()
