@@ -168,7 +168,7 @@ def _producers(graph):
     return {o: n for n in graph.node for o in n.output}
 
 
-def test_int8_static_wraps_every_decoder_matmul_in_qdq(ort_artifacts):
+def test_int8_static_wraps_every_decoder_weight_matmul_in_qdq_and_leaves_attention_float(ort_artifacts):
     graph = onnx.load(ort_artifacts["int8-static"].dir / "text_decoder.onnx").graph
     prod = _producers(graph)
     consumers: dict[str, list] = {}
@@ -176,11 +176,20 @@ def test_int8_static_wraps_every_decoder_matmul_in_qdq(ort_artifacts):
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     mm = [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]
+    # a weight MatMul's second input is an int8 initializer behind its DequantizeLinear
+    inits = {i.name: i for i in graph.initializer}
+    weighted = [n for n in mm if n.input[1] in prod and prod[n.input[1]].op_type == "DequantizeLinear"
+                and prod[n.input[1]].input[0] in inits]
     cfg = _config(ort_artifacts).text
-    assert len(mm) >= 6 * cfg.num_layers + 1  # q k v o gate_up down per layer, lm_head (+ attention matmuls)
-    for n in mm:
-        assert all(i in prod and prod[i].op_type == "DequantizeLinear" for i in n.input[:2]), n.name
+    assert len(weighted) == 6 * cfg.num_layers + 1  # q k v o gate_up down per layer, lm_head
+    for n in weighted:
+        assert inits[prod[n.input[1]].input[0]].data_type == onnx.TensorProto.INT8, n.name
+        assert n.input[0] in prod and prod[n.input[0]].op_type == "DequantizeLinear", n.name
         assert consumers.get(n.output[0]) and all(c.op_type == "QuantizeLinear" for c in consumers[n.output[0]]), n.name
+    attention = [n for n in mm if n not in weighted]
+    assert len(attention) == 2 * cfg.num_layers  # q.k^T and probs.v
+    for n in attention:
+        assert not any(i in prod and prod[i].op_type == "DequantizeLinear" for i in n.input), n.name
 
 
 def test_int8_weight_is_int8_weights_with_float_activations(ort_artifacts):
