@@ -408,7 +408,10 @@ def export_gate(
     how = getattr(session, "provenance", target)
     methods: dict[str, dict[str, Any]] = {}
     for m in ref:
-        r = compare(ref[m], got[m])
+        try:
+            r = compare(ref[m], got[m])
+        except ValueError as e:  # the program's output has the wrong shape
+            raise ExportError(f"{target} {recipe.name} program rejected by the export check: {m} {e}") from e
         sqnr = r["sqnr_db"]
         r["relative_l2"] = None if not r["finite"] else (0.0 if sqnr is None else 10.0 ** (-sqnr / 20.0))
         methods[m] = r
