@@ -27,7 +27,8 @@ for t in $TARGETS; do
       # an export a target's own parity gate rejects (exit 3) is a result too: its one-line reason goes in the table
       if ! autoglm-export export --preset "$PRESET" --target "$t" --recipe "$r" --out "$OUT/$name" \
            ${pt:+--parity-target "$pt"} 2> "$OUT/$name.log"; then
-        grep '^error: ' "$OUT/$name.log" | tail -1 > "$OUT/$name.rejected"
+        # (progress bars share the line: take the error from where it starts)
+        grep -ao 'error: .*' "$OUT/$name.log" | tail -1 > "$OUT/$name.rejected" || true
         continue
       fi
     fi
