@@ -11,8 +11,9 @@ activations there would keep layers in float that weight-only int8 handles.
 * :func:`layer_sensitivity` quantizes one nn.Linear at a time and ranks the
   layers by the SQNR (dB) of their method's output against float, worst first.
 * :func:`choose_keep_float` quantizes every layer and, greedily by that
-  ranking, keeps the most sensitive ones in float until the cosine of every
-  method's output against float meets the target.
+  ranking, keeps the most sensitive ones in float until every method's
+  worst-call cosine against float (the decoder's: its worst position, what a
+  decode step returns; the number ``parity`` reports) meets the target.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def _calls(calib: Any, method: str) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def _replay(components: Any, method: str, calls: list[dict[str, np.ndarray]]) -> np.ndarray:
+def _replay_calls(components: Any, method: str, calls: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """The method's output per recorded call, as [rows, last dim] (the decoder: [T, vocab] logits)."""
     import torch
 
     module = components.methods()[method]
@@ -77,10 +79,24 @@ def _replay(components: Any, method: str, calls: list[dict[str, np.ndarray]]) ->
             if method == "text_decoder" and int(c["cache_position"][0]) == 0:
                 components.text_decoder.cache.reset()
             args = [torch.from_numpy(np.ascontiguousarray(c[n])) for n in names]
-            outs.append(module(*args).float().reshape(-1).numpy())
+            out = module(*args).float()
+            outs.append(out.reshape(-1, out.shape[-1]).numpy())
     if method == "text_decoder":
         components.text_decoder.cache.reset()
-    return np.concatenate(outs) if outs else np.zeros(0, np.float32)
+    return outs
+
+
+def _replay(components: Any, method: str, calls: list[dict[str, np.ndarray]]) -> np.ndarray:
+    outs = _replay_calls(components, method, calls)
+    return np.concatenate([o.reshape(-1) for o in outs]) if outs else np.zeros(0, np.float32)
+
+
+def worst_cosine(method: str, ref: list[np.ndarray], test: list[np.ndarray]) -> float:
+    """The cosine ``parity`` reports: the worst call. A decoder prefill row is the logits a decode call
+    at that position returns (teacher-forced), so for the decoder it is the worst position."""
+    if method == "text_decoder":
+        return min(cosine(r, t) for rc, tc in zip(ref, test) for r, t in zip(rc, tc))
+    return min(cosine(r.reshape(-1), t.reshape(-1)) for r, t in zip(ref, test))
 
 
 def _fq_weight(w):
@@ -163,7 +179,8 @@ def layer_sensitivity(
 def quantized_cosine(
     components: Any, calib: Any, keep_float: Iterable[str] = (), weights_only: bool = False
 ) -> dict[str, float]:
-    """Per method: cosine of the output with every nn.Linear not in keep_float int8-fake-quantized, vs float."""
+    """Per method: worst-call cosine (:func:`worst_cosine`, parity's metric) of the output with every
+    nn.Linear not in keep_float int8-fake-quantized, vs float."""
     keep = set(keep_float)
     stats = _stats(calib, weights_only)
     layers = _linears(components)
@@ -173,10 +190,10 @@ def quantized_cosine(
         calls = _calls(calib, method)
         if not calls or not any(meth == method for meth, _ in layers.values()):
             continue
-        ref = _replay(components, method, calls)
+        ref = _replay_calls(components, method, calls)
         with fake_quantized(qs, stats):
-            q = _replay(components, method, calls)
-        out[method] = cosine(ref, q)
+            q = _replay_calls(components, method, calls)
+        out[method] = worst_cosine(method, ref, q)
     return out
 
 
