@@ -561,7 +561,10 @@ def quantize_static_model(src: Path, dst: Path, feeds: list[dict[str, np.ndarray
     large = sum(p.stat().st_size for p in model_files(src)) > EXTERNAL_DATA_BYTES
     ext = {"save_as_external_data": large, "all_tensors_to_one_file": True,
            "external_data_location": pre.name + ".data" if large else None}
-    with _quiet():
+    # (in the work dir: when onnxruntime's symbolic shape inference gives up it saves its partial
+    # model as sym_shape_infer_temp.onnx + <uuid>.data into the current directory)
+    src, pre = src.resolve(), pre.resolve()
+    with _quiet(), contextlib.chdir(work):
         try:
             quant_pre_process(str(src), str(pre), **ext)
         except Exception:
