@@ -28,9 +28,10 @@ Export, as a list of steps (``CoreMLTarget.export``):
      float ML program over real calibration samples (each method's inputs as
      the reference runner recorded them, ``calibration.stats.resolve_method_inputs``;
      decoder samples start from the recorded past in the state); coremltools'
-     own activation-quantization passes (those behind
-     ``coremltools.optimize.coreml.linear_quantize_activations``) then insert the
-     quantize/dequantize pairs, followed by the int8 weights above.
+     own activation-quantization pass (the one behind
+     ``coremltools.optimize.coreml.linear_quantize_activations``) then inserts
+     quantize/dequantize pairs before every linear / conv (not around adds or
+     pools), followed by the int8 weights above.
      ``linear_quantize_activations`` itself gets its ranges from ``MLModel.predict``,
      which exists only on macOS and does not take states; the ML program is run by
      ``targets.mil_interpreter`` instead, on every host.
@@ -806,9 +807,12 @@ def _non_float_ops(mlmodel: Any) -> set[str]:
     }
 
 
+NOT_ACTIVATION_QUANTIZED = ("add", "avg_pool", "max_pool")  # coremltools' other activation-quantized op types
+
+
 def quantize_activations_int8(mlmodel: Any, keep_prints: set[tuple], samples: list[dict[str, Any]], method: str,
                               function: str, work: Path) -> tuple[Any, dict[str, Any]]:
-    """Int8 activations (quantize/dequantize pairs before linear / conv / add / pool) from measured ranges.
+    """Int8 activations (quantize/dequantize pairs before linear / conv) from measured ranges.
 
     The same graph passes as ``coremltools.optimize.coreml.linear_quantize_activations``;
     only the ranges come from the interpreter instead of ``MLModel.predict``.
@@ -830,16 +834,18 @@ def quantize_activations_int8(mlmodel: Any, keep_prints: set[tuple], samples: li
     stats = activation_ranges(float_pkg, method, picked, work)
     _, _, kept_ops = weight_plan(mlmodel, keep_prints)
     skip = set(kept_ops) | _non_float_ops(mlmodel)
+    # the inputs of linear / conv only, as ExecuTorch's and ORT's int8-static and the sensitivity
+    # simulation: coremltools would also quantize both inputs of every add (the residual stream, whose
+    # per-tensor range on trained weights is huge: SmolLM2's decoder collapsed to cosine 0.66) and, with
+    # its suffix pass, the outputs of those patterns
     config = cto.OptimizationConfig(
         global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"),
+        op_type_configs={t: None for t in NOT_ACTIVATION_QUANTIZED},
         op_name_configs={name: None for name in sorted(skip)},
     )
-    passes = []
-    for name in ("compression::insert_prefix_quantize_dequantize_pair", "compression::insert_suffix_quantize_dequantize_pair"):
-        p = PASS_REGISTRY[name]
-        p.set_options([PassOption("config", config), PassOption("activation_stats", stats)])
-        passes.append(p)
-    passes.append(PASS_REGISTRY["common::dequantize_quantize_pair_elimination"])
+    p = PASS_REGISTRY["compression::insert_prefix_quantize_dequantize_pair"]
+    p.set_options([PassOption("config", config), PassOption("activation_stats", stats)])
+    passes = [p, PASS_REGISTRY["common::dequantize_quantize_pair_elimination"]]
     with _quiet():
         out = _apply_graph_pass(mlmodel, passes, spec_version=mlmodel.get_spec().specificationVersion, skip_model_load=True)
     shutil.rmtree(float_pkg, ignore_errors=True)

@@ -192,7 +192,9 @@ def test_keep_float_leaves_the_named_layers_weights_in_float(tiny_components):
                and np.array_equal(op.outputs[0].val, lm_head) for op in consts)
 
 
-def test_keep_float_also_leaves_the_named_layers_activations_in_float(tiny_components, coreml_calibration, tmp_path):
+def test_int8_activations_are_linear_inputs_only_and_keep_float_leaves_the_named_layers_float(
+    tiny_components, coreml_calibration, tmp_path
+):
     from targets.coreml import _all_ops, _program, quantize_activations_int8
 
     decode = convert_decoder(tiny_components, "decode")
@@ -209,6 +211,13 @@ def test_keep_float_also_leaves_the_named_layers_activations_in_float(tiny_compo
                 fed_by_dequantize[is_head] = fed_by_dequantize.get(is_head, []) + [producer is not None and producer.op_type == "dequantize"]
     assert fed_by_dequantize[True] == [False]  # lm_head kept float
     assert fed_by_dequantize[False] and all(fed_by_dequantize[False])  # every other linear takes int8 activations
+    ops = [op for f in _program(model).functions.values() for op in _all_ops(f)]
+    adds = [op for op in ops if op.op_type == "add"]
+    assert adds  # the residual stream
+    # adds (the residual stream) stay float, and nothing quantizes a linear's output
+    assert not [op.name for op in adds if any(v.op is not None and v.op.op_type == "dequantize" for v in op.inputs.values())]
+    assert not [op.name for op in ops if op.op_type == "quantize" and op.inputs["input"].op is not None
+                and op.inputs["input"].op.op_type == "linear"]
 
 
 def _tree_hashes(root: Path) -> dict[str, str]:
