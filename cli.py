@@ -192,6 +192,14 @@ def calibrate(
             help="What --sensitivity simulates: int8-static (int8 weights + static int8 inputs) or int8-weight (weights only).",
         ),
     ] = "int8-static",
+    sensitivity_target: Annotated[
+        Optional[str],
+        typer.Option(
+            "--sensitivity-target",
+            help="The target whose recipe --sensitivity simulates (ExecuTorch's int8-weight has dynamic int8 inputs); "
+            "default: ONNX Runtime's and Core ML's (int8-weight: float inputs).",
+        ),
+    ] = None,
     preset: Preset = None,
     checkpoint: Checkpoint = None,
     layers: Layers = None,
@@ -201,7 +209,7 @@ def calibrate(
 
     preset, checkpoint = _source(preset, checkpoint)
     summary = pipeline.calibrate(out, manifest, sensitivity, preset, checkpoint, layers, progress=Progress(),
-                                 sensitivity_recipe=sensitivity_recipe)
+                                 sensitivity_recipe=sensitivity_recipe, sensitivity_target=sensitivity_target)
     for line in summary:
         typer.echo(line)
 

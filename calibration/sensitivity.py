@@ -2,11 +2,18 @@
 
 Eager PyTorch fake quantization, on the calibration samples recorded by
 :func:`calibration.stats.calibrate`: a layer's weights are quantized per
-output channel, symmetric int8, and (for the int8-static recipe) its input
-activation per tensor, symmetric int8, with the range from the calibration
-statistics (absmax). The int8-weight recipe keeps activations in float, so
-its search quantizes weights only (``weights_only``): simulating static
-activations there would keep layers in float that weight-only int8 handles.
+output channel, symmetric int8, and its input as the export recipe will
+quantize it (the ``scheme``, :func:`scheme_for`):
+
+* ``w8a8`` (int8-static on every target): per tensor, symmetric int8, with the
+  range from the calibration statistics (absmax);
+* ``w8`` (int8-weight on ONNX Runtime and Core ML): left float;
+* ``w8da8`` (ExecuTorch's int8-weight and 8da4w, XNNPACK's qd8 kernels): per
+  row (token), asymmetric int8, from that row's own range at run time.
+
+Simulating the wrong scheme misleads the search: static inputs for a
+weight-only recipe keep layers in float that it handles, float inputs for a
+dynamic-input recipe keep too few.
 
 * :func:`layer_sensitivity` quantizes one nn.Linear at a time and ranks the
   layers by the SQNR (dB) of their method's output against float, worst first.
@@ -31,14 +38,22 @@ Progress = Callable[[str, int, int], None]
 MAX_CALLS = 24  # recorded calls replayed per method (decoder: whole prompts, in order)
 # what each scheme simulates (the sensitivity report's metric line)
 SCHEMES = {
-    False: "output SQNR (dB), int8 per-channel weight + per-tensor input",
-    True: "output SQNR (dB), int8 per-channel weight, float input",
+    "w8a8": "output SQNR (dB), int8 per-channel weight + static per-tensor input",
+    "w8": "output SQNR (dB), int8 per-channel weight, float input",
+    "w8da8": "output SQNR (dB), int8 per-channel weight + dynamic per-row input",
 }
+_CACHE_SUFFIX = {"w8a8": "", "w8": "-w8", "w8da8": "-w8da8"}
 
 
-def weights_only_for(recipe: str) -> bool:
-    """Whether a recipe's search simulates int8 weights alone (int8-weight) or weights + static inputs (the rest)."""
-    return recipe == "int8-weight"
+def scheme_for(target: str | None, recipe: str) -> str:
+    """What a target's recipe does to a linear's input: ``w8a8``, ``w8`` or ``w8da8`` (see the module doc)."""
+    if recipe == "int8-static":
+        return "w8a8"
+    if target == "executorch" and recipe in ("int8-weight", "8da4w"):
+        return "w8da8"  # Int8DynamicActivationIntxWeightConfig: dynamic per-token int8 inputs
+    if recipe == "int8-weight":
+        return "w8"
+    return "w8a8"
 
 
 def _linears(components: Any) -> dict[str, tuple[str, Any]]:
@@ -106,9 +121,26 @@ def _fq_weight(w):
     return (torch.clamp(torch.round(w / scale), -127, 127) * scale).to(w.dtype)
 
 
+def _fq_rows(x):
+    """Asymmetric int8 per row (last dim), each row's range its own: XNNPACK's dynamic int8 input."""
+    import torch
+
+    lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = x.amax(dim=-1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / 255.0).clamp(min=1e-12)
+    zero = torch.round(-128 - lo / scale)
+    q = torch.clamp(torch.round(x / scale) + zero, -128, 127)
+    return ((q - zero) * scale).to(x.dtype)
+
+
+def _dynamic_pre(_m, args):
+    return (_fq_rows(args[0]),) + tuple(args[1:])
+
+
 @contextlib.contextmanager
-def fake_quantized(layers: Iterable[tuple[str, Any]], activation_stats: dict[str, dict[str, Any]]):
-    """Within the block, each (name, nn.Linear) runs with int8-fake-quantized weights and input."""
+def fake_quantized(layers: Iterable[tuple[str, Any]], activation_stats: dict[str, dict[str, Any]], dynamic_inputs: bool = False):
+    """Within the block, each (name, nn.Linear) runs with int8-fake-quantized weights and input: static
+    per tensor where ``activation_stats`` has the layer, dynamic per row with ``dynamic_inputs``, else float."""
     import torch
 
     saved, handles = [], []
@@ -116,6 +148,9 @@ def fake_quantized(layers: Iterable[tuple[str, Any]], activation_stats: dict[str
         for name, mod in layers:
             saved.append((mod, mod.weight.data))
             mod.weight.data = _fq_weight(mod.weight.data)
+            if dynamic_inputs:
+                handles.append(mod.register_forward_pre_hook(_dynamic_pre))
+                continue
             st = activation_stats.get(name)
             if st is None:
                 continue
@@ -149,16 +184,18 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / d) if d > 0 else float(np.array_equal(a, b))
 
 
-def _stats(calib: Any, weights_only: bool) -> dict[str, dict[str, Any]]:
-    return {} if weights_only else calib.activation_stats  # no input range: fake_quantized leaves the input float
+def _quantizing(layers: Iterable[tuple[str, Any]], calib: Any, scheme: str):
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    # no input range: fake_quantized leaves the input float
+    return fake_quantized(layers, calib.activation_stats if scheme == "w8a8" else {}, dynamic_inputs=scheme == "w8da8")
 
 
 def layer_sensitivity(
-    components: Any, calib: Any, progress: Progress | None = None, weights_only: bool = False
+    components: Any, calib: Any, progress: Progress | None = None, scheme: str = "w8a8"
 ) -> list[tuple[str, float]]:
     """(module name, SQNR dB of its method's output with only that layer int8) for every nn.Linear, worst first."""
     layers = _linears(components)
-    stats = _stats(calib, weights_only)
     refs: dict[str, np.ndarray] = {}
     result: list[tuple[str, float]] = []
     for i, (name, (method, mod)) in enumerate(layers.items()):
@@ -167,7 +204,7 @@ def layer_sensitivity(
             continue
         if method not in refs:
             refs[method] = _replay(components, method, calls)
-        with fake_quantized([(name, mod)], stats):
+        with _quantizing([(name, mod)], calib, scheme):
             out = _replay(components, method, calls)
         result.append((name, sqnr_db(refs[method], out)))
         if progress:
@@ -177,12 +214,11 @@ def layer_sensitivity(
 
 
 def quantized_cosine(
-    components: Any, calib: Any, keep_float: Iterable[str] = (), weights_only: bool = False
+    components: Any, calib: Any, keep_float: Iterable[str] = (), scheme: str = "w8a8"
 ) -> dict[str, float]:
     """Per method: worst-call cosine (:func:`worst_cosine`, parity's metric) of the output with every
     nn.Linear not in keep_float int8-fake-quantized, vs float."""
     keep = set(keep_float)
-    stats = _stats(calib, weights_only)
     layers = _linears(components)
     out: dict[str, float] = {}
     for method in components.methods():
@@ -191,7 +227,7 @@ def quantized_cosine(
         if not calls or not any(meth == method for meth, _ in layers.values()):
             continue
         ref = _replay_calls(components, method, calls)
-        with fake_quantized(qs, stats):
+        with _quantizing(qs, calib, scheme):
             q = _replay_calls(components, method, calls)
         out[method] = worst_cosine(method, ref, q)
     return out
@@ -203,7 +239,7 @@ def choose_keep_float(
     ranking: list[tuple[str, float]],
     target_cos: float,
     progress: Progress | None = None,
-    weights_only: bool = False,
+    scheme: str = "w8a8",
 ) -> tuple[str, ...]:
     """The smallest prefix of ``ranking`` (most sensitive first) kept in float so every method's cosine >= target.
 
@@ -214,7 +250,7 @@ def choose_keep_float(
     names = [n for n, _ in ranking]
 
     def meets(k: int) -> bool:
-        return all(c >= target_cos for c in quantized_cosine(components, calib, names[:k], weights_only).values())
+        return all(c >= target_cos for c in quantized_cosine(components, calib, names[:k], scheme).values())
 
     steps = max(1, int(np.ceil(np.log2(len(names) + 1))) + 2)
     done = 0
@@ -245,7 +281,7 @@ SENSITIVITY_VERSION = 1
 
 
 def cached_layer_sensitivity(
-    components: Any, calib: Any, cache_dir: Path | None = None, progress: Progress | None = None, weights_only: bool = False
+    components: Any, calib: Any, cache_dir: Path | None = None, progress: Progress | None = None, scheme: str = "w8a8"
 ):
     """``layer_sensitivity``, cached beside the calibration cache by the calibration key (and the scheme).
 
@@ -257,15 +293,14 @@ def cached_layer_sensitivity(
 
     key = getattr(calib, "key", None)
     if not key:
-        return layer_sensitivity(components, calib, progress, weights_only)
-    scheme = "-w8" if weights_only else ""
-    path = Path(cache_dir or default_cache_dir()) / f"sensitivity-{SENSITIVITY_VERSION}{scheme}-{key[:32]}.json"
+        return layer_sensitivity(components, calib, progress, scheme)
+    path = Path(cache_dir or default_cache_dir()) / f"sensitivity-{SENSITIVITY_VERSION}{_CACHE_SUFFIX[scheme]}-{key[:32]}.json"
     if path.is_file():
         try:
             return [(n, float(s)) for n, s in json.loads(path.read_text())["ranking"]]
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged cache entry is recomputed
-    ranking = layer_sensitivity(components, calib, progress, weights_only)
+    ranking = layer_sensitivity(components, calib, progress, scheme)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sensitivity.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -288,7 +323,7 @@ def parse_parity_target(spec: str) -> float:
     return v
 
 
-def write_sensitivity_report(ranking: list[tuple[str, float]], out_dir: Path, weights_only: bool = False) -> list[str]:
+def write_sensitivity_report(ranking: list[tuple[str, float]], out_dir: Path, scheme: str = "w8a8") -> list[str]:
     """``out_dir/sensitivity.json`` and ``out_dir/sensitivity.txt`` (ranked, worst first); returns summary lines."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -301,7 +336,7 @@ def write_sensitivity_report(ranking: list[tuple[str, float]], out_dir: Path, we
 
     text = ["rank  sqnr_db  module"] + [f"{r['rank']:>4}  {fmt(r['sqnr_db']):>7}  {r['module']}" for r in rows]
     for name, body in (
-        ("sensitivity.json", json.dumps({"metric": SCHEMES[weights_only], "layers": rows}, indent=1)),
+        ("sensitivity.json", json.dumps({"scheme": scheme, "metric": SCHEMES[scheme], "layers": rows}, indent=1)),
         ("sensitivity.txt", "\n".join(text) + "\n"),
     ):
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")

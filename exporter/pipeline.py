@@ -243,11 +243,11 @@ def export(
     if rec.needs_calibration or target_cos is not None:
         calib = calibration_data(comps, calibration, progress)
     if target_cos is not None:
-        from calibration.sensitivity import cached_layer_sensitivity, choose_keep_float, weights_only_for
+        from calibration.sensitivity import cached_layer_sensitivity, choose_keep_float, scheme_for
 
-        w8 = weights_only_for(recipe)
-        ranking = cached_layer_sensitivity(comps, calib, progress=progress, weights_only=w8)
-        keep = choose_keep_float(comps, calib, ranking, target_cos, progress=progress, weights_only=w8)
+        scheme = scheme_for(target, recipe)
+        ranking = cached_layer_sensitivity(comps, calib, progress=progress, scheme=scheme)
+        keep = choose_keep_float(comps, calib, ranking, target_cos, progress=progress, scheme=scheme)
         rec = Recipe(recipe, keep_float=tuple(dict.fromkeys(tuple(keep_float) + tuple(keep))), group_size=group_size)
     artifact = tgt.export(comps, rec, out, calibration=calib, progress=progress)
     _record_source(artifact, source_of(preset, checkpoint, layers))
@@ -308,12 +308,16 @@ def calibrate(
     layers: int | None = None,
     progress: Progress | None = None,
     sensitivity_recipe: str = "int8-static",
+    sensitivity_target: str | None = None,
 ) -> list[str]:
     from exporter.components import build_components
     from exporter.runner import load_tokenizer
+    from targets import TARGETS
 
     if sensitivity_recipe not in ("int8-static", "int8-weight"):
         raise BadInputError(f"--sensitivity-recipe '{sensitivity_recipe}': expected int8-static or int8-weight")
+    if sensitivity_target is not None and sensitivity_target not in TARGETS:
+        raise BadInputError(f"--sensitivity-target '{sensitivity_target}': expected one of {', '.join(TARGETS)}")
 
     stats = _module("calibration.stats")
     manifest_mod = _module("calibration.manifest")
@@ -325,9 +329,9 @@ def calibrate(
     lines = stats.save_calibration(data, Path(out))
     if sensitivity:
         sens = _module("calibration.sensitivity")
-        w8 = sens.weights_only_for(sensitivity_recipe)
-        ranking = sens.cached_layer_sensitivity(comps, data, progress=progress, weights_only=w8)
-        lines += sens.write_sensitivity_report(ranking, Path(out), weights_only=w8)
+        scheme = sens.scheme_for(sensitivity_target, sensitivity_recipe)
+        ranking = sens.cached_layer_sensitivity(comps, data, progress=progress, scheme=scheme)
+        lines += sens.write_sensitivity_report(ranking, Path(out), scheme=scheme)
     return lines
 
 

@@ -210,24 +210,51 @@ def test_mixed_precision_fallback_meets_target(outlier_model, calib, ranking):
 
 @pytest.mark.slow
 def test_int8_weight_search_simulates_weights_only(outlier_model, calib, ranking, tmp_path):
-    """int8-weight keeps activations float: its search quantizes weights alone, so it needs no more float layers."""
+    """int8-weight keeps activations float (ORT, Core ML): its search quantizes weights alone, so it needs no more float layers."""
     from calibration.sensitivity import (
-        choose_keep_float, layer_sensitivity, quantized_cosine, weights_only_for, write_sensitivity_report,
+        choose_keep_float, layer_sensitivity, quantized_cosine, scheme_for, write_sensitivity_report,
     )
 
     data = calib[0]
-    assert weights_only_for("int8-weight") and not weights_only_for("int8-static")
-    w8 = layer_sensitivity(outlier_model, data, weights_only=True)
+    assert [scheme_for(t, "int8-weight") for t in ("ort", "coreml", "executorch")] == ["w8", "w8", "w8da8"]
+    assert {scheme_for(t, "int8-static") for t in ("ort", "coreml", "executorch")} == {"w8a8"}
+    w8 = layer_sensitivity(outlier_model, data, scheme="w8")
     assert w8[0][0] == OUTLIER_LAYER  # its outliers are in the weights
     # inputs left float: less error than weight + static input quantization (per layer up to cancellation)
     both = dict(ranking)
     assert float(np.median([s - both[n] for n, s in w8])) > 1.0
-    w8_cos = min(quantized_cosine(outlier_model, data, weights_only=True).values())
+    w8_cos = min(quantized_cosine(outlier_model, data, scheme="w8").values())
     assert w8_cos > min(quantized_cosine(outlier_model, data).values())
     target = min(0.99999, 1 - (1 - w8_cos) / 4)  # needs a fallback under either scheme
-    keep_w8 = choose_keep_float(outlier_model, data, w8, target, weights_only=True)
+    keep_w8 = choose_keep_float(outlier_model, data, w8, target, scheme="w8")
     keep_w8a8 = choose_keep_float(outlier_model, data, ranking, target)
-    assert min(quantized_cosine(outlier_model, data, keep_w8, weights_only=True).values()) >= target
+    assert min(quantized_cosine(outlier_model, data, keep_w8, scheme="w8").values()) >= target
     assert 0 < len(keep_w8) <= len(keep_w8a8)
-    write_sensitivity_report(w8, tmp_path, weights_only=True)
-    assert "float input" in json.loads((tmp_path / "sensitivity.json").read_text())["metric"]
+    write_sensitivity_report(w8, tmp_path, scheme="w8")
+    report = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert report["scheme"] == "w8" and "float input" in report["metric"]
+
+
+def test_dynamic_input_scheme_quantizes_each_row_by_its_own_range():
+    """ExecuTorch's int8-weight (XNNPACK qd8): every row of a linear's input is int8 with its own scale and zero point."""
+    import torch
+    from torch import nn
+
+    from calibration.sensitivity import fake_quantized
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 8, bias=False)
+    seen = []
+    x = torch.randn(1, 5, 64) * torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0]).view(1, 5, 1)  # rows of very different range
+    with fake_quantized([("lin", lin)], {}, dynamic_inputs=True):
+        spy = lin.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))  # runs after the quantizing hook
+        lin(x)
+    lin(x)  # outside the block: float again
+    spy.remove()
+    q, f = seen
+    assert torch.equal(f, x)
+    for row_q, row in zip(q[0], x[0]):
+        step = float((row.max() - row.min()) / 255)
+        assert len(torch.unique(row_q)) <= 256
+        assert float((row_q - row).abs().max()) <= step * 0.51  # rounding error of that row's own step
+        assert not torch.equal(row_q, row)
