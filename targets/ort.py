@@ -27,8 +27,10 @@ Export, as a list of steps (``OrtTarget.export``):
      symmetric int8 weights and int8 activations calibrated by a
      ``CalibrationDataReader`` per method over real samples (each method's
      inputs recorded by the reference runner over the calibration set; never
-     random tensors). Embedding tables stay float under ORT static by default,
-     so they are then quantized as in ``int8-weight``.
+     random tensors), on the inputs of the weight MatMuls only (outputs, attention's
+     activation x activation MatMuls and keep-float layers stay float: see
+     :func:`float_inputs_for`). Embedding tables stay float under ORT static by
+     default, so they are then quantized as in ``int8-weight``.
 
 3. Metadata (``artifact_metadata``) into every model's ``metadata_props``.
 4. Mobile: every model converted to ORT format (Fixed optimisation style,
@@ -550,6 +552,27 @@ def activation_matmuls(model: Any) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in consts for i in n.input)]
 
 
+def float_inputs_for(model: Any, names: set[str]) -> int:
+    """The ``names`` nodes read their activations in float again; returns how many inputs were rewired.
+
+    onnxruntime's QDQ quantizer quantizes a tensor once and points every consumer at the
+    DequantizeLinear output, excluded nodes included: a kept-float v_proj whose input the
+    quantized q_proj shares would otherwise run on int8-rounded activations.
+    """
+    prod = {o: n for n in model.graph.node for o in n.output}
+    rewired = 0
+    for node in model.graph.node:
+        if node.name not in names:
+            continue
+        for i, name in enumerate(node.input):
+            dq = prod.get(name)
+            q = prod.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+                rewired += 1
+    return rewired
+
+
 def quantize_static_model(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], work: Path, keep: Iterable[str] = ()) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -590,9 +613,12 @@ def quantize_static_model(src: Path, dst: Path, feeds: list[dict[str, np.ndarray
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
             use_external_data_format=large,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            # int8 inputs, float outputs: as ExecuTorch's and Core ML's int8-static and the sensitivity simulation
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                           "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm", "Conv"]},
         )
     model = load_model(qdq)
+    float_inputs_for(model, set(exclude))
     quantize_weights(model, matmuls=False, gathers=True, keep=keep)
     save_model(model, dst)
 

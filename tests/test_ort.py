@@ -191,11 +191,25 @@ def test_int8_static_wraps_every_decoder_weight_matmul_in_qdq_and_leaves_attenti
     for n in weighted:
         assert inits[prod[n.input[1]].input[0]].data_type == onnx.TensorProto.INT8, n.name
         assert n.input[0] in prod and prod[n.input[0]].op_type == "DequantizeLinear", n.name
-        assert consumers.get(n.output[0]) and all(c.op_type == "QuantizeLinear" for c in consumers[n.output[0]]), n.name
+        # int8 inputs, float outputs (the residual stream and attention stay float)
+        assert not any(c.op_type == "QuantizeLinear" for c in consumers.get(n.output[0], [])), n.name
     attention = [n for n in mm if n not in weighted]
     assert len(attention) == 2 * cfg.num_layers  # q.k^T and probs.v
     for n in attention:
         assert not any(i in prod and prod[i].op_type == "DequantizeLinear" for i in n.input), n.name
+
+
+def test_int8_static_keep_float_layer_reads_float_input_its_quantized_sibling_shares(tiny_components, tiny_calibration, tmp_path):
+    """q, k and v read one tensor; onnxruntime's QDQ would hand its int8-rounded copy to a kept-float v too."""
+    keep = "text.layers.0.self_attn.v_proj"
+    art = OrtTarget().export(tiny_components, Recipe("int8-static", keep_float=(keep,)), tmp_path / "a", calibration=tiny_calibration)
+    graph = onnx.load(art.dir / "text_decoder.onnx").graph
+    prod = _producers(graph)
+    by_module = {n.name.split("/")[0]: n for n in graph.node if n.op_type == "MatMul" and "/" in n.name}
+    v, q = by_module[keep], by_module["text.layers.0.self_attn.q_proj"]
+    assert q.input[0] in prod and prod[q.input[0]].op_type == "DequantizeLinear"
+    assert not any(i in prod and prod[i].op_type == "DequantizeLinear" for i in v.input)
+    assert prod[prod[q.input[0]].input[0]].input[0] == v.input[0]  # the same tensor, before its QuantizeLinear
 
 
 def test_int8_weight_is_int8_weights_with_float_activations(ort_artifacts):
