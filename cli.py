@@ -189,7 +189,8 @@ def calibrate(
         str,
         typer.Option(
             "--sensitivity-recipe",
-            help="What --sensitivity simulates: int8-static (int8 weights + static int8 inputs) or int8-weight (weights only).",
+            help="What --sensitivity simulates: int8-static (int8 weights + static int8 inputs) or int8-weight (int8 weights; "
+            "inputs as --sensitivity-target's int8-weight leaves them).",
         ),
     ] = "int8-static",
     sensitivity_target: Annotated[

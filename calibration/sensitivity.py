@@ -42,7 +42,6 @@ SCHEMES = {
     "w8": "output SQNR (dB), int8 per-channel weight, float input",
     "w8da8": "output SQNR (dB), int8 per-channel weight + dynamic per-row input",
 }
-_CACHE_SUFFIX = {"w8a8": "", "w8": "-w8", "w8da8": "-w8da8"}
 
 
 def scheme_for(target: str | None, recipe: str) -> str:
@@ -184,9 +183,18 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / d) if d > 0 else float(np.array_equal(a, b))
 
 
-def _quantizing(layers: Iterable[tuple[str, Any]], calib: Any, scheme: str):
+def _check_scheme(scheme: str) -> str:
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
+    return scheme
+
+
+def _cache_suffix(scheme: str) -> str:
+    return "" if _check_scheme(scheme) == "w8a8" else f"-{scheme}"  # w8a8 keeps the name it was cached under
+
+
+def _quantizing(layers: Iterable[tuple[str, Any]], calib: Any, scheme: str):
+    _check_scheme(scheme)
     # no input range: fake_quantized leaves the input float
     return fake_quantized(layers, calib.activation_stats if scheme == "w8a8" else {}, dynamic_inputs=scheme == "w8da8")
 
@@ -294,7 +302,7 @@ def cached_layer_sensitivity(
     key = getattr(calib, "key", None)
     if not key:
         return layer_sensitivity(components, calib, progress, scheme)
-    path = Path(cache_dir or default_cache_dir()) / f"sensitivity-{SENSITIVITY_VERSION}{_CACHE_SUFFIX[scheme]}-{key[:32]}.json"
+    path = Path(cache_dir or default_cache_dir()) / f"sensitivity-{SENSITIVITY_VERSION}{_cache_suffix(scheme)}-{key[:32]}.json"
     if path.is_file():
         try:
             return [(n, float(s)) for n, s in json.loads(path.read_text())["ranking"]]

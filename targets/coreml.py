@@ -834,8 +834,8 @@ def quantize_activations_int8(mlmodel: Any, keep_prints: set[tuple], samples: li
     stats = activation_ranges(float_pkg, method, picked, work)
     _, _, kept_ops = weight_plan(mlmodel, keep_prints)
     skip = set(kept_ops) | _non_float_ops(mlmodel)
-    # the inputs of linear / conv only, as ExecuTorch's and ORT's int8-static and the sensitivity
-    # simulation: coremltools would also quantize both inputs of every add (the residual stream, whose
+    # the inputs of linear / conv only, as ORT's int8-static and the sensitivity simulation (and, for
+    # the inputs, ExecuTorch's): coremltools would also quantize both inputs of every add (the residual stream, whose
     # per-tensor range on trained weights is huge: SmolLM2's decoder collapsed to cosine 0.66) and, with
     # its suffix pass, the outputs of those patterns
     config = cto.OptimizationConfig(

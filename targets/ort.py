@@ -552,15 +552,14 @@ def activation_matmuls(model: Any) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in consts for i in n.input)]
 
 
-def float_inputs_for(model: Any, names: set[str]) -> int:
-    """The ``names`` nodes read their activations in float again; returns how many inputs were rewired.
+def float_inputs_for(model: Any, names: set[str]) -> None:
+    """The ``names`` nodes read their activations in float again.
 
     onnxruntime's QDQ quantizer quantizes a tensor once and points every consumer at the
     DequantizeLinear output, excluded nodes included: a kept-float v_proj whose input the
     quantized q_proj shares would otherwise run on int8-rounded activations.
     """
     prod = {o: n for n in model.graph.node for o in n.output}
-    rewired = 0
     for node in model.graph.node:
         if node.name not in names:
             continue
@@ -569,8 +568,6 @@ def float_inputs_for(model: Any, names: set[str]) -> int:
             q = prod.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
             if q is not None and q.op_type == "QuantizeLinear":
                 node.input[i] = q.input[0]
-                rewired += 1
-    return rewired
 
 
 def quantize_static_model(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], work: Path, keep: Iterable[str] = ()) -> None:
@@ -613,7 +610,8 @@ def quantize_static_model(src: Path, dst: Path, feeds: list[dict[str, np.ndarray
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
             use_external_data_format=large,
-            # int8 inputs, float outputs: as ExecuTorch's and Core ML's int8-static and the sensitivity simulation
+            # int8 inputs, float outputs: as Core ML's int8-static and the sensitivity simulation
+            # (XNNPACK's int8 linear, ExecuTorch's, also quantizes its output)
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                            "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm", "Conv"]},
         )
