@@ -125,14 +125,22 @@ def generate(
     checkpoint: Checkpoint = None,
     layers: Layers = None,
     artifact: Annotated[Optional[Path], typer.Option("--artifact", help="An exported artifact (dir or file).")] = None,
+    thinking: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--thinking/--no-thinking",
+            help="The chat template's thinking switch (enable_thinking): open the answer with <think>, or close it "
+            "empty. Default: the template's own default. Only for templates that have the switch.",
+        ),
+    ] = None,
 ) -> None:
-    """Generate from the reference model or from an exported artifact."""
+    """Generate from the reference model or from an exported artifact, the prompt laid out by the model's chat template."""
     from exporter import pipeline
 
     if artifact is None:
         preset, checkpoint = _source(preset, checkpoint)
     label, result = pipeline.generate(
-        prompt, image, audio, max_new_tokens, temperature, top_p, seed, preset, checkpoint, layers, artifact
+        prompt, image, audio, max_new_tokens, temperature, top_p, seed, preset, checkpoint, layers, artifact, thinking
     )
     typer.echo(f"[{label}] prompt tokens: {len(result.prompt_tokens)}", err=True)
     typer.echo(f"tokens: {result.tokens}")

@@ -25,9 +25,11 @@ from typing import Any, Iterator
 
 import torch
 
-from exporter.errors import CheckpointError, ConfigError
+from exporter.chat import read_template, read_tokenizer_config, render, token_content
+from exporter.errors import BadInputError, CheckpointError, ConfigError
 from exporter.model.config import ExportShape, ModelConfig, SpecialTokens, TextConfig, VisionConfig
 from exporter.model.multimodal import MultimodalModel, build, materialize_buffers
+from exporter.model.templates import GLM_CHAT_TEMPLATE
 
 _DTYPES = {
     "F32": torch.float32,
@@ -102,12 +104,18 @@ def config_from_checkpoint(ckpt: Path, shape: ExportShape | None = None) -> Mode
         raise CheckpointError(f"{path}: text rope_type '{rope.get('rope_type')}' is not supported")
     gen = ckpt / "generation_config.json"
     gen_cfg = _read_json(gen) if gen.exists() else {}
+    tok = ckpt / "tokenizer.json"
+    template = read_template(ckpt) or GLM_CHAT_TEMPLATE
     eos = _as_ids(tc.get("eos_token_id")) or _as_ids(raw.get("eos_token_id")) or _as_ids(gen_cfg.get("eos_token_id"))
     if not eos:
-        raise CheckpointError(f"{path}: no eos_token_id in config.json or generation_config.json")
+        eos = _tokenizer_eos(ckpt, tok)
+    if not eos:
+        raise CheckpointError(
+            f"{path}: no eos_token_id in config.json or generation_config.json, and no eos_token in "
+            f"{ckpt / 'tokenizer_config.json'} that tokenizer.json knows"
+        )
     pre = ckpt / "preprocessor_config.json"
     pre_cfg = _read_json(pre) if pre.exists() else {}
-    tok = ckpt / "tokenizer.json"
     try:
         text = TextConfig(
             vocab_size=int(tc["vocab_size"]),
@@ -145,7 +153,7 @@ def config_from_checkpoint(ckpt: Path, shape: ExportShape | None = None) -> Mode
             i
             for i in (raw.get("gmask_token_id", tc.get("gmask_token_id")), raw.get("sop_token_id", tc.get("sop_token_id")))
             if i is not None
-        )
+        ) or _template_prefix_ids(template, tok)
         tokens = SpecialTokens(
             eos_ids=eos,
             bos_ids=bos,
@@ -165,11 +173,43 @@ def config_from_checkpoint(ckpt: Path, shape: ExportShape | None = None) -> Mode
             vision=vision,
             shape=shape,
             tokenizer=str(tok) if tok.exists() else "",
+            chat_template=template,
         )
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read config value: {e}") from None
+
+
+def _tokenizer_eos(ckpt: Path, tok: Path) -> tuple[int, ...]:
+    """tokenizer_config.json's eos_token, as an id of tokenizer.json (() when either is missing)."""
+    name = token_content(read_tokenizer_config(ckpt).get("eos_token"))
+    if not name or not tok.is_file():
+        return ()
+    from calibration.preprocess import load_tokenizer
+
+    tid = load_tokenizer(tok).token_to_id(name)
+    return () if tid is None else (int(tid),)
+
+
+def _template_prefix_ids(template: str, tok: Path) -> tuple[int, ...]:
+    """The special tokens every rendered prompt starts with (GLM: [gMASK]<sop>), the runtimes' bos ids."""
+    if not tok.is_file():
+        return ()
+    from calibration.preprocess import load_tokenizer
+
+    tokenizer = load_tokenizer(tok)
+    try:
+        prefix = render(template, [], add_generation_prompt=False)
+    except BadInputError:
+        return ()
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    ids = []
+    for piece in tokenizer.encode(prefix, add_special_tokens=False).tokens:
+        if piece not in specials:
+            break
+        ids.append(tokenizer.token_to_id(piece))
+    return tuple(ids)
 
 
 # --- safetensors, memory-mapped -------------------------------------------------------------

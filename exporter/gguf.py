@@ -118,8 +118,14 @@ def gguf_config(reader, path: Path, tokenizer: str = ""):
     )
     name = str(_field(reader, "general.basename", "") or Path(path).stem).lower()
     ctx = int(_field(reader, p + "context_length", 2048))
+    template = _field(reader, "tokenizer.chat_template", "")
     return ModelConfig(
-        name=f"{name}-gguf", text=text, tokens=tokens, shape=ExportShape(max_seq_len=min(ctx, 512)), tokenizer=tokenizer
+        name=f"{name}-gguf",
+        text=text,
+        tokens=tokens,
+        shape=ExportShape(max_seq_len=min(ctx, 512)),
+        tokenizer=tokenizer,
+        chat_template=str(template or ""),
     )
 
 

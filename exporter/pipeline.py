@@ -178,7 +178,9 @@ def generate(
     checkpoint: str | Path | None = None,
     layers: int | None = None,
     artifact: str | Path | None = None,
+    thinking: bool | None = None,
 ):
+    from exporter.chat import has_thinking_switch
     from exporter.runner import Prompt, Runner
 
     for kind, p in (("image", image), ("audio", audio)):
@@ -186,9 +188,11 @@ def generate(
             raise BadInputError(f"--{kind} {p}: file not found")
     loaded = open_artifact(artifact) if artifact else open_reference(preset, checkpoint, layers)
     runner = Runner(loaded.session, loaded.config, loaded.tokenizer)
+    if thinking is not None and not has_thinking_switch(runner.template):
+        raise BadInputError(f"--thinking/--no-thinking: the chat template of '{loaded.config.name}' has no thinking switch")
     t0 = time.perf_counter()
     result = runner.generate(
-        Prompt(text=text, image=image, audio=audio),
+        Prompt(text=text, image=image, audio=audio, thinking=thinking),
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -221,15 +225,14 @@ def export(
     """
     from exporter.components import build_components
     from targets import get_target
-    from targets.base import Recipe, check_recipe, no_progress
+    from targets.base import Recipe, check_output_dir, check_recipe, no_progress
 
     progress = progress or no_progress
     tgt = get_target(target)  # unknown target -> exit 2 before any model work
     rec = Recipe(recipe, keep_float=tuple(keep_float), group_size=group_size)
     check_recipe(target, rec, tgt.recipes)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--out {out}: exists and is not a directory")
+    check_output_dir(out)  # the user's data is never replaced; refused before any model work
     target_cos = None
     if parity_target:
         from calibration.sensitivity import parse_parity_target

@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 
 from calibration import preprocess
+from exporter.chat import render, user_message
 from exporter.errors import BadInputError
 from exporter.model.config import ModelConfig
+from exporter.model.templates import GLM_CHAT_TEMPLATE
 from targets.base import Session
 
 
@@ -32,6 +34,7 @@ class Prompt:
     text: str
     image: str | Path | np.ndarray | None = None  # a file, or pixels [1,3,S,S]
     audio: str | Path | np.ndarray | None = None  # a file, or log-mel [1,n_mels,F]
+    thinking: bool | None = None  # the template's enable_thinking (None: the template's default)
 
 
 @dataclass
@@ -72,12 +75,16 @@ class Runner:
         self.tokenizer = tokenizer
 
     # --- prompt layout -------------------------------------------------------------
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+    @property
+    def template(self) -> str:
+        return self.config.chat_template or GLM_CHAT_TEMPLATE
 
-    def _role(self, name: str) -> list[int]:
-        tid = self.tokenizer.token_to_id(name)
-        return [tid] if tid is not None else []
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """The ids of the rendered chat template, one placeholder token per image/audio (as apply_chat_template)."""
+        extra = {} if prompt.thinking is None else {"enable_thinking": bool(prompt.thinking)}
+        message = user_message(prompt.text, image=prompt.image is not None, audio=prompt.audio is not None)
+        text = render(self.template, [message], add_generation_prompt=True, **extra)
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def pixels(self, image: str | Path | np.ndarray) -> np.ndarray:
         cfg = self.config
@@ -96,11 +103,21 @@ class Runner:
         return preprocess.audio_to_mel(audio, cfg.audio.n_mels, cfg.shape.audio_frames)
 
     def segments(self, prompt: Prompt) -> list[Segment]:
-        """Lay the prompt out as segments with their 3-D positions."""
+        """Lay the prompt out as segments with their 3-D positions.
+
+        The chat template is rendered and tokenized; each image (audio) placeholder token becomes a media
+        segment of the encoder's token count, the text between them text segments.
+        """
         cfg, ids = self.config, self.config.tokens
+        media = {}  # placeholder id -> (kind, preprocessed input)
+        if prompt.image is not None:
+            media[ids.image_token_id] = ("image", self.pixels(prompt.image))
+        if prompt.audio is not None:
+            media[ids.audio_token_id] = ("audio", self.mel(prompt.audio))
+        found = {kind: 0 for kind, _ in media.values()}
         out: list[Segment] = []
         pos = 0
-        pending: list[int] = list(ids.bos_ids) + self._role("<|user|>") + self._ids("\n")
+        pending: list[int] = []
 
         def flush_text() -> None:
             nonlocal pos, pending
@@ -110,31 +127,33 @@ class Runner:
                 pos += len(pending)
                 pending = []
 
-        if prompt.image is not None:
-            pixels = self.pixels(prompt.image)
-            if ids.image_start_id >= 0:
-                pending.append(ids.image_start_id)
+        for tok in self.prompt_ids(prompt):
+            if tok not in media:
+                pending.append(tok)
+                continue
+            kind, data = media[tok]
+            found[kind] += 1
+            if found[kind] > 1:
+                continue  # reported below
             flush_text()
-            g = cfg.image_grid // cfg.vision.spatial_merge_size
-            rows, cols = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
-            grid = np.stack([np.zeros(g * g, np.int64), rows.ravel(), cols.ravel()]).astype(np.int64) + pos
-            out.append(Segment("image", [ids.image_token_id] * (g * g), grid, pixels))
-            pos += g
-            if ids.image_end_id >= 0:
-                pending.append(ids.image_end_id)
-        if prompt.audio is not None:
-            mel = self.mel(prompt.audio)
-            if ids.audio_start_id >= 0:
-                pending.append(ids.audio_start_id)
-            flush_text()
-            n = cfg.audio_tokens
-            p = np.arange(pos, pos + n, dtype=np.int64)
-            out.append(Segment("audio", [ids.audio_token_id] * n, np.stack([p, p, p]), mel))
-            pos += n
-            if ids.audio_end_id >= 0:
-                pending.append(ids.audio_end_id)
-        pending += self._ids(prompt.text) + self._role("<|assistant|>") + self._ids("\n")
+            if kind == "image":
+                g = cfg.image_grid // cfg.vision.spatial_merge_size
+                rows, cols = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
+                grid = np.stack([np.zeros(g * g, np.int64), rows.ravel(), cols.ravel()]).astype(np.int64) + pos
+                out.append(Segment("image", [tok] * (g * g), grid, data))
+                pos += g
+            else:
+                n = cfg.audio_tokens
+                p = np.arange(pos, pos + n, dtype=np.int64)
+                out.append(Segment("audio", [tok] * n, np.stack([p, p, p]), data))
+                pos += n
         flush_text()
+        for kind, n in found.items():
+            if n != 1:
+                raise BadInputError(
+                    f"the chat template of '{cfg.name}' rendered {n} {kind} placeholders for one {kind}"
+                    + (f" (it has no {kind} turn)" if n == 0 else " (is the placeholder token in the prompt text?)")
+                )
         total = sum(s.length for s in out)
         if total >= cfg.shape.max_seq_len:
             raise BadInputError(f"prompt is {total} tokens; this model's max_seq_len is {cfg.shape.max_seq_len}")

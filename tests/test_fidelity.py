@@ -7,6 +7,8 @@ prompt with a real photo (scikit-image's bundled images).
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -140,12 +142,15 @@ def test_runner_positions_equal_transformers_rope_index(pair):
 
     spec, hf, ours = pair
 
-    class _Tok:  # the layout under test needs ids only; special roles absent
-        def encode(self, text, add_special_tokens=False):
-            return type("E", (), {"ids": [20 + (ord(c) % 50) for c in text]})()
+    ids = ours.config.tokens
+    specials = {"<|image|>": ids.image_token_id, "<|begin_of_image|>": ids.image_start_id, "<|end_of_image|>": ids.image_end_id}
 
-        def token_to_id(self, name):
-            return None
+    class _Tok:  # the layout under test needs ids only: the image markers are tokens, every other char one id
+        def encode(self, text, add_special_tokens=False):
+            out = []
+            for piece in re.split(r"(<\|[a-z_]+\|>)", text):
+                out += [specials[piece]] if piece in specials else [20 + (ord(c) % 50) for c in piece]
+            return type("E", (), {"ids": out})()
 
     runner = Runner(session=None, config=ours.config, tokenizer=_Tok())
     from exporter.runner import Prompt

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exporter.errors import ConfigError
+from exporter.model.templates import GLM4V_CHAT_TEMPLATE, GLM_CHAT_TEMPLATE
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class ModelConfig:
     shape: ExportShape = field(default_factory=ExportShape)
     seed: int = 0  # for deterministic random weights (presets without a checkpoint)
     tokenizer: str = ""  # path of tokenizer.json ("" = none known yet)
+    chat_template: str = ""  # jinja, rendered as transformers does ("" = the plain GLM layout)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -155,6 +157,7 @@ class ModelConfig:
                 shape=ExportShape(**d.get("shape", {})),
                 seed=int(d.get("seed", 0)),
                 tokenizer=str(d.get("tokenizer", "")),
+                chat_template=str(d.get("chat_template", "")),
             )
         except (KeyError, TypeError) as e:
             raise ConfigError(f"model config is not representable: {e}") from e
@@ -284,6 +287,7 @@ PRESETS: dict[str, ModelConfig] = {
         shape=ExportShape(max_seq_len=256, image_size=112, audio_frames=200),
         seed=1234,
         tokenizer="builtin:tiny",
+        chat_template=GLM_CHAT_TEMPLATE,
     ),
     "autoglm-phone-9b": ModelConfig(
         name="autoglm-phone-9b",
@@ -316,6 +320,7 @@ PRESETS: dict[str, ModelConfig] = {
         ),
         shape=ExportShape(max_seq_len=2048, image_size=336, audio_frames=3000),
         seed=0,
+        chat_template=GLM4V_CHAT_TEMPLATE,
     ),
 }
 
