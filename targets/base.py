@@ -161,26 +161,73 @@ def file_hashes(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def check_output_dir(out: Path, option: str = "--out") -> None:
+    """Refuse an output directory we must not replace, before any work starts.
+
+    Only an empty directory or a previous artifact of ours (it holds artifact.json) may be replaced;
+    anything else is the user's data. The current directory (or one holding it) is never replaced.
+    """
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError(f"{option} {out}: exists and is not a directory")
+    here = Path.cwd().resolve()
+    target = out.resolve()
+    if target == here or target in here.parents:
+        raise OutputError(f"{option} {out}: is the current directory or contains it; give a new directory name")
+    if any(out.iterdir()) and not (out / ARTIFACT_JSON).is_file():
+        raise OutputError(
+            f"{option} {out}: exists and is not an autoglm-export artifact (no {ARTIFACT_JSON}); "
+            "choose a new directory or remove it yourself"
+        )
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_siblings(out: Path) -> None:
+    """Staging dirs a killed run left beside ``out`` (.NAME.partial-*, .NAME.work-*, .NAME.old-*)."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        return
+    for kind in ("partial", "work", "old"):
+        for p in parent.glob(f".{out.name}.{kind}-*"):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_artifact_dir(out: Path) -> Iterator[Path]:
     """Yield a fresh temp dir next to ``out``; on success it replaces ``out`` atomically.
 
-    On any exception the temp dir is removed and ``out`` is left as it was.
+    ``out`` must be new, empty, or a previous artifact (:func:`check_output_dir`). On any exception the
+    temp dir is removed and ``out`` is left as it was. The directory gets the umask's permissions like any
+    other output (mkdtemp's are 0700). Staging dirs of a killed earlier run on the same ``out`` are removed.
     """
     out = Path(out)
+    check_output_dir(out)
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_siblings(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        os.chmod(tmp, 0o777 & ~_umask())
     except OSError as e:
         raise OutputError(f"cannot write output directory {out}: {e.strerror or e}") from e
     try:
         yield tmp
+        check_output_dir(out)  # nothing of the user's appeared there meanwhile
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(out, old / "x")
+                os.replace(tmp, out)
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
     except BaseException:
@@ -301,8 +348,13 @@ def copy_tokenizer(config: Any, dest_dir: Path) -> str:
 
 
 def copy_tokenizer_files(config: Any, dest: Path) -> list[str]:
-    """tokenizer.json, plus the checkpoint's tokenizer_config.json / special_tokens_map.json where present.
+    """tokenizer.json and tokenizer_config.json (carrying the chat template), plus the checkpoint's
+    special_tokens_map.json / generation_config.json where present.
 
+    The runtimes' own tools read tokenizer_config.json beside tokenizer.json (onnxruntime-genai's
+    og.Tokenizer refuses a folder without it; transformers' AutoTokenizer takes the chat template from it).
+    A checkpoint's own file is kept, with the template added where it had none (transformers 5 saves it to
+    chat_template.jinja); otherwise one is written from the model config.
     A model without a known tokenizer (a bare preset) ships none; the report says so.
     """
     from calibration.preprocess import tokenizer_file
@@ -310,12 +362,38 @@ def copy_tokenizer_files(config: Any, dest: Path) -> list[str]:
     if not config.tokenizer:
         return []
     names = [copy_tokenizer(config, dest)]
+    own = not config.tokenizer.startswith("builtin:")
     src = Path(tokenizer_file(config.tokenizer)).parent
-    for extra in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        if (src / extra).is_file() and not config.tokenizer.startswith("builtin:"):
+    write_tokenizer_config(config, dest, src / "tokenizer_config.json" if own else None)
+    names.append("tokenizer_config.json")
+    for extra in ("special_tokens_map.json", "generation_config.json"):
+        if own and (src / extra).is_file():
             shutil.copyfile(src / extra, dest / extra)
             names.append(extra)
     return names
+
+
+def write_tokenizer_config(config: Any, dest: Path, source: Path | None = None) -> None:
+    from exporter.model.templates import GLM_CHAT_TEMPLATE
+    from exporter.runner import load_tokenizer
+
+    info: dict[str, Any] = {}
+    if source is not None and source.is_file():
+        try:
+            info = json.loads(source.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{source}: not valid JSON: {e}") from e
+    if not info.get("chat_template"):
+        info["chat_template"] = config.chat_template or GLM_CHAT_TEMPLATE
+    if not info.get("eos_token") or "tokenizer_class" not in info:
+        tok = load_tokenizer(config)
+        info.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        info.setdefault("eos_token", tok.id_to_token(config.tokens.eos_ids[0]))
+        info.setdefault("pad_token", tok.id_to_token(config.tokens.pad_id))
+        info.setdefault("bos_token", None)
+        info.setdefault("clean_up_tokenization_spaces", False)
+        info.setdefault("model_max_length", config.shape.max_seq_len)
+    (dest / "tokenizer_config.json").write_text(json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def check_tokenizer(config: Any) -> tuple[Any, str]:
