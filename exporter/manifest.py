@@ -486,7 +486,8 @@ def _entry(
         "sha256_reproducible": h2.hexdigest(),
         "not_reproducible": {n: next(why for pat, why in skip.items() if fnmatch.fnmatch(n, pat)) for n in excluded},
         "size_bytes": sum(f["bytes"] for f in files.values()),
-        "methods": info.get("methods", {}),
+        "runner_interface": info.get("runner_interface", info.get("methods", {})),
+        "programs": info.get("programs", {}),  # each method's real inputs/outputs, read back from the saved program
         "runtime_versions": info.get("runtime_versions", {}),
         "package_version": info.get("metadata", {}).get("package_version"),
         "export": {**info.get("export", {}), "build_wall_s": round(export_s, 3)},
