@@ -150,7 +150,7 @@ def test_manifest_records_what_the_issue_asks(two_builds):
     data = json.loads(first.read_text())
     assert data["schema"] == manifest.MANIFEST_SCHEMA and data["schema_version"] == 1 and data["complete"]
     e = data["artifacts"][0]
-    for key in ("path", "sha256", "size_bytes", "target", "recipe", "methods", "runtime_versions", "package_version"):
+    for key in ("path", "sha256", "size_bytes", "target", "recipe", "runner_interface", "programs", "runtime_versions", "package_version"):
         assert e[key], key
     assert e["export"]["wall_s"] > 0 and e["export"]["peak_rss_mb"] > 0
     assert e["parity"]["passed"] and e["parity"]["provenance"]
