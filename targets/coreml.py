@@ -40,7 +40,9 @@ Export, as a list of steps (``CoreMLTarget.export``):
    ops using those modules' weights (found by value) are left out of both passes.
 
 3. Metadata: ``artifact_metadata`` into every package's user-defined metadata
-   (values as JSON text) and artifact.json.
+   (values as JSON text) and artifact.json, which also holds ``runner_interface``
+   (the runner's method contract) and ``programs`` (each package's inputs, outputs
+   and states read back from its saved spec, per function for the decoder).
 4. Determinism: each package's ``model.mlmodel`` is re-serialised with
    deterministic protobuf output, without coremltools' conversion-date entry, and Manifest.json gets identifiers derived from
    the item paths (uuid5), so two exports of the same model are byte-identical.
@@ -518,6 +520,105 @@ def read_spec(path: Path) -> Any:
     return spec
 
 
+# numpy-style names of Core ML feature (ArrayFeatureType) and ML program (MIL DataType) element types
+_DTYPES = {"FLOAT32": "float32", "FLOAT16": "float16", "DOUBLE": "float64", "FLOAT64": "float64", "INT32": "int32",
+           "INT8": "int8", "UINT8": "uint8", "INT16": "int16", "UINT16": "uint16", "INT64": "int64", "BOOL": "bool"}
+
+
+def _array_shape(array: Any) -> list[int | str]:
+    """A multiArray feature's shape: fixed dims as ints, a RangeDim as "lower..upper" (upper "" when unbounded).
+
+    Core ML keeps no names for flexible dims (ct.RangeDim's symbol is not saved), only their bounds;
+    an enumerated-shapes dim that varies is written "a|b|c".
+    """
+    shape: list[int | str] = [int(d) for d in array.shape]
+    which = array.WhichOneof("ShapeFlexibility")
+    if which == "shapeRange":
+        for i, r in enumerate(array.shapeRange.sizeRanges):
+            lo, hi = int(r.lowerBound), int(r.upperBound)
+            if lo != hi:
+                shape[i] = f"{lo}..{hi if hi >= 0 else ''}"
+            else:
+                shape[i] = lo
+    elif which == "enumeratedShapes":
+        options = [list(s.shape) for s in array.enumeratedShapes.shapes]
+        shape = [vals[0] if len(set(vals)) == 1 else "|".join(str(v) for v in sorted(set(vals))) for vals in zip(*options)]
+        shape = [int(d) if not isinstance(d, str) else d for d in shape]
+    return shape
+
+
+def _feature(feature: Any, mil_type: Any = None) -> dict[str, Any]:
+    """A feature description as {name, dtype, shape}. ``mil_type``: the ML program's type for it, read when the
+    description leaves the shape out (coremltools writes none for outputs): unknown dims there are "?"."""
+    from coremltools.proto import FeatureTypes_pb2
+
+    kind = feature.type.WhichOneof("Type")
+    array = feature.type.stateType.arrayType if kind == "stateType" else getattr(feature.type, kind)
+    if kind not in ("multiArrayType", "stateType"):
+        return {"name": feature.name, "dtype": kind, "shape": []}
+    dtype = _DTYPES.get(FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.Name(array.dataType), "")
+    shape = _array_shape(array)
+    if not shape and mil_type is not None:
+        t = mil_type.tensorType
+        shape = [int(d.constant.size) if d.WhichOneof("dimension") == "constant" else "?" for d in t.dimensions]
+        if not dtype:
+            from coremltools.proto import MIL_pb2
+
+            dtype = _DTYPES.get(MIL_pb2.DataType.Name(t.dataType), "")
+    return {"name": feature.name, "dtype": dtype, "shape": shape}
+
+
+def _mil_output_types(spec: Any, function: str) -> dict[str, Any]:
+    """Output name -> its ValueType in the ML program's ``function``."""
+    fn = spec.mlProgram.functions.get(function)
+    if fn is None:
+        return {}
+    block = fn.block_specializations[fn.opset]
+    outs = set(block.outputs)
+    return {o.name: o.type for op in block.operations for o in op.outputs if o.name in outs}
+
+
+def _function_io(description: Any, spec: Any, function: str) -> dict[str, list[dict[str, Any]]]:
+    mil = _mil_output_types(spec, function)
+    return {
+        "inputs": [_feature(f) for f in description.input],
+        "outputs": [_feature(f, mil.get(f.name)) for f in description.output],
+        "states": [_feature(f) for f in description.state],
+    }
+
+
+def package_program(path: Path) -> dict[str, Any]:
+    """One saved package's I/O as its spec declares it: inputs, outputs and states (the KV cache).
+
+    A multifunction package (the decoder: ``prefill`` and ``decode``) lists each function under
+    ``functions``; its top-level inputs/outputs/states are the default function's (what
+    ``MLModel(path)`` loads).
+    """
+    import coremltools as ct
+
+    with _quiet():
+        spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    d = spec.description
+    entry: dict[str, Any] = {"file": Path(path).name}
+    if len(d.functions):
+        functions = {f.name: _function_io(f, spec, f.name) for f in d.functions}
+        entry["default_function"] = d.defaultFunctionName
+        entry.update(functions[d.defaultFunctionName])
+        entry["functions"] = functions
+    else:
+        entry.update(_function_io(d, spec, "main"))
+    return entry
+
+
+def coreml_programs(root: Path, methods: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """artifact.json's ``programs``: each method's package and its I/O read back from the saved spec.
+
+    The runner's interface (``runner_interface``) differs: tokens and positions are int32 here, the
+    decoder is two functions sharing its states, and flexible lengths are ranges.
+    """
+    return {m: package_program(root / package_name(m)) for m in methods}
+
+
 def package_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -606,7 +707,8 @@ class CoreMLTarget:
                 "target": self.name,
                 "recipe": recipe.name,
                 "files": files,
-                "methods": method_signatures(components),
+                "runner_interface": method_signatures(components),
+                "programs": coreml_programs(root, methods),
                 "metadata": meta,
                 "runtime_versions": runtime_versions("coremltools"),
                 "export": {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_mb(), 1)},
@@ -623,7 +725,7 @@ class CoreMLTarget:
 
     def _check(self, components: Any, root: Path, recipe: Recipe, meta: dict[str, Any]) -> dict[str, Any]:
         draft = Artifact(dir=root, target=self.name, recipe=recipe.name, files=[],
-                         info={"metadata": meta, "methods": method_signatures(components)})
+                         info={"metadata": meta, "runner_interface": method_signatures(components)})
         try:
             session = CoreMLSession(draft)
         except MissingRuntimeError as e:
@@ -895,7 +997,8 @@ class CoreMLSession:
         self.max_seq_len = int(artifact.metadata["max_seq_len"])
         self.recipe = artifact.recipe
         self.paths = {}
-        for method in artifact.info.get("methods", {}):
+        # an artifact written before "methods" was renamed "runner_interface" still loads
+        for method in artifact.info.get("runner_interface", artifact.info.get("methods", {})):
             p = artifact.dir / package_name(method)
             if not p.is_dir():
                 raise ArtifactError(f"{artifact.dir}: no {p.name} in this Core ML artifact")

@@ -41,8 +41,15 @@ Export, as a list of steps (``OrtTarget.export``):
    ``onnxruntime``'s mobile usability check (which ops the NNAPI / Core ML EPs
    would take) recorded per model in ``mobile_usability.txt`` and the report.
 5. ``genai_config.json`` in onnxruntime-genai's multimodal layout (qwen2_5_vl
-   family, the one with host-side 3-D M-RoPE): ``decoder``, ``embedding``,
-   ``vision`` (and ``speech``) sections naming these files and their I/O.
+   family, the one with host-side 3-D M-RoPE): ``decoder``, ``embedding`` and
+   ``vision`` sections naming these files and their I/O (no ``speech``: genai
+   opens no speech session for that type). With the tokenizer files
+   (targets.base) the folder opens as ``og.Model`` + ``og.Tokenizer``; images go
+   in as named tensors (:func:`genai_inputs`), not through genai's processor.
+6. artifact.json: ``runner_interface`` (the runner's method contract),
+   ``programs`` (each method's file and I/O read back from the saved .onnx),
+   ``report.genai`` (what genai runs, what the app does) and the
+   onnxruntime-genai version in ``runtime_versions``.
 
 Graph I/O follows onnxruntime-genai's default names, so the config needs no
 renaming; the Session maps the runner's names (targets/base.py) onto them:
@@ -352,6 +359,46 @@ def set_metadata(path: Path, props: dict[str, Any]) -> None:
         entry.key = key
         entry.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     onnx.save_model(model, str(path))
+
+
+# --- the programs as saved (artifact.json "programs") ----------------------------------------
+
+
+def _value_info(value: Any) -> dict[str, Any]:
+    """A graph input/output as {name, dtype (numpy-style), shape}; a symbolic dim keeps its dim_param name."""
+    from onnx import helper
+
+    t = value.type.tensor_type
+    dims: list[int | str] = []
+    for d in t.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        else:  # an anonymous dim (neither set) is written "?"
+            dims.append(d.dim_param or "?")
+    return {"name": value.name, "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name, "shape": dims}
+
+
+def onnx_io(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Inputs and outputs of a saved .onnx graph (its weights are not read)."""
+    graph = load_model(path, with_data=False).graph
+    return {"inputs": [_value_info(v) for v in graph.input], "outputs": [_value_info(v) for v in graph.output]}
+
+
+def onnx_programs(root: Path, methods: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """artifact.json's ``programs``: each method's file and its I/O as the saved .onnx declares it.
+
+    Read back from the files, not from the runner's interface: the graphs use
+    onnxruntime-genai's names and layouts (``input_ids``, ``position_ids [3,1,T]``,
+    ``past_key_values.N.*``), which differ from the runner's. The .ort beside the
+    .onnx is the same graph in ORT format (same I/O).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        entry: dict[str, Any] = {"file": f"{m}.onnx", **onnx_io(root / f"{m}.onnx")}
+        if (root / f"{m}.ort").is_file():
+            entry["ort_file"] = f"{m}.ort"
+        out[m] = entry
+    return out
 
 
 # --- int8 weight quantization (standard ONNX ops) ------------------------------------------
@@ -729,14 +776,6 @@ def genai_config(config: Any, files: dict[str, str]) -> dict[str, Any]:
             "inputs": {"pixel_values": "pixel_values"},
             "outputs": {"image_features": "image_features"},
         }
-    if config.audio:
-        model["audio_token_id"] = ids.audio_token_id
-        model["speech"] = {
-            "session_options": sess,
-            "filename": files["audio_encoder"],
-            "inputs": {"audio_embeds": "audio_embeds"},
-            "outputs": {"audio_features": "audio_features"},
-        }
     search = {
         "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": config.shape.max_seq_len,
         "min_length": 0, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0,
@@ -744,6 +783,80 @@ def genai_config(config: Any, files: dict[str, str]) -> dict[str, Any]:
         "past_present_share_buffer": False,
     }
     return {"model": model, "search": search}
+
+
+GENAI_PACKAGE = "onnxruntime-genai"
+
+
+def genai_inputs(config: Any, prompt_ids: list[int], pixels: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The named tensors an app hands ``og.Generator.set_inputs`` for a prompt with (or without) an image.
+
+    onnxruntime-genai's own multimodal processor for its qwen2_5_vl type cannot
+    feed this folder: it expects Qwen's vision markers and emits flattened
+    patches ``[N, C*2*P*P]``, while vision_encoder.onnx takes normalised pixels
+    ``[1, 3, S, S]`` (patchify is in the graph). genai's pipeline itself takes
+    them unchanged: given ``pixel_values`` (4-D, so one image),
+    ``num_image_tokens`` and ``image_grid_thw`` it runs vision_encoder.onnx,
+    hands its ``image_features [N, H]`` to token_embedding.onnx (which splices
+    them in at the placeholder tokens) and computes the 3-D M-RoPE positions from
+    the grid, the same positions as the runner (an image at p: (p, p+row,
+    p+col), text after it at p + grid/merge). ``prompt_ids`` are the rendered
+    chat template's ids with one placeholder per image, as the runner tokenizes
+    them; each placeholder is repeated to the image's token count here.
+    """
+    ids = config.tokens
+    expanded: list[int] = []
+    for tok in prompt_ids:
+        n = config.image_tokens if (pixels is not None and tok == ids.image_token_id) else 1
+        expanded += [int(tok)] * n
+    out = {"input_ids": np.asarray([expanded], np.int32)}
+    if pixels is None:
+        return out
+    if config.vision is None:
+        raise BadInputError(f"model '{config.name}' has no vision encoder; drop the image")
+    s = config.shape.image_size
+    pixels = np.ascontiguousarray(pixels, np.float32)
+    if pixels.shape != (1, 3, s, s):
+        raise BadInputError(f"pixel_values must be normalised pixels [1, 3, {s}, {s}], got {list(pixels.shape)}")
+    if prompt_ids.count(ids.image_token_id) != 1:
+        raise BadInputError(f"the prompt must hold exactly one image placeholder (id {ids.image_token_id}) for one image")
+    out["pixel_values"] = pixels
+    out["image_grid_thw"] = np.asarray([[1, config.image_grid, config.image_grid]], np.int64)
+    out["num_image_tokens"] = np.asarray([config.image_tokens], np.int64)
+    return out
+
+
+def genai_usage(config: Any) -> dict[str, Any]:
+    """artifact.json's account of what onnxruntime-genai runs in this folder and what the app does itself."""
+    out: dict[str, Any] = {
+        "package": GENAI_PACKAGE,
+        "config": GENAI_CONFIG,
+        "model_type": "qwen2_5_vl",
+        "text": "og.Model(dir), og.Tokenizer(model) (tokenizer.json + tokenizer_config.json, which carries the chat "
+                "template for tokenizer.apply_chat_template), generator.append_tokens(prompt ids)",
+    }
+    if config.vision:
+        v = config.vision
+        s = config.shape.image_size
+        out["image"] = {
+            "processor": "none: genai's qwen2_5_vl processor emits Qwen's flattened patches and markers; do not call "
+                         "model.create_multimodal_processor()",
+            "preprocess": f"RGB, bicubic resize to {s}x{s}, /255, (x - image_mean) / image_std per channel, CHW",
+            "image_mean": list(v.image_mean),
+            "image_std": list(v.image_std),
+            "set_inputs": {
+                "input_ids": f"int32 [1, T]: the prompt ids with the image placeholder {config.tokens.image_token_id} "
+                             f"repeated {config.image_tokens} times, right after {config.tokens.image_start_id}",
+                "pixel_values": f"float32 [1, 3, {s}, {s}]",
+                "image_grid_thw": [[1, config.image_grid, config.image_grid]],
+                "num_image_tokens": [config.image_tokens],
+            },
+        }
+    if config.audio:
+        out["audio"] = ("not through onnxruntime-genai: its qwen2_5_vl model type opens no speech session, so audio "
+                        "placeholders would keep their token embeddings; run audio_encoder and the other graphs with "
+                        "onnxruntime directly (as OrtSession does)")
+    return out
 
 
 # --- the target ------------------------------------------------------------------------------
@@ -861,9 +974,10 @@ class OrtTarget:
                 "target": self.name,
                 "recipe": recipe.name,
                 "files": listed,
-                "methods": method_signatures(components),
+                "runner_interface": method_signatures(components),
+                "programs": onnx_programs(root, methods),
                 "metadata": meta,
-                "runtime_versions": runtime_versions("onnx", "onnxscript", "onnxruntime"),
+                "runtime_versions": runtime_versions("onnx", "onnxscript", "onnxruntime", GENAI_PACKAGE),
                 "export": {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_mb(), 1)},
                 "report": {
                     **report,
@@ -871,6 +985,7 @@ class OrtTarget:
                                    "outputs": graph_io(config)[m][1]} for m in methods},
                     "ops_config": OPS_CONFIG,
                     "genai_config": GENAI_CONFIG,
+                    "genai": genai_usage(config),
                 },
             }
             write_artifact_json(root, info)
