@@ -7,15 +7,21 @@ ExecuTorch's stock ``MultimodalRunner`` (the C++ runner apps ship) expects:
 ``vision_encoder(pixels)``, ``audio_encoder(mel)``, each input segment
 prefilled by its own call.
 
-GLM's 3-D M-RoPE positions cannot come from that caller, so they are program
-state, shared across methods (ExecuTorch shared mutable buffers, same names
-in every method): ``vision_encoder`` marks the next prefill as an image grid;
-``text_decoder`` assigns grid positions (t, h, w) = (p, p + row, p + col) to
-a marked prefill and text positions (p + i on all three axes) otherwise,
-then advances the rope offset (by the grid side after an image, by T after
-text); a call at cache position 0 starts from offset 0. This is exactly the
-host runner's position rule (exporter/runner.py), so our runner drives the
-same .pte the same way and the ``position_ids`` it computes are not needed.
+GLM's 3-D M-RoPE positions cannot come from that caller, so they are
+``text_decoder``'s own state (mutable buffers no other method touches: the
+stock runner's C++ ``Module`` gives each method its own memory, so state
+shared across methods would never arrive there). The decoder recognises an
+image prefill by what the stock runner does pass it: the text segment before
+an image ends with ``<|begin_of_image|>`` (``image_start_id``), whose
+embedding row the decoder holds as a constant; a call whose last row matches
+it (relative L2 within ``MARKER_TOL``, which also admits the int8 byte-quantized
+embedding) marks the next call, and a marked call of exactly ``image_tokens``
+rows is the image grid. It gets positions (t, h, w) = (p, p + row, p + col);
+any other call gets text positions (p + i on all three axes). The rope offset
+then advances by the grid side after an image, by T after text; a call at
+cache position 0 starts afresh. This is exactly the host runner's position
+rule (exporter/runner.py), so our runner drives the same .pte the same way and
+the ``position_ids`` it computes are not needed.
 The KV cache lives in mutable buffers written in place (index_copy_).
 
 Recipes:
@@ -70,7 +76,10 @@ from targets.base import (
 
 RECIPES = ("fp32", "int8-weight", "8da4w", "int8-static")
 PTE = "model.pte"
-STATE = "mrope"  # name of the shared position-state module (buffers mrope.offset, mrope.image_pending)
+STATE = "mrope"  # text_decoder's position-state module (buffers mrope.offset, mrope.image_next)
+# relative L2 distance within which a row is <|begin_of_image|>: int8 byte rows of it lie ~0.006 away on tiny,
+# other tokens' rows > 1; the export checks both sides (report["image_marker"])
+MARKER_TOL = 0.1
 # ops that must never run outside XNNPACK (substring match on the edge op name)
 MUST_DELEGATE = ("linear", ".mm.", "bmm", "addmm", "matmul", "convolution")
 # export check (targets.base.export_gate): cosine floor and relative-L2 ceiling per recipe, on a held-out sample
@@ -90,48 +99,51 @@ CALIB_PROMPTS = 16  # whole prompts replayed through the decoder (its cache is i
 
 
 class RopeState(nn.Module):
-    """M-RoPE state shared by vision_encoder and text_decoder (same buffer names in both)."""
+    """text_decoder's M-RoPE state: the rope offset, and whether the last call ended with <|begin_of_image|>."""
 
     def __init__(self):
         super().__init__()
         self.register_buffer("offset", torch.zeros(1, dtype=torch.long), persistent=False)
-        self.register_buffer("image_pending", torch.zeros(1, dtype=torch.long), persistent=False)
-
-
-class EtVisionEncoder(nn.Module):
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-        setattr(self, STATE, RopeState())
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.inner(pixels)
-        getattr(self, STATE).image_pending.fill_(1)  # the next text_decoder call prefills this image grid
-        return out
+        self.register_buffer("image_next", torch.zeros(1, dtype=torch.long), persistent=False)
 
 
 class EtTextDecoder(nn.Module):
-    """text_decoder(embeds, cache_position): positions from program state (the runner's rule)."""
+    """text_decoder(embeds, cache_position): positions from its own state (the runner's rule).
 
-    def __init__(self, inner: nn.Module, grid: int):
+    ``image_start`` is the <|begin_of_image|> embedding row [H] (None: the model has no vision, every
+    call is text); ``image_tokens`` = grid * grid rows per image.
+    """
+
+    def __init__(self, inner: nn.Module, grid: int, image_start: torch.Tensor | None = None):
         super().__init__()
         self.inner = inner
-        self.grid = grid
+        self.grid = max(grid, 1)
+        self.vision = image_start is not None
+        if image_start is not None:
+            row = image_start.detach().float().reshape(-1)
+            self.register_buffer("image_start", row.clone())
+            # squared distance below which a row is <|begin_of_image|>: (MARKER_TOL * |row|)^2
+            self.threshold = float((MARKER_TOL * row.norm()) ** 2)
         setattr(self, STATE, RopeState())
 
     def forward(self, embeds: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         state: RopeState = getattr(self, STATE)
         t = embeds.shape[1]
         idx = torch.arange(t, dtype=torch.long)
-        first = cache_position[:1]
-        offset = torch.where(first == 0, torch.zeros_like(first), state.offset)
-        image = state.image_pending > 0
+        fresh = cache_position[:1] == 0
+        offset = torch.where(fresh, torch.zeros_like(state.offset), state.offset)
         text = offset + idx
-        g = max(self.grid, 1)
+        if not self.vision:
+            state.offset.copy_(text[-1:] + 1)
+            return self.inner(embeds, text.unsqueeze(0).expand(3, t), cache_position)
+        g = self.grid
+        marked = (state.image_next > 0) & ~fresh
+        image = marked & (idx[-1:] + 1 == g * g)  # a marked call of exactly one image's rows
         grid = torch.stack([text - idx, offset + torch.div(idx, g, rounding_mode="floor"), offset + idx % g])
         position_ids = torch.where(image, grid, text.unsqueeze(0).expand(3, t))
         state.offset.copy_(torch.where(image, offset + g, text[-1:] + 1))
-        state.image_pending.zero_()
+        diff = embeds[0, -1:].float() - self.image_start  # [1, H]: this call's last row
+        state.image_next.copy_(((diff * diff).sum(dim=-1) <= self.threshold).long())
         return self.inner(embeds, position_ids, cache_position)
 
 
@@ -153,17 +165,44 @@ class ByteEmbedding(nn.Module):
         )
 
 
-def program_modules(components: Any) -> dict[str, nn.Module]:
+def image_start_row(components: Any) -> torch.Tensor | None:
+    """The <|begin_of_image|> row token_embedding returns (the eager reference's), or None without vision."""
+    cfg = components.config
+    if cfg.vision is None:
+        return None
+    if cfg.tokens.image_start_id < 0:
+        raise ExportError(
+            f"model '{cfg.name}' has vision but no image_start_id: the ExecuTorch text_decoder recognises an "
+            "image prefill by the <|begin_of_image|> row that ends the text before it"
+        )
+    with torch.no_grad():
+        return components.token_embedding(torch.tensor([[cfg.tokens.image_start_id]]))[0, 0].float()
+
+
+def nearest_other_row(components: Any, row: torch.Tensor, chunk: int = 4096) -> tuple[int, float]:
+    """The token whose embedding is nearest ``row`` (other than image_start_id), and its relative L2 distance.
+
+    The marker is only sound when no other token comes within MARKER_TOL of it.
+    """
+    cfg = components.config
+    best, best_id = float("inf"), -1
+    with torch.no_grad():
+        for lo in range(0, cfg.text.vocab_size, chunk):
+            ids = torch.arange(lo, min(lo + chunk, cfg.text.vocab_size))
+            d = (components.token_embedding(ids[None])[0].float() - row).norm(dim=-1) / row.norm()
+            d[ids == cfg.tokens.image_start_id] = float("inf")
+            i = int(d.argmin())
+            if float(d[i]) < best:
+                best, best_id = float(d[i]), int(ids[i])
+    return best_id, best
+
+
+def program_modules(components: Any, image_start: torch.Tensor | None = None) -> dict[str, nn.Module]:
     """The modules each .pte method is exported from (stock-runner signatures)."""
     grid = components.config.image_grid // components.config.vision.spatial_merge_size if components.config.vision else 1
     out: dict[str, nn.Module] = {}
     for name, module in components.methods().items():
-        if name == "vision_encoder":
-            out[name] = EtVisionEncoder(module)
-        elif name == "text_decoder":
-            out[name] = EtTextDecoder(module, grid)
-        else:
-            out[name] = module
+        out[name] = EtTextDecoder(module, grid, image_start) if name == "text_decoder" else module
     return out
 
 
@@ -209,6 +248,49 @@ def constant_methods(config: Any, recipe: Recipe) -> dict[str, Any]:
     out["get_recipe"] = recipe.name
     out["get_package_version"] = meta["package_version"]
     out["get_model_name"] = config.name
+    return out
+
+
+# --- the saved program's I/O ----------------------------------------------------------
+
+# c10::ScalarType codes (what MethodMeta's TensorInfo.dtype() returns) -> numpy-style names
+SCALAR_TYPES = {0: "uint8", 1: "int8", 2: "int16", 3: "int32", 4: "int64", 5: "float16", 6: "float32",
+                7: "float64", 11: "bool", 15: "bfloat16"}
+
+
+def user_input_names(ep: Any) -> list[str]:
+    """The exported program's user inputs, by name (the .pte keeps positions only)."""
+    from torch.export.graph_signature import InputKind
+
+    return [spec.arg.name for spec in ep.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
+
+
+def read_program_io(pte: Path, names: dict[str, tuple[list[str], list[str]]]) -> dict[str, Any]:
+    """Each method's inputs and outputs as the ExecuTorch runtime reads them from the saved .pte.
+
+    dtype and sizes come from the program's method metadata; a dynamic dimension reads as the upper
+    bound the program was planned for (e.g. max_seq_len for T), which is what the runtime enforces.
+    ``names`` gives (input names, output names) per method: the exported program's input names, the
+    runner interface's output names (the .pte stores neither).
+    """
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(pte)
+    out: dict[str, Any] = {}
+    for m, (ins, outs) in names.items():
+        meta = program.metadata(m)
+        if meta.num_inputs() != len(ins) or meta.num_outputs() != len(outs):
+            raise ExportError(
+                f"{pte.name} method {m} takes {meta.num_inputs()} inputs and returns {meta.num_outputs()} outputs; "
+                f"the export expected {ins} -> {outs}"
+            )
+
+        def tensors(get, labels):
+            return [{"name": n, "dtype": SCALAR_TYPES.get(int(t.dtype()), str(t.dtype())), "shape": [int(d) for d in t.sizes()]}
+                    for n, t in zip(labels, (get(i) for i in range(len(labels))))]
+
+        out[m] = {"file": pte.name, "inputs": tensors(meta.input_tensor_meta, ins),
+                  "outputs": tensors(meta.output_tensor_meta, outs)}
     return out
 
 
@@ -378,6 +460,9 @@ def lower(programs: dict[str, Any], constants: dict[str, Any]):
 
 
 def to_executorch(edge: Any):
+    """Emit the program. The decoder's state (KV cache, rope offset, image flag) starts as its initial
+    values (InitializedMutableBufferPass) and lives in memory id 2 (share_mutable_buffers), apart from
+    the activation arena that the Python runtime shares between methods."""
     from executorch.exir import ExecutorchBackendConfig
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
@@ -476,7 +561,10 @@ class ExecuTorchTarget:
         t0 = time.perf_counter()
         config = components.config
         report: dict[str, Any] = {"quantization": {}}
-        modules = program_modules(components)
+        marker = image_start_row(components)
+        if marker is not None:
+            report["image_marker"] = self._check_marker_unique(components, marker)
+        modules = program_modules(components, marker)
         methods = list(modules)
         steps = len(methods) + 3
         progress("executorch export", 0, steps)
@@ -488,9 +576,11 @@ class ExecuTorchTarget:
         with atomic_artifact_dir(out) as root:
             t = time.perf_counter()
             programs: dict[str, Any] = {}
+            names: dict[str, list[str]] = {}
             for i, m in enumerate(methods):
                 try:
                     programs[m] = self._export_method(components, m, modules[m], recipe, recorded, report)
+                    names[m] = user_input_names(programs[m])
                 except (ExportError, BadInputError):
                     raise
                 except Exception as e:
@@ -524,8 +614,13 @@ class ExecuTorchTarget:
             progress("executorch export", len(methods) + 2, steps)
             timings["emit"] = round(time.perf_counter() - t, 2)
             t = time.perf_counter()
-            report["export_check"] = export_gate(self.name, recipe, ExecuTorchSession(pte, recipe.name), components, GATE)
+            session = ExecuTorchSession(pte, recipe.name)
+            if marker is not None:
+                report["image_marker"].update(self._check_marker_in_program(session, components, marker))
+            report["export_check"] = export_gate(self.name, recipe, session, components, GATE)
             timings["export_check"] = round(time.perf_counter() - t, 2)
+            outputs = {m: list(sig["outputs"]) for m, sig in method_signatures(components).items()}
+            program_io = read_program_io(pte, {m: (names[m], outputs[m]) for m in methods})
             files = [PTE, *copy_tokenizer_files(config, root)]
             if len(files) == 1:
                 report["tokenizer"] = f"none: model '{config.name}' names no tokenizer.json"
@@ -539,8 +634,8 @@ class ExecuTorchTarget:
                 "target": self.name,
                 "recipe": recipe.name,
                 "files": files,
-                "methods": method_signatures(components),
-                "program_signatures": {m: list(input_names(m)) for m in methods},
+                "runner_interface": method_signatures(components),
+                "programs": program_io,
                 "metadata": {**artifact_metadata(config, recipe), "group_size": recipe.group_size if recipe.name == "8da4w" else None},
                 "runtime_versions": runtime_versions("executorch", "torchao"),
                 "export": {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_mb(), 1)},
@@ -586,9 +681,13 @@ class ExecuTorchTarget:
         image = [_is_image_call(c) for c in calls]
 
         def before(prepared: nn.Module, i: int) -> None:
-            # the vision_encoder call that precedes an image prefill sets this flag in the real program
-            if image[i]:
-                prepared.get_buffer(f"{STATE}.image_pending").fill_(1)
+            # the observers must see each prefill with the positions the program will give it
+            marked = int(prepared.get_buffer(f"{STATE}.image_next")[0]) > 0
+            if image[i] and not marked:
+                raise ExportError(
+                    f"int8-static calibration: recorded decoder call {i} is an image prefill that does not follow "
+                    "<|begin_of_image|>; the program would give it text positions"
+                )
 
         args = [
             (torch.from_numpy(np.ascontiguousarray(c["embeds"], np.float32)),
@@ -596,6 +695,34 @@ class ExecuTorchTarget:
             for c in calls
         ]
         return args, before
+
+    @staticmethod
+    def _check_marker_unique(components: Any, marker: torch.Tensor) -> dict[str, Any]:
+        """No other token's embedding may pass for <|begin_of_image|> (with a 2x margin)."""
+        cfg = components.config
+        other, dist = nearest_other_row(components, marker)
+        if dist < 2 * MARKER_TOL:
+            raise ExportError(
+                f"model '{cfg.name}': token {other}'s embedding lies {dist:.3g} (relative L2) from "
+                f"<|begin_of_image|> ({cfg.tokens.image_start_id}); the ExecuTorch text_decoder could not tell "
+                f"them apart (it needs > {2 * MARKER_TOL})"
+            )
+        return {"token_id": cfg.tokens.image_start_id, "tolerance": MARKER_TOL, "nearest_other_token": other,
+                "nearest_other_relative_l2": round(dist, 4)}
+
+    @staticmethod
+    def _check_marker_in_program(session: "ExecuTorchSession", components: Any, marker: torch.Tensor) -> dict[str, Any]:
+        """The saved program's own token_embedding row for <|begin_of_image|> must match the decoder's marker
+        (with a 2x margin): it is what the stock runner hands text_decoder."""
+        tid = components.config.tokens.image_start_id
+        row = torch.from_numpy(session.run("token_embedding", tokens=np.array([[tid]], np.int64)).reshape(-1))
+        dist = float((row - marker).norm() / marker.norm())
+        if not dist <= MARKER_TOL / 2:
+            raise ExportError(
+                f"the program's token_embedding row for <|begin_of_image|> ({tid}) lies {dist:.3g} (relative L2) from "
+                f"the reference row; the text_decoder would not recognise an image prefill (needs <= {MARKER_TOL / 2})"
+            )
+        return {"program_row_relative_l2": round(dist, 5)}
 
     def load(self, artifact: Artifact) -> ExecuTorchSession:
         pte = artifact.dir / PTE
