@@ -270,6 +270,25 @@ def bench(
     typer.echo(pipeline.bench(artifact_dir, json_out, progress=Progress()))
 
 
+@app.command("make-checkpoint")
+@handled
+def make_checkpoint(
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write (replaced only if make-checkpoint wrote it).")],
+    preset: Annotated[str, typer.Option("--preset", help="A Glm4v-shaped preset.")] = "autoglm-phone-9b",
+    layers: Layers = None,
+    vision_layers: Annotated[Optional[int], typer.Option("--vision-layers", help="Cut the vision tower to this many blocks.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random weights (same seed, same bytes).")] = 0,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Shard size limit, e.g. 5GB or 500MiB.")] = "5GB",
+) -> None:
+    """Write a random-weight bf16 checkpoint laid out as transformers' Glm4v save_pretrained (config, shards, tokenizer)."""
+    from exporter.make_checkpoint import make_checkpoint as write
+
+    summary = write(out, preset, layers, vision_layers, seed, max_shard_size, progress=Progress())
+    for name, meta in summary["files"].items():
+        typer.echo(f"{out / name}  {_human(meta['bytes'])}  sha256:{meta['sha256'][:16]}")
+    typer.echo(f"{summary['model']}: {summary['parameters']:,} parameters, {_human(summary['bytes'])} bf16, {summary['wall_s']:.1f} s")
+
+
 def main() -> None:  # pragma: no cover
     app()
 
