@@ -64,8 +64,8 @@ def media():
 
 
 def _per_method(session, components, tokenizer, prompt: Prompt, steps: int = 6) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    """(eager, artifact) output pairs per call of each method (targets.base.method_calls: each segment embedded
-    right before its prefill, the stock runner's order that the program's M-RoPE state relies on)."""
+    """(eager, artifact) output pairs per call of each method (targets.base.method_calls: the segments prefilled
+    in order, as the program's M-RoPE state needs)."""
     ref = Runner(EagerSession(components), components.config, tokenizer)
     tokens = ref.generate(prompt, max_new_tokens=steps, stop_at_eos=False).tokens[:-1]
     segments = ref.segments(prompt)
@@ -116,7 +116,50 @@ def test_one_pte_with_four_methods_and_runner_metadata(et_artifacts, tiny_compon
     assert const["get_recipe"] == ["fp32"]
     info = json.loads((art.dir / "artifact.json").read_text())
     assert info["export"]["wall_s"] > 0 and info["export"]["peak_rss_mb"] > 0
-    assert info["program_signatures"]["text_decoder"] == ["embeds", "cache_position"]
+    assert [i["name"] for i in info["programs"]["text_decoder"]["inputs"]] == ["embeds", "cache_position"]
+
+
+_RUNTIME_DTYPES = {"Float": "float32", "Long": "int64", "Byte": "uint8", "Half": "float16", "Char": "int8", "Int": "int32"}
+
+
+def _runtime_io(meta, get, n: int) -> list[tuple[str, list[int]]]:
+    """(dtype, sizes) per tensor as the runtime's TensorInfo prints them (its dtype name, not the code)."""
+    out = []
+    for i in range(n):
+        info = get(i)
+        dtype = str(info).split("dtype=", 1)[1].split(",", 1)[0]
+        out.append((_RUNTIME_DTYPES[dtype], list(info.sizes())))
+    return out
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_artifact_json_programs_are_what_the_saved_pte_takes(et_artifacts, tiny_components, recipe):
+    """artifact.json's "programs" is the .pte's real I/O (as the runtime reads it); the runner's contract is
+    "runner_interface" (text_decoder there also takes position_ids, which the .pte does not)."""
+    from executorch.runtime import Runtime
+
+    art = et_artifacts[recipe]
+    info = json.loads((art.dir / "artifact.json").read_text())
+    assert "methods" not in info and "program_signatures" not in info
+    assert "position_ids" in info["runner_interface"]["text_decoder"]["inputs"]
+    program = Runtime.get().load_program(art.dir / PTE)
+    cfg = tiny_components.config
+    assert set(info["programs"]) == set(tiny_components.methods()) == set(info["runner_interface"])
+    for m, prog in info["programs"].items():
+        assert prog["file"] == PTE and set(prog) == {"file", "inputs", "outputs"}
+        meta = program.metadata(m)
+        for key, get, n in (("inputs", meta.input_tensor_meta, meta.num_inputs()),
+                            ("outputs", meta.output_tensor_meta, meta.num_outputs())):
+            assert [(t["dtype"], t["shape"]) for t in prog[key]] == _runtime_io(meta, get, n), (m, key)
+            assert all(set(t) == {"name", "dtype", "shape"} for t in prog[key])
+    names = {m: [t["name"] for t in p["inputs"]] for m, p in info["programs"].items()}
+    assert names == {"token_embedding": ["tokens"], "vision_encoder": ["pixels"], "audio_encoder": ["mel"],
+                     "text_decoder": ["embeds", "cache_position"]}
+    dec = info["programs"]["text_decoder"]
+    h, t = cfg.text.hidden_size, cfg.shape.max_seq_len  # a dynamic length reads as its planned upper bound
+    assert dec["inputs"] == [{"name": "embeds", "dtype": "float32", "shape": [1, t, h]},
+                             {"name": "cache_position", "dtype": "int64", "shape": [t]}]
+    assert dec["outputs"] == [{"name": "logits", "dtype": "float32", "shape": [1, t, cfg.text.vocab_size]}]
 
 
 def test_fp32_every_method_equals_eager(method_metrics):
@@ -209,12 +252,12 @@ import os, sys, json, numpy as np, torch
 from targets.executorch import load_quantized_kernels
 load_quantized_kernels()
 from executorch.extension.llm.runner import (GenerationConfig, MultimodalRunner, make_audio_input,
-                                             make_image_input, make_token_input)
+                                             make_image_input, make_text_input, make_token_input)
 spec = json.load(open(sys.argv[1]))
 inputs = []
 for seg in spec["segments"]:
     if seg["kind"] == "text":
-        inputs.append(make_token_input(seg["tokens"]))
+        inputs.append(make_text_input(seg["text"]) if "text" in seg else make_token_input(seg["tokens"]))
     elif seg["kind"] == "image":
         inputs.append(make_image_input(torch.from_numpy(np.load(seg["data"])[0])))
     else:
@@ -254,17 +297,16 @@ def _expected_stdout(tokenizer, tokens: list[int]) -> bytes:
     return out
 
 
-@pytest.mark.parametrize("kind", ["text", "text+image", "text+audio"])
-def test_stock_multimodal_runner_matches_our_runner(et_artifacts, tiny_components, tiny_tokenizer, media, tmp_path, kind):
-    prompt = Prompt(text=media["prompt"], image=media["image"] if "image" in kind else None,
-                    audio=media["audio"] if "audio" in kind else None)
-    art = et_artifacts["fp32"]
-    ours = Runner(ExecuTorchTarget().load(art), tiny_components.config, tiny_tokenizer)
-    segments = ours.segments(prompt)
-    result = ours.generate(prompt, max_new_tokens=16)
-    spec = {"pte": str(art.dir / PTE), "tokenizer": str(art.dir / "tokenizer.json"), "max_new_tokens": 16, "segments": []}
+def _stock_generate(art, segments, tmp_path: Path, max_new_tokens: int, tokenizer=None) -> tuple[bytes, dict]:
+    """ExecuTorch's stock MultimodalRunner (its Python binding, as the wheel ships it) on ``segments``, in a
+    child process (it prints to the C stdout). Text segments go as token ids, or, given ``tokenizer``, as
+    their text for the runner's own tokenizer. Returns (the generated bytes it printed, its stats)."""
+    spec = {"pte": str(art.dir / PTE), "tokenizer": str(art.dir / "tokenizer.json"), "max_new_tokens": max_new_tokens,
+            "segments": []}
     for i, seg in enumerate(segments):
         entry = {"kind": seg.kind, "tokens": list(map(int, seg.tokens))}
+        if seg.kind == "text" and tokenizer is not None:
+            entry["text"] = tokenizer.decode(entry["tokens"], skip_special_tokens=False)
         if seg.data is not None:
             entry["data"] = str(tmp_path / f"seg{i}.npy")
             np.save(entry["data"], seg.data)
@@ -276,11 +318,111 @@ def test_stock_multimodal_runner_matches_our_runner(et_artifacts, tiny_component
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
     printed = proc.stdout.split(b"<<<GENERATED>>>", 1)[1]
     text, _, stats = printed.partition(b"\nPyTorchObserver ")
-    stats = json.loads(stats.decode().strip())
+    return text, json.loads(stats.decode().strip())
+
+
+def _assert_stock_equals(text: bytes, stats: dict, segments, result, tokenizer) -> None:
+    """The stock runner printed exactly ``result``'s tokens after reading the whole prompt."""
     assert stats["prompt_tokens"] == sum(s.length for s in segments)
     # the stock runner counts the token its prefill produced separately from the decode loop's
     assert stats["generated_tokens"] + 1 == len(result.tokens) + int(result.stopped_by_eos)
-    assert text == _expected_stdout(tiny_tokenizer, result.tokens), (text, result.tokens)
+    assert text == _expected_stdout(tokenizer, result.tokens), (text, result.tokens)
+
+
+@pytest.mark.parametrize("kind", ["text", "text+image", "text+audio"])
+def test_stock_multimodal_runner_matches_our_runner(et_artifacts, tiny_components, tiny_tokenizer, media, tmp_path, kind):
+    prompt = Prompt(text=media["prompt"], image=media["image"] if "image" in kind else None,
+                    audio=media["audio"] if "audio" in kind else None)
+    art = et_artifacts["fp32"]
+    ours = Runner(ExecuTorchTarget().load(art), tiny_components.config, tiny_tokenizer)
+    segments = ours.segments(prompt)
+    result = ours.generate(prompt, max_new_tokens=16)
+    text, stats = _stock_generate(art, segments, tmp_path, 16)
+    _assert_stock_equals(text, stats, segments, result, tiny_tokenizer)
+
+
+class _TextPositionRunner(Runner):
+    """The reference with every segment at plain text positions (what a decoder that misses the image gets)."""
+
+    def segments(self, prompt):
+        segments, pos = super().segments(prompt), 0
+        for seg in segments:
+            p = np.arange(pos, pos + seg.length, dtype=np.int64)
+            seg.position_ids = np.stack([p, p, p])
+            pos += seg.length
+        return segments
+
+
+# image prompts whose greedy tokens on the eager reference depend on the image's grid positions
+_GRID_PROMPTS = [("Describe the image.", "photo.jpg"), ("What is in this picture?", "rocket.png")]
+
+
+@pytest.fixture(scope="module")
+def grid_prompts(tiny_components, tiny_tokenizer):
+    """Per prompt: the eager reference's greedy tokens with grid positions and with text positions (they differ)."""
+    cfg = tiny_components.config
+    out = []
+    for text, image in _GRID_PROMPTS:
+        prompt = Prompt(text=text, image=ROOT / "examples" / "inputs" / image)
+        grid = Runner(EagerSession(tiny_components), cfg, tiny_tokenizer).generate(prompt, max_new_tokens=16)
+        flat = _TextPositionRunner(EagerSession(tiny_components), cfg, tiny_tokenizer).generate(prompt, max_new_tokens=16)
+        # the precondition that makes the stock-runner tests below able to fail
+        assert grid.tokens != flat.tokens, (text, image)
+        assert _expected_stdout(tiny_tokenizer, grid.tokens) != _expected_stdout(tiny_tokenizer, flat.tokens)
+        out.append((prompt, grid, flat))
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "int8-static"])
+@pytest.mark.parametrize("as_text", [False, True], ids=["token-input", "text-input"])
+def test_stock_runner_gives_image_prompts_grid_positions(et_artifacts, tiny_components, tiny_tokenizer, grid_prompts,
+                                                         tmp_path, recipe, as_text):
+    """ExecuTorch's stock MultimodalRunner as it ships (its C++ Module does not share memory between methods)
+    generates on image prompts what `generate --artifact` does (and, fp32, the eager reference), not what
+    text positions for the image would give."""
+    from exporter import pipeline
+
+    art = et_artifacts[recipe]
+    for i, (prompt, grid, flat) in enumerate(grid_prompts):
+        label, ours = pipeline.generate(prompt.text, image=prompt.image, artifact=art.dir / PTE, max_new_tokens=16)
+        assert "ExecuTorch" in label
+        if recipe == "fp32":
+            assert ours.tokens == grid.tokens and ours.stopped_by_eos == grid.stopped_by_eos
+        assert ours.tokens != flat.tokens
+        segments = Runner(EagerSession(tiny_components), tiny_components.config, tiny_tokenizer).segments(prompt)
+        (tmp_path / str(i)).mkdir()
+        text, stats = _stock_generate(art, segments, tmp_path / str(i), 16, tiny_tokenizer if as_text else None)
+        _assert_stock_equals(text, stats, segments, ours, tiny_tokenizer)
+
+
+def test_program_decoder_recognises_the_image_from_the_int8_begin_of_image_row(tiny_components):
+    """The marker row check admits the byte-quantized row of <|begin_of_image|> and rejects every other token."""
+    from targets.executorch import MARKER_TOL, ByteEmbedding, image_start_row, nearest_other_row
+
+    cfg = tiny_components.config
+    row = image_start_row(tiny_components)
+    q = ByteEmbedding(tiny_components.token_embedding.embed_tokens)
+    with torch.no_grad():
+        x = q(torch.tensor([[cfg.tokens.image_start_id]]))
+        if tiny_components.token_embedding.fusion is not None:
+            x = tiny_components.token_embedding.fusion(x, torch.zeros_like(x), torch.zeros_like(x))
+    int8 = float((x[0, 0] - row).norm() / row.norm())
+    assert 0 < int8 < MARKER_TOL / 2
+    _, nearest = nearest_other_row(tiny_components, row)
+    assert nearest > 2 * MARKER_TOL
+
+
+def test_export_refuses_a_model_where_another_token_passes_for_begin_of_image(tmp_path):
+    from exporter.components import build_components
+    from exporter.model import build, get_preset
+
+    components = build_components(build(get_preset("tiny")))
+    emb = components.model.text.embed_tokens.weight
+    with torch.no_grad():
+        emb[100] = emb[components.config.tokens.image_start_id] * 1.01
+    with pytest.raises(ExportError, match="could not tell"):
+        ExecuTorchTarget().export(components, Recipe("fp32"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------
