@@ -82,7 +82,7 @@ def int8_static_artifact(tiny_components, coreml_calibration, coreml_root):
 
 def test_every_package_is_an_ios18_ml_program_and_the_artifact_lists_them(coreml_artifacts):
     art = coreml_artifacts["fp16"]
-    assert set(art.files) == {f"{m}.mlpackage" for m in METHODS} | {"tokenizer.json"}
+    assert set(art.files) == {f"{m}.mlpackage" for m in METHODS} | {"tokenizer.json", "tokenizer_config.json"}
     assert {p.name for p in art.dir.iterdir()} == set(art.files) | {"artifact.json"}
     for m in METHODS:
         spec = read_spec(art.dir / f"{m}.mlpackage")
@@ -114,6 +114,77 @@ def test_decoder_is_one_package_with_prefill_and_decode_sharing_state(coreml_art
     for name, ops in _spec_ops(coreml_artifacts["fp16"].dir / "text_decoder.mlpackage").items():
         written = [op.inputs["input"].arguments[0].name for op in ops if op.type == "write_state"]
         assert sorted(written) == sorted(expected_states), name
+
+
+def _spec_io(features) -> list[tuple]:
+    """(name, dtype, declared shape, flexible ranges) of spec features, read with coremltools itself."""
+    out = []
+    for f in features:
+        kind = f.type.WhichOneof("Type")
+        arr = f.type.stateType.arrayType if kind == "stateType" else f.type.multiArrayType
+        ranges = [(r.lowerBound, r.upperBound) for r in arr.shapeRange.sizeRanges]
+        out.append((f.name, {arr.FLOAT32: "float32", arr.FLOAT16: "float16", arr.INT32: "int32"}[arr.dataType], list(arr.shape), ranges))
+    return out
+
+
+def _as_declared(entries: list[dict]) -> list[tuple]:
+    """artifact.json program entries in _spec_io's terms: a "lo..hi" dim is a range over the default shape."""
+    out = []
+    for e in entries:
+        ranges = [tuple(int(x) for x in d.split("..")) if isinstance(d, str) else (d, d) for d in e["shape"]]
+        out.append((e["name"], e["dtype"], ranges))
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["fp16", "int8-weight"])
+def test_artifact_json_programs_are_the_saved_packages_io(coreml_artifacts, tiny_components, recipe):
+    import coremltools as ct
+
+    art = coreml_artifacts[recipe]
+    cfg = tiny_components.config
+    t = cfg.text
+    assert "methods" not in art.info and set(art.info["runner_interface"]) == set(METHODS)
+    programs = art.info["programs"]
+    assert set(programs) == set(METHODS)
+    for m in METHODS:
+        entry = programs[m]
+        assert entry["file"] == f"{m}.mlpackage" and entry["file"] in art.files
+        spec = ct.models.MLModel(str(art.dir / entry["file"]), skip_model_load=True).get_spec()
+        d = spec.description
+        functions = {f.name: f for f in d.functions} or {"main": d}
+        listed = entry.get("functions", {"main": entry})
+        assert set(listed) == set(functions), m
+        for name, fn in functions.items():
+            got = listed[name]
+            for key, features in (("inputs", fn.input), ("states", fn.state)):
+                spec_io = _spec_io(features)
+                assert [(n, dt) for n, dt, _, _ in spec_io] == [(e["name"], e["dtype"]) for e in got[key]], (m, name, key)
+                for (n, dt, shape, ranges), (_, _, declared) in zip(spec_io, _as_declared(got[key])):
+                    assert declared == (ranges or [(s, s) for s in shape]), (m, name, n)
+            assert [o["name"] for o in got["outputs"]] == [o.name for o in fn.output], (m, name)
+    # the default function's I/O is the method's own (what MLModel(path) loads), the decoder's states its KV cache
+    dec = programs["text_decoder"]
+    assert dec["default_function"] == "decode"
+    assert {k: dec[k] for k in ("inputs", "outputs", "states")} == dec["functions"]["decode"]
+    cache = [1, t.num_kv_heads, cfg.shape.max_seq_len, t.head_dim]
+    assert dec["states"] == [{"name": f"cache_{kv}_{i}", "dtype": "float16", "shape": cache}
+                             for i in range(t.num_layers) for kv in "kv"]
+    assert dec["functions"]["decode"]["inputs"] == [
+        {"name": "embeds", "dtype": "float32", "shape": [1, 1, t.hidden_size]},
+        {"name": "position_ids", "dtype": "int32", "shape": [3, 1]},
+        {"name": "cache_position", "dtype": "int32", "shape": [1]},
+    ]
+    seq = f"1..{cfg.shape.max_seq_len}"
+    assert dec["functions"]["prefill"]["inputs"][1] == {"name": "position_ids", "dtype": "int32", "shape": [3, seq]}
+    assert dec["functions"]["prefill"]["outputs"] == [{"name": "logits", "dtype": "float32", "shape": [1, "?", t.vocab_size]}]
+    assert programs["token_embedding"]["inputs"] == [{"name": "tokens", "dtype": "int32", "shape": [1, seq]}]
+    s = cfg.shape.image_size
+    assert programs["vision_encoder"]["inputs"] == [{"name": "pixels", "dtype": "float32", "shape": [1, 3, s, s]}]
+    assert programs["vision_encoder"]["outputs"] == [
+        {"name": "image_embeds", "dtype": "float32", "shape": [1, cfg.image_tokens, t.hidden_size]}]
+    assert all(not programs[m]["states"] for m in METHODS if m != "text_decoder")
+    # the runner's interface is another thing: int64 tokens, symbolic T
+    assert art.info["runner_interface"]["token_embedding"]["inputs"]["tokens"] == ["int64", [1, "T"]]
 
 
 @pytest.mark.parametrize("recipe", ["fp16", "int8-weight"])

@@ -84,6 +84,67 @@ def test_decoder_has_genai_past_present_io_with_dynamic_lengths(ort_artifacts):
     assert set(inputs) == set(graph_io(_config(ort_artifacts))["text_decoder"][0])
 
 
+ONNX_DTYPES = {1: "float32", 7: "int64", 10: "float16", 6: "int32", 9: "bool"}
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(float16)": "float16", "tensor(int32)": "int32"}
+
+
+def _declared(values) -> list[dict]:
+    """Graph inputs/outputs as onnx declares them, read independently of targets.ort."""
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+        out.append({"name": v.name, "dtype": ONNX_DTYPES[t.elem_type], "shape": shape})
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["fp32", "int8-static"])
+def test_artifact_json_programs_are_the_saved_graphs_io(ort_artifacts, recipe):
+    art = ort_artifacts[recipe]
+    info = art.info
+    assert "methods" not in info and set(info["runner_interface"]) == set(METHOD_FILES)
+    programs = info["programs"]
+    assert set(programs) == set(METHOD_FILES)
+    for m in METHOD_FILES:
+        entry = programs[m]
+        assert entry["file"] == f"{m}.onnx" and entry["ort_file"] == f"{m}.ort"
+        assert entry["file"] in art.files and entry["ort_file"] in art.files
+        graph = onnx.load(art.dir / entry["file"], load_external_data=False).graph
+        assert entry["inputs"] == _declared(graph.input), m
+        assert entry["outputs"] == _declared(graph.output), m
+        # the .ort is the same program: onnxruntime reports the same I/O for it
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(art.dir / entry["ort_file"]), providers=["CPUExecutionProvider"])
+        for declared, actual in ((entry["inputs"], sess.get_inputs()), (entry["outputs"], sess.get_outputs())):
+            assert [(d["name"], d["dtype"], d["shape"]) for d in declared] == [
+                (a.name, ORT_DTYPES[a.type], list(a.shape)) for a in actual
+            ], m
+
+
+def test_programs_differ_from_the_runner_interface_where_the_graphs_do(ort_artifacts):
+    """What a C++/Swift app reads from artifact.json: genai's names and layouts, not the runner's."""
+    info = ort_artifacts["fp32"].info
+    cfg = _config(ort_artifacts)
+    t = cfg.text
+    dec = {d["name"]: d for d in info["programs"]["text_decoder"]["inputs"]}
+    assert "embeds" in info["runner_interface"]["text_decoder"]["inputs"] and "embeds" not in dec
+    assert dec["inputs_embeds"]["shape"] == [1, "sequence_length", t.hidden_size]
+    assert dec["position_ids"] == {"name": "position_ids", "dtype": "int64", "shape": [3, 1, "sequence_length"]}
+    for i in range(t.num_layers):
+        for kv in ("key", "value"):
+            assert dec[f"past_key_values.{i}.{kv}"] == {
+                "name": f"past_key_values.{i}.{kv}", "dtype": "float32",
+                "shape": [1, t.num_kv_heads, "past_sequence_length", t.head_dim],
+            }
+    outs = [d["name"] for d in info["programs"]["text_decoder"]["outputs"]]
+    assert outs == ["logits"] + [f"present.{i}.{kv}" for i in range(t.num_layers) for kv in ("key", "value")]
+    vision = info["programs"]["vision_encoder"]
+    s = cfg.shape.image_size
+    assert vision["inputs"] == [{"name": "pixel_values", "dtype": "float32", "shape": [1, 3, s, s]}]
+    assert vision["outputs"] == [{"name": "image_features", "dtype": "float32", "shape": [cfg.image_tokens, t.hidden_size]}]
+
+
 def _config(ort_artifacts):
     from exporter.model.config import ModelConfig
 
@@ -343,21 +404,3 @@ def test_cli_generate_runs_the_artifact_as_onnx_and_as_ort(ort_artifacts, tiny_c
     )
     assert f"tokens: {expected.tokens}" in result.output
     assert ("(ort, fp32)" if path.endswith(".ort") else "(onnx, fp32)") in result.output
-
-
-def test_onnxruntime_genai_loads_the_artifact_and_generates_the_runner_tokens(ort_artifacts, tiny_components, tiny_tokenizer):
-    og = pytest.importorskip("onnxruntime_genai")
-    runner = Runner(EagerSession(tiny_components), tiny_components.config, tiny_tokenizer)
-    prompt = Prompt(text="Set an alarm for seven.")
-    ids = [t for s in runner.segments(prompt) for t in s.tokens]
-    expected = runner.generate(prompt, max_new_tokens=8, stop_at_eos=False).tokens
-    model = og.Model(str(ort_artifacts["fp32"].dir))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 8, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([ids], dtype=np.int32))
-    got = []
-    while not gen.is_done() and len(got) < 8:
-        gen.generate_next_token()
-        got.append(int(gen.get_next_tokens()[0]))
-    assert got == expected
