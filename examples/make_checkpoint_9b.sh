@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Measure make-checkpoint at the 9B's widths, and what today's loader costs on its output.
+#
+#   examples/make_checkpoint_9b.sh [ROOT]        (default ROOT=/work/tmp9b; never inside the repo)
+#
+# 1. make-checkpoint --preset autoglm-phone-9b --layers 1 --vision-layers 1  (1.69B params, 3.4 GB bf16)
+#    then `info` and `generate --prompt hi --max-new-tokens 2` on it: wall time and peak RSS of each.
+# 2. the full 9B (10.29B params, ~20.6 GB bf16 in 5 shards of <= 5 GB) when ROOT's disk has 24 GB free,
+#    then `info` on it; its directory is deleted afterwards (FULL_KEEP=1 keeps it).
+#    `generate` on the full 9B is not run: the loader converts bf16 to fp32 (41 GB) on a 24 GB machine.
+# Every step prints "<step>: wall S s, peak RSS M MiB, exit E"; logs are in ROOT/*.log.
+set -uo pipefail
+
+ROOT=${1:-/work/tmp9b}
+mkdir -p "$ROOT"
+CLI=(autoglm-export)
+
+measure() {  # measure NAME CMD...: run under /usr/bin/time -v, print one summary line
+    local name=$1; shift
+    /usr/bin/time -v "$@" >"$ROOT/$name.log" 2>&1
+    local rc=$?
+    local wall rss
+    wall=$(sed -n 's/.*Elapsed (wall clock) time (h:mm:ss or m:ss): //p' "$ROOT/$name.log" |
+        awk -F: '{ if (NF == 3) print $1 * 3600 + $2 * 60 + $3; else print $1 * 60 + $2 }')
+    rss=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$ROOT/$name.log")
+    printf '%s: wall %s s, peak RSS %d MiB, exit %s\n' "$name" "$wall" "$((rss / 1024))" "$rc"
+    grep -E '^(error|tokens|text|model|total|\[)|parameters' "$ROOT/$name.log" | sed 's/^/    /'
+    return 0
+}
+
+df -h "$ROOT" | tail -1
+
+rm -rf "$ROOT/l1"
+measure make_checkpoint_l1 "${CLI[@]}" make-checkpoint --preset autoglm-phone-9b --layers 1 --vision-layers 1 --out "$ROOT/l1"
+measure info_l1 "${CLI[@]}" info --checkpoint "$ROOT/l1"
+measure generate_l1 "${CLI[@]}" generate --checkpoint "$ROOT/l1" --prompt hi --max-new-tokens 2
+du -sh "$ROOT/l1"
+
+free_gb=$(df -BG --output=avail "$ROOT" | tail -1 | tr -dc 0-9)
+if [ "$free_gb" -ge 24 ]; then
+    rm -rf "$ROOT/full"
+    measure make_checkpoint_full "${CLI[@]}" make-checkpoint --preset autoglm-phone-9b --out "$ROOT/full"
+    measure info_full "${CLI[@]}" info --checkpoint "$ROOT/full"
+    ls -la "$ROOT/full"
+    du -sh "$ROOT/full"
+    [ "${FULL_KEEP:-0}" = 1 ] || rm -rf "$ROOT/full"
+else
+    echo "full 9B skipped: ${free_gb} GB free on $ROOT, need 24"
+fi
+[ "${L1_KEEP:-0}" = 1 ] || rm -rf "$ROOT/l1"
