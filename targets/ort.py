@@ -826,15 +826,15 @@ def genai_inputs(config: Any, prompt_ids: list[int], pixels: np.ndarray | None =
     return out
 
 
-def genai_usage(config: Any) -> dict[str, Any]:
+def genai_usage(config: Any, tokenizer_files: list[str]) -> dict[str, Any]:
     """artifact.json's account of what onnxruntime-genai runs in this folder and what the app does itself."""
-    out: dict[str, Any] = {
-        "package": GENAI_PACKAGE,
-        "config": GENAI_CONFIG,
-        "model_type": "qwen2_5_vl",
-        "text": "og.Model(dir), og.Tokenizer(model) (tokenizer.json + tokenizer_config.json, which carries the chat "
-                "template for tokenizer.apply_chat_template), generator.append_tokens(prompt ids)",
-    }
+    if {"tokenizer.json", "tokenizer_config.json"} <= set(tokenizer_files):
+        text = ("og.Model(dir), og.Tokenizer(model) (tokenizer.json + tokenizer_config.json, which carries the chat "
+                "template for tokenizer.apply_chat_template), generator.append_tokens(prompt ids)")
+    else:  # og.Tokenizer needs both files
+        text = (f"og.Model(dir), generator.append_tokens(prompt ids); no og.Tokenizer: model '{config.name}' ships "
+                "no tokenizer.json + tokenizer_config.json, so the app tokenizes")
+    out: dict[str, Any] = {"package": GENAI_PACKAGE, "config": GENAI_CONFIG, "model_type": "qwen2_5_vl", "text": text}
     if config.vision:
         v = config.vision
         s = config.shape.image_size
@@ -985,7 +985,7 @@ class OrtTarget:
                                    "outputs": graph_io(config)[m][1]} for m in methods},
                     "ops_config": OPS_CONFIG,
                     "genai_config": GENAI_CONFIG,
-                    "genai": genai_usage(config),
+                    "genai": genai_usage(config, tokenizer_names),
                 },
             }
             write_artifact_json(root, info)

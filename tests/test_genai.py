@@ -193,3 +193,17 @@ def test_genai_inputs_rejects_wrong_pixels_and_prompts(runner):
         genai_inputs(cfg, ids, np.zeros((1, 3, s // 2, s // 2), np.float32))
     with pytest.raises(BadInputError, match="placeholder"):
         genai_inputs(cfg, runner.prompt_ids(Prompt(text="no image here")), np.zeros((1, 3, s, s), np.float32))
+
+
+def test_a_model_without_tokenizer_files_says_the_app_tokenizes():
+    """A bare preset (the 9B widths without a checkpoint) ships no tokenizer: og.Tokenizer could not open it."""
+    from exporter.model import get_preset
+    from targets.ort import genai_usage
+
+    cfg = get_preset("autoglm-phone-9b")
+    bare = genai_usage(cfg, [])
+    assert "no og.Tokenizer" in bare["text"] and "og.Tokenizer(model)" not in bare["text"]
+    assert "og.Tokenizer(model)" in genai_usage(cfg, ["tokenizer.json", "tokenizer_config.json"])["text"]
+    grid = cfg.shape.image_size // cfg.vision.patch_size
+    assert bare["image"]["set_inputs"]["image_grid_thw"] == [[1, grid, grid]]
+    assert bare["image"]["set_inputs"]["num_image_tokens"] == [(grid // cfg.vision.spatial_merge_size) ** 2]
