@@ -216,3 +216,11 @@ def test_9b_shapes_and_shard_plan_on_meta():
     assert len(shards) == 5 and all(sum(s.nbytes for s in sh) <= 5_000_000_000 for sh in shards)
     cut = tensor_specs(PRESETS["autoglm-phone-9b"].with_layers(1, 1))
     assert sum(s.numel for s in cut) == 1_686_749_184
+
+
+def test_shard_sizes_parse_as_transformers_does():
+    from exporter.make_checkpoint import parse_size
+
+    assert parse_size("5GB") == 5_000_000_000 and parse_size("500MiB") == 500 * 2**20 and parse_size("100KB") == 100_000
+    with pytest.raises(ConfigError, match="not a size"):
+        parse_size("five gigs")
