@@ -6,8 +6,11 @@ Exit codes: 0 success, 1 a parity threshold failed, 2 bad usage or bad input,
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -48,8 +51,46 @@ def handled(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130)
+        except OSError as e:  # the environment, not the input: a full disk, a read-only or vanished path
+            if os.environ.get("AUTOGLM_EXPORT_DEBUG"):
+                raise
+            where = f" {e.filename}" if e.filename else ""
+            code = 3 if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO) else 2
+            typer.echo(f"error: cannot write or read{where}: {e.strerror or e}; nothing was left half-written", err=True)
+            raise typer.Exit(code)
+        except MemoryError:
+            typer.echo("error: out of memory; try a smaller --layers cut or a machine with more RAM", err=True)
+            raise typer.Exit(3)
 
     return wrapper
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (a test runner swaps it per invocation)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(f"warning: {record.getMessage()}", err=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"autoglm-export {version('autoglm-export')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Export the multimodal AutoGLM-Phone-9B (GLM-4.1V family) to ExecuTorch, Core ML and ONNX Runtime mobile."""
+    log = logging.getLogger("autoglm_export")  # the library's warnings: one "warning:" line each on stderr
+    if not log.handlers:
+        log.addHandler(_StderrHandler())
+        log.propagate = False
 
 
 def _source(preset: str | None, checkpoint: Path | None) -> tuple[str | None, Path | None]:
@@ -162,7 +203,9 @@ def export(
     keep_float: Annotated[
         Optional[str], typer.Option("--keep-float", help="Comma-separated module names left in float.")
     ] = None,
-    group_size: Annotated[int, typer.Option("--group-size", help="Weight group size for 8da4w.")] = 32,
+    group_size: Annotated[
+        Optional[int], typer.Option("--group-size", help="Weight group size for 8da4w (default 32; 0 = per channel).")
+    ] = None,
     parity_target: Annotated[
         Optional[str],
         typer.Option("--parity-target", help="e.g. cos=0.999: keep the most sensitive layers in float to meet it."),

@@ -285,6 +285,32 @@ def load_calibration(path: Path) -> CalibrationData:
     )
 
 
+def check_compatible(data: CalibrationData, components: Any, where: Path) -> None:
+    """A calibration result must come from a model of this one's shape: same linears, same widths.
+
+    Statistics of other layers (a --layers cut, another model) would leave this model's layers without
+    ranges and fail deep inside a quantizer; this says so up front, naming the first difference.
+    """
+    from torch import nn
+
+    from exporter.errors import InputFileError
+
+    linears = {n for n, m in components.model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))}
+    have = set(data.activation_stats)
+    missing, extra = sorted(linears - have), sorted(have - linears)
+    if missing or extra:
+        first = f"no statistics for {missing[0]}" if missing else f"statistics for {extra[0]}, which this model lacks"
+        raise InputFileError(
+            f"--calibration {where}: made for another model ({first}; {len(missing)} layers missing, {len(extra)} "
+            f"unknown); run `autoglm-export calibrate` with the same --preset/--checkpoint/--layers"
+        )
+    h = components.config.text.hidden_size
+    for call in data.method_inputs.get("text_decoder", [])[:1]:
+        embeds = call.get("embeds")
+        if embeds is not None and embeds.shape[-1] != h:
+            raise InputFileError(f"--calibration {where}: decoder inputs are {embeds.shape[-1]} wide, this model's are {h}")
+
+
 def calibrate(
     components: Any,
     manifest: Path | None,

@@ -216,9 +216,11 @@ def run_bench(
 ) -> dict:
     """Benchmark the artifact's runtime (or every artifact of a build dir) and eager fp32, in one run."""
     from exporter.model.config import ModelConfig
-    from targets.base import read_artifact
+    from targets.base import read_artifact, verify_artifact
 
     arts = [read_artifact(d) for d in _artifact_dirs(Path(artifact_dir))]
+    for a in arts:
+        verify_artifact(a)  # timing a modified file would describe some other artifact
     config = ModelConfig.from_dict(arts[0].metadata["model"])
     for a in arts[1:]:
         if a.metadata["model"] != arts[0].metadata["model"]:

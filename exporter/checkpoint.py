@@ -80,10 +80,80 @@ def _as_ids(v: Any) -> tuple[int, ...]:
     return tuple(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
 
 
+# config.json schema: (key, kind, lower bound, upper bound, required). Ranges are what a GLM-family
+# model could sensibly have; beyond them a typo or a corrupt file is far more likely than a real model.
+_TEXT_SCHEMA = (
+    ("vocab_size", int, 1, 4_000_000, True),
+    ("hidden_size", int, 1, 65_536, True),
+    ("num_hidden_layers", int, 1, 1_000, True),
+    ("num_attention_heads", int, 1, 1_024, True),
+    ("num_key_value_heads", int, 1, 1_024, False),
+    ("intermediate_size", int, 1, 1_048_576, True),
+    ("max_position_embeddings", int, 1, 100_000_000, False),
+    ("pad_token_id", int, 0, 4_000_000, False),
+    ("rms_norm_eps", float, 1e-12, 0.1, False),
+    ("rope_theta", float, 1.0, 1e12, False),
+    ("partial_rotary_factor", float, 1e-3, 1.0, False),
+)
+_VISION_SCHEMA = (
+    ("hidden_size", int, 1, 65_536, True),
+    ("depth", int, 1, 1_000, True),
+    ("num_heads", int, 1, 1_024, True),
+    ("out_hidden_size", int, 1, 65_536, True),
+    ("intermediate_size", int, 1, 1_048_576, True),
+    ("patch_size", int, 1, 1_024, False),
+    ("temporal_patch_size", int, 1, 64, False),
+    ("in_channels", int, 1, 16, False),
+    ("spatial_merge_size", int, 1, 64, False),
+    ("image_size", int, 1, 16_384, False),
+    ("rms_norm_eps", float, 1e-12, 0.1, False),
+)
+_TOKEN_KEYS = ("image_token_id", "image_start_token_id", "image_end_token_id", "video_token_id")
+
+
+def _check_value(path: Path, where: str, value: Any, kind: type, lo: float, hi: float) -> None:
+    ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or (kind is float and value != value):
+        raise CheckpointError(f"{path}: {where} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if not lo <= value <= hi:
+        raise CheckpointError(f"{path}: {where} = {value} is out of range [{lo:g}, {hi:g}]")
+
+
+def _check_schema(path: Path, raw: Any) -> None:
+    """Types and ranges of every config.json value the loader reads, each error naming its key."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got a {type(raw).__name__}")
+    sections = [("text_config", _TEXT_SCHEMA, True), ("vision_config", _VISION_SCHEMA, False)]
+    for name, schema, required in sections:
+        sec = raw.get(name)
+        if sec is None:
+            if required:
+                raise CheckpointError(f"{path}: missing key 'text_config' (is this a Glm4v checkpoint?)")
+            continue
+        if not isinstance(sec, dict):
+            raise CheckpointError(f"{path}: {name} must be an object, got a {type(sec).__name__}")
+        for key, kind, lo, hi, needed in schema:
+            if sec.get(key) is None:
+                if needed:
+                    raise CheckpointError(f"{path}: missing key {name}.{key}")
+                continue
+            _check_value(path, f"{name}.{key}", sec[key], kind, lo, hi)
+        for sub in ("rope_parameters", "rope_scaling"):
+            if sec.get(sub) is not None and not isinstance(sec[sub], dict):
+                raise CheckpointError(f"{path}: {name}.{sub} must be an object")
+    for key in _TOKEN_KEYS:
+        if raw.get(key) is not None:
+            _check_value(path, key, raw[key], int, 0, 4_000_000)
+    for where, value in (("eos_token_id", raw.get("eos_token_id")), ("text_config.eos_token_id", raw["text_config"].get("eos_token_id"))):
+        for v in value if isinstance(value, list) else ([] if value is None else [value]):
+            _check_value(path, where, v, int, 0, 4_000_000)
+
+
 def config_from_checkpoint(ckpt: Path, shape: ExportShape | None = None) -> ModelConfig:
     """Translate a Glm4v ``config.json`` into a :class:`ModelConfig`, or say what cannot be represented."""
     path = ckpt / "config.json"
     raw = _read_json(path)
+    _check_schema(path, raw)
     if raw.get("model_type") not in ("glm4v", None):
         raise CheckpointError(f"{path}: model_type '{raw.get('model_type')}' is not glm4v")
     try:
@@ -104,6 +174,11 @@ def config_from_checkpoint(ckpt: Path, shape: ExportShape | None = None) -> Mode
         raise CheckpointError(f"{path}: text rope_type '{rope.get('rope_type')}' is not supported")
     gen = ckpt / "generation_config.json"
     gen_cfg = _read_json(gen) if gen.exists() else {}
+    if not isinstance(gen_cfg, dict):
+        raise CheckpointError(f"{gen}: expected a JSON object")
+    for v in gen_cfg.get("eos_token_id") if isinstance(gen_cfg.get("eos_token_id"), list) else [gen_cfg.get("eos_token_id")]:
+        if v is not None:
+            _check_value(gen, "eos_token_id", v, int, 0, 4_000_000)
     tok = ckpt / "tokenizer.json"
     template = read_template(ckpt) or GLM_CHAT_TEMPLATE
     eos = _as_ids(tc.get("eos_token_id")) or _as_ids(raw.get("eos_token_id")) or _as_ids(gen_cfg.get("eos_token_id"))
@@ -116,6 +191,8 @@ def config_from_checkpoint(ckpt: Path, shape: ExportShape | None = None) -> Mode
         )
     pre = ckpt / "preprocessor_config.json"
     pre_cfg = _read_json(pre) if pre.exists() else {}
+    if not isinstance(pre_cfg, dict):
+        raise CheckpointError(f"{pre}: expected a JSON object")
     try:
         text = TextConfig(
             vocab_size=int(tc["vocab_size"]),
@@ -163,6 +240,7 @@ def config_from_checkpoint(ckpt: Path, shape: ExportShape | None = None) -> Mode
             image_end_id=int(raw.get("image_end_token_id", -1)),
             video_token_id=int(raw.get("video_token_id", -1)),
         )
+        _check_tokenizer_fits(tok, text.vocab_size)
         if shape is None:
             size = vision.pos_grid_size if vision else 336
             shape = ExportShape(max_seq_len=min(int(tc.get("max_position_embeddings", 2048)), 2048), image_size=size)
@@ -179,6 +257,20 @@ def config_from_checkpoint(ckpt: Path, shape: ExportShape | None = None) -> Mode
         raise CheckpointError(f"{path}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read config value: {e}") from None
+
+
+def _check_tokenizer_fits(tok: Path, vocab_size: int) -> None:
+    """A tokenizer with ids beyond the embedding table would index past it on some prompt."""
+    if not tok.is_file():
+        return
+    from calibration.preprocess import load_tokenizer
+
+    n = load_tokenizer(tok).get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise CheckpointError(
+            f"{tok}: the tokenizer has {n} ids but config.json's text_config.vocab_size is {vocab_size}; "
+            "they must belong to the same model"
+        )
 
 
 def _tokenizer_eos(ckpt: Path, tok: Path) -> tuple[int, ...]:
@@ -249,19 +341,33 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             header = json.loads(fh.read(hlen))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupt safetensors header: a JSON {type(header).__name__}, not an object")
         header.pop("__metadata__", None)
         base = 8 + hlen
-        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        try:
+            end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        except (KeyError, TypeError, ValueError, IndexError):
+            bad = next((k for k, v in header.items() if not isinstance(v, dict) or "data_offsets" not in v), "?")
+            raise CheckpointError(f"{path}: tensor '{bad}' has a corrupt header entry") from None
         if base + end > size:
             raise CheckpointError(f"{path}: truncated: header needs {base + end} bytes, file has {size}")
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
     for name, info in header.items():
         try:
             dtype = _DTYPES[info["dtype"]]
+        except (KeyError, TypeError):
+            found = info.get("dtype") if isinstance(info, dict) else None
+            raise CheckpointError(
+                f"{path}: tensor '{name}' has dtype {found!r}; supported: {', '.join(_DTYPES)}"
+            ) from None
+        try:
             start, stop = (int(x) for x in info["data_offsets"])
             shape = [int(x) for x in info["shape"]]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor '{name}' has a corrupt header entry") from None
+        if start < 0 or stop < start or any(d < 0 for d in shape):
+            raise CheckpointError(f"{path}: tensor '{name}' has a corrupt header entry (offsets {start}..{stop}, shape {shape})")
         count = 1
         for d in shape:
             count *= d
@@ -303,6 +409,10 @@ def load_checkpoint(
                 raise CheckpointError(
                     f"{shard}: tensor '{key}' has shape {tuple(tensor.shape)}, the config implies {want}"
                 )
+            if not tensor.is_floating_point():
+                raise CheckpointError(f"{shard}: tensor '{key}' is {str(tensor.dtype).replace('torch.', '')}; weights must be floating point")
+            if not bool(torch.isfinite(tensor).all()):
+                raise CheckpointError(f"{shard}: tensor '{key}' holds NaN or infinite values")
             tensors[name] = tensor if tensor.dtype == dtype else tensor.to(dtype)
             seen.add(name)
         model.load_state_dict(tensors, strict=False, assign=True)

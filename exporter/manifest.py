@@ -308,25 +308,32 @@ def build(config_path: Path | None, out: Path, progress: Progress | None = None)
     from exporter import __version__
     from exporter import parity as parity_mod
     from targets import get_target
-    from targets.base import Recipe, check_recipe, runtime_versions
+    from targets.base import Recipe, check_output_dir, check_recipe, runtime_versions
 
     progress = progress or (lambda stage, done, total: None)
     cfg = load_config(config_path)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out}: exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create output directory {out}: {e.strerror or e}") from e
-    _remove_stale_staging(out)
 
-    # every target and recipe must be available before any model work; nothing is skipped silently
+    # every check that can run before the work does, before --out is created: targets, recipes, the
+    # calibration and parity manifests (every bad line), and --out itself
     targets = {}
     for a in cfg["artifacts"]:
         if a["target"] not in targets:
             targets[a["target"]] = get_target(a["target"])
         check_recipe(a["target"], Recipe(a["recipe"]), targets[a["target"]].recipes)
+    from calibration.manifest import read_manifest
+
+    for key, path in (("calibration.manifest", cfg["calibration"]["manifest"]), ("parity.inputs", cfg["parity"]["inputs"])):
+        if path:
+            read_manifest(Path(path))
+    if out.is_dir() and all(p.name.startswith(STAGING_PREFIX) for p in out.iterdir()):
+        _remove_stale_staging(out)  # a build killed before its first manifest left only staging dirs
+    check_output_dir(out, marker=MANIFEST_NAME, what="an autoglm-export build")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create output directory {out}: {e.strerror or e}") from e
+    _remove_stale_staging(out)
 
     config_sha = hashlib.sha256(config_text(config_path).encode()).hexdigest()
     versions = runtime_versions("executorch", "torchao", "coremltools", "onnx", "onnxruntime", "numpy")

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from exporter.errors import BadInputError, ConfigError, InputFileError, ParityFailure
+from exporter.errors import BadInputError, ConfigError, InputFileError, OutputError, ParityFailure
 
 REPORT_SCHEMA = "autoglm-export/parity-report"
 REPORT_SCHEMA_VERSION = 1
@@ -421,7 +421,7 @@ def run_parity(
     from exporter.model.config import ModelConfig
     from exporter.runner import EagerSession, load_tokenizer
     from targets import get_target
-    from targets.base import read_artifact
+    from targets.base import read_artifact, verify_artifact
 
     if steps < 1:
         raise BadInputError(f"--steps {steps}: must be at least 1")
@@ -430,8 +430,20 @@ def run_parity(
 
         raise ArtifactError(f"artifact directory not found: {artifact_dir}")
     art = read_artifact(Path(artifact_dir))
+    verify_artifact(art)  # parity of a modified file would prove nothing
     config = ModelConfig.from_dict(art.metadata["model"])
     limits = thresholds_for(art.recipe, thresholds)
+    methods = [m for m, on in (("token_embedding", True), ("vision_encoder", config.vision), ("audio_encoder", config.audio),
+                               ("text_decoder", True)) if on]
+    for key in (thresholds or {}):
+        scope = key.partition(".")[0]
+        if scope not in ("*", "decoder", *methods):
+            raise ConfigError(f"--threshold '{key}': this artifact has no method '{scope}'; its methods: {', '.join(methods)}")
+    out_dir = Path(out_dir) if out_dir else art.dir / "parity"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out {out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "report.json").is_file():
+        raise OutputError(f"--out {out_dir}: exists and is not a parity report directory (no report.json); choose another")
     inputs = Path(inputs) if inputs else _default_inputs()
     items = read_inputs(inputs)
     _refuse_calibration_set(items, inputs, calibration_manifest)
@@ -455,7 +467,6 @@ def run_parity(
         "input_notes": input_notes,
     }
     report = make_report(artifact_info, reference, session, config, tokenizer, items, inputs, limits, steps, progress)
-    out_dir = Path(out_dir) if out_dir else art.dir / "parity"
     write_reports(report, out_dir)
     return report
 

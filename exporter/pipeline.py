@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from exporter.errors import BadInputError, ConfigError
+from exporter.errors import ArtifactError, BadInputError, ConfigError
 from exporter.model.config import ModelConfig, get_preset
 
 Progress = Callable[[str, int, int], None]
@@ -25,12 +25,12 @@ def resolve_config(preset: str | None = "tiny", checkpoint: str | Path | None = 
         from exporter.checkpoint import config_from_checkpoint
 
         cfg = config_from_checkpoint(_checkpoint_dir(checkpoint))
-        return cfg.with_layers(layers) if layers else cfg
+        return cfg.with_layers(layers) if layers is not None else cfg
     if preset == GGUF_PRESET:
         from exporter.gguf import gguf_file_config, smollm2_path
 
         cfg = gguf_file_config(smollm2_path())
-        return cfg.with_layers(layers) if layers else cfg
+        return cfg.with_layers(layers) if layers is not None else cfg
     return get_preset(preset or "tiny", layers)
 
 
@@ -54,13 +54,13 @@ def load_reference(preset: str | None = "tiny", checkpoint: str | Path | None = 
     if checkpoint:
         from exporter.checkpoint import load_checkpoint
 
-        if layers:
+        if layers is not None:
             raise ConfigError("--layers applies to presets; a checkpoint is loaded whole")
         return load_checkpoint(_checkpoint_dir(checkpoint))
     if preset == GGUF_PRESET:
         from exporter.gguf import load_gguf_llama, smollm2_path
 
-        if layers:
+        if layers is not None:
             raise ConfigError(f"--layers does not apply to the {GGUF_PRESET} preset (real weights are loaded whole)")
         return load_gguf_llama(smollm2_path())
     from exporter.model import build
@@ -131,6 +131,20 @@ def info(preset: str | None = "tiny", checkpoint: str | Path | None = None, laye
 # --- generate -------------------------------------------------------------------------
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int) -> None:
+    """Generation options in range, before any model is loaded."""
+    import math
+
+    if max_new_tokens < 1:
+        raise BadInputError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise BadInputError(f"--temperature {temperature}: must be a finite number >= 0 (0 = greedy)")
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise BadInputError(f"--top-p {top_p}: must be in (0, 1]")
+    if seed < 0:
+        raise BadInputError(f"--seed {seed}: must be >= 0")
+
+
 @dataclass
 class Loaded:
     """A session with what the runner needs beside it."""
@@ -153,11 +167,15 @@ def open_reference(preset: str | None = "tiny", checkpoint: str | Path | None = 
 def open_artifact(path: str | Path) -> Loaded:
     from calibration.preprocess import load_tokenizer as load_tok
     from targets import get_target
-    from targets.base import read_artifact
+    from targets.base import read_artifact, verify_artifact
 
     path = Path(path)
     art = read_artifact(path)
-    config = ModelConfig.from_dict(art.metadata["model"])
+    verify_artifact(art)
+    try:
+        config = ModelConfig.from_dict(art.metadata["model"])
+    except (KeyError, TypeError, ConfigError) as e:
+        raise ArtifactError(f"{art.dir / 'artifact.json'}: metadata.model is not a model config: {e}") from None
     target = get_target(art.target)
     if path.is_file() and path.suffix == ".ort":  # an ORT-format file picks the .ort models of the artifact
         session = target.load(art, model_format="ort")
@@ -183,9 +201,12 @@ def generate(
     from exporter.chat import has_thinking_switch
     from exporter.runner import Prompt, Runner
 
+    check_sampling(max_new_tokens, temperature, top_p, seed)
     for kind, p in (("image", image), ("audio", audio)):
-        if p is not None and not Path(p).is_file():
+        if p is not None and not Path(p).exists():
             raise BadInputError(f"--{kind} {p}: file not found")
+        if p is not None and not Path(p).is_file():
+            raise BadInputError(f"--{kind} {p}: is a directory, not a file")
     loaded = open_artifact(artifact) if artifact else open_reference(preset, checkpoint, layers)
     runner = Runner(loaded.session, loaded.config, loaded.tokenizer)
     if thinking is not None and not has_thinking_switch(runner.template):
@@ -214,7 +235,7 @@ def export(
     layers: int | None = None,
     calibration: str | Path | None = None,
     keep_float: tuple[str, ...] = (),
-    group_size: int = 32,
+    group_size: int | None = None,
     progress: Progress | None = None,
     parity_target: str | None = None,
 ):
@@ -229,10 +250,21 @@ def export(
 
     progress = progress or no_progress
     tgt = get_target(target)  # unknown target -> exit 2 before any model work
-    rec = Recipe(recipe, keep_float=tuple(keep_float), group_size=group_size)
+    grouped = recipe in GROUPED_RECIPES
+    if group_size is not None and not grouped:
+        raise BadInputError(f"--group-size applies to {', '.join(GROUPED_RECIPES)}, not '{recipe}'")
+    if group_size is not None and group_size != 0 and (group_size < 16 or group_size & (group_size - 1)):
+        raise BadInputError(f"--group-size {group_size}: must be a power of two >= 16 (e.g. 32, 64, 128), or 0 for per channel")
+    rec = Recipe(recipe, keep_float=tuple(keep_float), group_size=32 if group_size is None else group_size)
     check_recipe(target, rec, tgt.recipes)
+    if keep_float and not rec.is_quantized:
+        raise BadInputError(f"--keep-float applies to quantized recipes; '{recipe}' keeps everything in float already")
     out = Path(out)
     check_output_dir(out)  # the user's data is never replaced; refused before any model work
+    if calibration is not None and not Path(calibration).exists():
+        raise BadInputError(f"--calibration {calibration}: not found")
+    if calibration is not None and not rec.needs_calibration and not parity_target:
+        raise BadInputError(f"--calibration applies to int8-static (or --parity-target), not '{recipe}'")
     target_cos = None
     if parity_target:
         from calibration.sensitivity import parse_parity_target
@@ -240,7 +272,14 @@ def export(
         target_cos = parse_parity_target(parity_target)
         if not rec.is_quantized:
             raise BadInputError(f"--parity-target applies to int8 recipes, not '{recipe}'")
+    if calibration is not None and Path(calibration).is_file():
+        from calibration.manifest import read_manifest
+
+        read_manifest(Path(calibration))  # every bad line, before the model is loaded
     model = load_reference(preset, checkpoint, layers)
+    check_keep_float(model, rec.keep_float)
+    if grouped:
+        check_group_size(model, rec.group_size)
     comps = build_components(model)
     calib = None
     if rec.needs_calibration or target_cos is not None:
@@ -255,6 +294,39 @@ def export(
     artifact = tgt.export(comps, rec, out, calibration=calib, progress=progress)
     _record_source(artifact, source_of(preset, checkpoint, layers))
     return artifact
+
+
+# recipes whose weights are quantized in groups along the input dimension (--group-size)
+GROUPED_RECIPES = ("8da4w", "int4-weight")
+
+
+def check_keep_float(model, names: tuple[str, ...]) -> None:
+    """Every --keep-float name is a module of the model holding at least one linear or conv."""
+    from torch import nn
+
+    modules = dict(model.named_modules())
+    for name in names:
+        mod = modules.get(name)
+        if mod is None:
+            near = sorted(n for n in modules if n and name.split(".")[-1] in n)[:3]
+            hint = f"; e.g. {', '.join(near)}" if near else "; names are as in `model.named_modules()`, e.g. text.layers.0.mlp.down_proj"
+            raise BadInputError(f"--keep-float '{name}': no such module in '{model.config.name}'{hint}")
+        if not any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in mod.modules()):
+            raise BadInputError(f"--keep-float '{name}': holds no linear or conv layer, so nothing would be kept")
+
+
+def check_group_size(model, group_size: int) -> None:
+    """Groups must tile every decoder linear's input, or those layers would silently stay float."""
+    from torch import nn
+
+    if group_size == 0:
+        return
+    for name, mod in model.text.named_modules():
+        if isinstance(mod, nn.Linear) and mod.in_features % group_size:
+            raise BadInputError(
+                f"--group-size {group_size}: does not divide text.{name}'s {mod.in_features} inputs; "
+                "pick a divisor of the hidden and intermediate sizes"
+            )
 
 
 def _record_source(artifact, source: dict[str, Any]) -> None:
@@ -281,7 +353,9 @@ def calibration_data(components, calibration: str | Path | None, progress: Progr
     if path is not None and not path.exists():
         raise BadInputError(f"--calibration {path}: not found")
     if path is not None and path.is_dir():
-        return stats.load_calibration(path)
+        data = stats.load_calibration(path)
+        stats.check_compatible(data, components, path)
+        return data
     return stats.calibrate(components, path, tokenizer, progress=progress)
 
 
@@ -316,6 +390,7 @@ def calibrate(
     from exporter.components import build_components
     from exporter.runner import load_tokenizer
     from targets import TARGETS
+    from targets.base import check_output_dir
 
     if sensitivity_recipe not in ("int8-static", "int8-weight"):
         raise BadInputError(f"--sensitivity-recipe '{sensitivity_recipe}': expected int8-static or int8-weight")
@@ -324,6 +399,7 @@ def calibrate(
 
     stats = _module("calibration.stats")
     manifest_mod = _module("calibration.manifest")
+    check_output_dir(Path(out), marker="calibration.json", what="a calibration result")
     if manifest is not None:
         manifest_mod.read_manifest(Path(manifest))  # every bad line reported before any model work
     model = load_reference(preset, checkpoint, layers)

@@ -161,14 +161,25 @@ def file_hashes(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def check_output_dir(out: Path, option: str = "--out") -> None:
-    """Refuse an output directory we must not replace, before any work starts.
+def check_output_dir(out: Path, option: str = "--out", marker: str = ARTIFACT_JSON,
+                     what: str = "an autoglm-export artifact") -> None:
+    """Refuse an output directory we must not replace or cannot create, before any work starts.
 
-    Only an empty directory or a previous artifact of ours (it holds artifact.json) may be replaced;
+    Only an empty directory or a previous output of ours (it holds ``marker``) may be replaced;
     anything else is the user's data. The current directory (or one holding it) is never replaced.
+    A new directory's nearest existing parent must take a new entry (probed with an empty temp dir).
     """
     out = Path(out)
     if not out.exists():
+        parent = out.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise OutputError(f"{option} {out}: {parent} is a file, not a directory")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".autoglm-probe-", dir=parent))
+        except OSError as e:
+            raise OutputError(f"{option} {out}: cannot create it under {parent}: {e.strerror or e}") from None
         return
     if not out.is_dir():
         raise OutputError(f"{option} {out}: exists and is not a directory")
@@ -176,10 +187,9 @@ def check_output_dir(out: Path, option: str = "--out") -> None:
     target = out.resolve()
     if target == here or target in here.parents:
         raise OutputError(f"{option} {out}: is the current directory or contains it; give a new directory name")
-    if any(out.iterdir()) and not (out / ARTIFACT_JSON).is_file():
+    if any(out.iterdir()) and not (out / marker).is_file():
         raise OutputError(
-            f"{option} {out}: exists and is not an autoglm-export artifact (no {ARTIFACT_JSON}); "
-            "choose a new directory or remove it yourself"
+            f"{option} {out}: exists and is not {what} (no {marker}); choose a new directory or remove it yourself"
         )
 
 
@@ -267,6 +277,8 @@ def read_artifact(path: Path) -> Artifact:
         info = json.loads(meta.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{meta}: unreadable artifact description: {e}") from e
+    if not isinstance(info, dict):
+        raise ArtifactError(f"{meta}: unreadable artifact description: not a JSON object")
     for key in ("target", "recipe", "files", "metadata"):
         if key not in info:
             raise ArtifactError(f"{meta}: missing key '{key}'")
@@ -275,6 +287,40 @@ def read_artifact(path: Path) -> Artifact:
         if not (root / name).exists():
             raise ArtifactError(f"{root}: artifact file '{name}' listed in {ARTIFACT_JSON} is missing")
     return Artifact(dir=root, target=info["target"], recipe=info["recipe"], files=files, info=info)
+
+
+def verify_artifact(art: Artifact) -> None:
+    """Before loading: every file's sha256 equals artifact.json's, and the runtimes are the recorded ones.
+
+    A modified or corrupt file is an :class:`ArtifactError` (parity on it would prove nothing); a runtime
+    version other than the one the artifact was written with is a warning on the ``autoglm_export`` logger.
+    """
+    import logging
+
+    recorded = art.info.get("files", {})
+    if not isinstance(recorded, dict):
+        raise ArtifactError(f"{art.dir / ARTIFACT_JSON}: 'files' must map file names to their sha256 and size")
+    for name, meta in sorted(recorded.items()):
+        want = meta.get("sha256") if isinstance(meta, dict) else None
+        if not want:
+            raise ArtifactError(f"{art.dir / ARTIFACT_JSON}: no sha256 recorded for '{name}'")
+        got = file_hashes(art.dir, [name])[name]["sha256"]
+        if got != want:
+            raise ArtifactError(
+                f"{art.dir / name}: sha256 {got[:16]}... does not match artifact.json's {want[:16]}... "
+                "(the file was modified or is corrupt); export it again"
+            )
+    from importlib.metadata import PackageNotFoundError, version
+
+    log = logging.getLogger("autoglm_export")
+    for package, wrote in sorted((art.info.get("runtime_versions") or {}).items()):
+        try:
+            have = version(package)
+        except PackageNotFoundError:
+            have = "not installed"
+        if have != wrote:
+            log.warning(f"{art.dir.name}: written with {package} {wrote}, running with {package} {have}; "
+                        "numbers may differ from the export-time check")
 
 
 # --- what every artifact carries -------------------------------------------------

@@ -168,7 +168,14 @@ class ModelConfig:
     def with_layers(self, num_layers: int, vision_layers: int | None = None) -> "ModelConfig":
         """The same model cut to ``num_layers`` decoder layers (and optionally vision blocks), widths kept."""
         if num_layers < 1 or (vision_layers is not None and vision_layers < 1):
-            raise ConfigError(f"layer counts must be >= 1, got {num_layers}/{vision_layers}")
+            raise ConfigError(f"--layers must be >= 1, got {num_layers}" + (f"/{vision_layers}" if vision_layers is not None else ""))
+        if num_layers > self.text.num_layers or (
+            vision_layers is not None and self.vision is not None and vision_layers > self.vision.depth
+        ):
+            raise ConfigError(
+                f"--layers {num_layers} is more than the {self.text.num_layers} decoder layers of '{self.name}'; "
+                "--layers cuts a model, it cannot grow one"
+            )
         vision = self.vision
         if vision is not None and vision_layers is not None:
             vision = dataclasses.replace(vision, depth=vision_layers)
@@ -186,6 +193,19 @@ def _tuples(d: dict[str, Any]) -> dict[str, Any]:
 def validate(cfg: ModelConfig) -> None:
     """Reject a config the reference model cannot represent, naming the field."""
     t = cfg.text
+    positive = {"text.vocab_size": t.vocab_size, "text.hidden_size": t.hidden_size, "text.num_layers": t.num_layers,
+                "text.num_heads": t.num_heads, "text.num_kv_heads": t.num_kv_heads,
+                "text.intermediate_size": t.intermediate_size}
+    if cfg.vision is not None:
+        positive.update({"vision.hidden_size": cfg.vision.hidden_size, "vision.depth": cfg.vision.depth,
+                         "vision.num_heads": cfg.vision.num_heads, "vision.patch_size": cfg.vision.patch_size,
+                         "vision.spatial_merge_size": cfg.vision.spatial_merge_size})
+    if cfg.audio is not None:
+        positive.update({"audio.num_heads": cfg.audio.num_heads, "audio.num_layers": cfg.audio.num_layers,
+                         "audio.pool": cfg.audio.pool})
+    bad = [f"{k} = {v}" for k, v in positive.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    if bad:
+        raise ConfigError(f"config '{cfg.name}' cannot be represented: must be positive integers: {', '.join(bad)}")
     problems: list[str] = []
     if t.num_heads % t.num_kv_heads:
         problems.append(f"text.num_heads ({t.num_heads}) is not a multiple of num_kv_heads ({t.num_kv_heads})")
@@ -330,4 +350,4 @@ def get_preset(name: str, num_layers: int | None = None) -> ModelConfig:
         cfg = PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown preset '{name}'; known presets: {', '.join(sorted(PRESETS))}") from None
-    return cfg.with_layers(num_layers) if num_layers else cfg
+    return cfg.with_layers(num_layers) if num_layers is not None else cfg
