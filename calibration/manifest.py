@@ -97,8 +97,10 @@ def _parse_line(line: str, base: Path, n: int) -> tuple[Sample | None, list[str]
 def read_manifest(path: str | Path) -> list[Sample]:
     """Every sample of a JSONL manifest, or ManifestError listing every bad line (line numbers from 1)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputFileError(f"manifest {path}: is a directory; give the .jsonl file")
     if not path.is_file():
-        raise ManifestError(str(path), [(0, "manifest file not found")])
+        raise InputFileError(f"manifest {path}: file not found")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:

@@ -30,7 +30,7 @@ BENCH_SCHEMA_VERSION = 1
 Progress = Callable[[str, int, int], None]
 
 # bytes per decoder weight element, by recipe (scales and zero points not counted)
-WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8-weight": 1.0, "int8-static": 1.0, "8da8w": 1.0, "8da4w": 0.5}
+WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8-weight": 1.0, "int8-static": 1.0, "8da4w": 0.5, "int4-weight": 0.5}
 
 
 def measure_bandwidth(mib: int = 256, repeats: int = 5) -> float:

@@ -326,6 +326,10 @@ def build(config_path: Path | None, out: Path, progress: Progress | None = None)
     for key, path in (("calibration.manifest", cfg["calibration"]["manifest"]), ("parity.inputs", cfg["parity"]["inputs"])):
         if path:
             read_manifest(Path(path))
+    from exporter.pipeline import resolve_config
+
+    m = cfg["model"]
+    resolve_config(m["preset"], m["checkpoint"], m["layers"])  # unknown preset, bad checkpoint config, bad --layers
     if out.is_dir() and all(p.name.startswith(STAGING_PREFIX) for p in out.iterdir()):
         _remove_stale_staging(out)  # a build killed before its first manifest left only staging dirs
     check_output_dir(out, marker=MANIFEST_NAME, what="an autoglm-export build")

@@ -54,7 +54,7 @@ DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
     "int8-weight": {"*.cosine": 0.999},
     "int8-static": {"*.cosine": 0.97},
     "8da4w": {"*.cosine": 0.97},
-    "8da8w": {"*.cosine": 0.97},
+    "int4-weight": {"*.cosine": 0.97},
 }
 
 

@@ -455,11 +455,16 @@ def check_parity(report: dict) -> None:
 
 def build(config: str | Path | None, out: str | Path, progress: Progress | None = None) -> Path:
     if config is not None and not Path(config).is_file():
-        raise BadInputError(f"build config {config}: file not found")
+        kind = "is a directory; give the .toml file" if Path(config).is_dir() else "file not found"
+        raise BadInputError(f"build config {config}: {kind}")
     return _module("exporter.manifest").build(Path(config) if config else None, Path(out), progress=progress)
 
 
 def bench(artifact_dir: str | Path, json_out: str | Path | None = None, progress: Progress | None = None) -> str:
+    if json_out is not None and Path(json_out).is_dir():
+        raise BadInputError(f"--json {json_out}: is a directory; give a file name")
+    if json_out is not None and not Path(json_out).absolute().parent.is_dir():
+        raise BadInputError(f"--json {json_out}: its folder does not exist")
     b = _module("exporter.bench")
     result = b.run_bench(Path(artifact_dir), Path(json_out) if json_out else None, progress=progress)
     return b.format_table(result)

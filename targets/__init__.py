@@ -16,6 +16,18 @@ TARGETS: dict[str, str] = {
     "coreml": "targets.coreml:CoreMLTarget",
 }
 
+# the recipes each target offers, without importing its runtime (the CLI's --help and choices);
+# tests/test_cli.py checks it against each target's own RECIPES
+RECIPES_BY_TARGET: dict[str, tuple[str, ...]] = {
+    "executorch": ("fp32", "int8-weight", "8da4w", "int8-static"),
+    "ort": ("fp32", "int8-weight", "int8-static"),
+    "coreml": ("fp16", "int8-weight", "int8-static"),
+}
+
+
+def recipes_help() -> str:
+    return "; ".join(f"{t}: {', '.join(r)}" for t, r in RECIPES_BY_TARGET.items())
+
 
 def get_target(name: str):
     """Return an instance of the target called ``name``."""

@@ -44,7 +44,7 @@ def no_progress(stage: str, done: int, total: int) -> None:  # pragma: no cover 
 class Recipe:
     """How to turn float components into a deployable program.
 
-    name: fp32 | fp16 | int8-weight | int8-static | 8da4w | 8da8w
+    name: fp32 | fp16 | int8-weight | int8-static | 8da4w | int4-weight (which target offers which: targets.RECIPES_BY_TARGET)
     keep_float: module names (as in ``model.named_modules()``) left in float
     group_size: weight group size for 8da4w (0 = per channel)
     """
@@ -62,7 +62,7 @@ class Recipe:
         return self.name == "int8-static"
 
 
-ALL_RECIPES = ("fp32", "fp16", "int8-weight", "int8-static", "8da4w", "8da8w")
+ALL_RECIPES = ("fp32", "fp16", "int8-weight", "int8-static", "8da4w", "int4-weight")
 
 
 def check_recipe(target: str, recipe: Recipe, supported: tuple[str, ...]) -> None:
@@ -267,10 +267,10 @@ def _json_default(o: Any) -> Any:
 def read_artifact(path: Path) -> Artifact:
     """Read an artifact directory (or a file inside one) and check its files' hashes exist."""
     path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"artifact not found: {path}")
     root = path if path.is_dir() else path.parent
     meta = root / ARTIFACT_JSON
-    if not root.exists():
-        raise ArtifactError(f"artifact not found: {path}")
     if not meta.is_file():
         raise ArtifactError(f"{root} is not an artifact directory: no {ARTIFACT_JSON}")
     try:

@@ -49,7 +49,7 @@ def test_generate_with_image_and_audio_prints_tokens():
     [
         (["info", "--preset", "nope"], 2, "unknown preset 'nope'"),
         (["generate", "--prompt", "x", "--image", "/no/such.jpg"], 2, "/no/such.jpg"),
-        (["export", "--target", "tpu", "--recipe", "fp32", "--out", "o"], 2, "unknown target 'tpu'"),
+        (["export", "--target", "tpu", "--recipe", "fp32", "--out", "o"], 2, "'tpu' is not one of 'executorch', 'ort', 'coreml'"),
         (["info", "--checkpoint", "/no/such/dir"], 2, "/no/such/dir"),
     ],
 )
@@ -65,3 +65,23 @@ def test_corrupt_image_is_one_line_exit_2(tmp_path):
     result = runner.invoke(app, ["generate", "--prompt", "x", "--image", str(bad)])
     assert result.exit_code == 2
     assert "bad.jpg" in _one_error_line(result)
+
+
+def test_recipe_table_matches_each_targets_own_recipes():
+    """--help's per-target recipes (no runtime imported) are the targets' own."""
+    from targets import RECIPES_BY_TARGET, TARGETS, get_target
+
+    assert set(RECIPES_BY_TARGET) == set(TARGETS)
+    for name in TARGETS:
+        assert tuple(get_target(name).recipes) == RECIPES_BY_TARGET[name], name
+
+
+def test_bad_target_is_a_usage_error_and_version_prints():
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    r = CliRunner().invoke(app, ["export", "--target", "tflite", "--recipe", "fp32", "--out", "x"])
+    assert r.exit_code == 2 and "tflite" in r.output
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.startswith("autoglm-export ")
