@@ -786,6 +786,9 @@ def genai_config(config: Any, files: dict[str, str]) -> dict[str, Any]:
 
 
 GENAI_PACKAGE = "onnxruntime-genai"
+# the onnxruntime-genai release genai_config.json and the named-tensor recipe were written and tested for (the
+# test extra's pin); runtime_versions also records the one installed at export ("not installed" where absent)
+GENAI_VERSION = "0.18.0"
 
 
 def genai_inputs(config: Any, prompt_ids: list[int], pixels: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -834,7 +837,8 @@ def genai_usage(config: Any, tokenizer_files: list[str]) -> dict[str, Any]:
     else:  # og.Tokenizer needs both files
         text = (f"og.Model(dir), generator.append_tokens(prompt ids); no og.Tokenizer: model '{config.name}' ships "
                 "no tokenizer.json + tokenizer_config.json, so the app tokenizes")
-    out: dict[str, Any] = {"package": GENAI_PACKAGE, "config": GENAI_CONFIG, "model_type": "qwen2_5_vl", "text": text}
+    out: dict[str, Any] = {"package": GENAI_PACKAGE, "written_for": GENAI_VERSION, "config": GENAI_CONFIG,
+                           "model_type": "qwen2_5_vl", "text": text}
     if config.vision:
         v = config.vision
         s = config.shape.image_size
