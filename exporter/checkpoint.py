@@ -10,6 +10,9 @@ optionally ``generation_config.json``, ``tokenizer.json`` and
 Shards are memory-mapped and parsed here (8-byte header length, JSON header,
 raw data); each tensor is a zero-copy view of the mapping, assigned straight
 into a model built on the meta device, so the weights are never held twice.
+Large bf16 checkpoints (a 9B) stay in bf16 and compute in fp32 one module at a
+time (see :func:`load_checkpoint`); pages read by the NaN/inf check or by a
+conversion are handed back to the kernel, so loading leaves RSS flat.
 Truncated or corrupt shards, missing and unexpected keys, and configs the
 model cannot represent each raise :class:`CheckpointError` naming the file or key.
 """
@@ -30,6 +33,7 @@ from exporter.errors import BadInputError, CheckpointError, ConfigError
 from exporter.model.config import ExportShape, ModelConfig, SpecialTokens, TextConfig, VisionConfig
 from exporter.model.multimodal import MultimodalModel, build, materialize_buffers
 from exporter.model.templates import GLM_CHAT_TEMPLATE
+from exporter.model.upcast import compute_in_float32
 
 _DTYPES = {
     "F32": torch.float32,
@@ -324,8 +328,37 @@ def shard_files(ckpt: Path) -> list[Path]:
     return files
 
 
+class _Pages:
+    """The file pages under one tensor of a private (ACCESS_COPY) shard mapping.
+
+    ``drop`` hands them back to the kernel (MADV_DONTNEED): a page read once stays in the
+    process's RSS until then, so checking or converting a 20 GB checkpoint would otherwise
+    leave all of it resident. Nothing writes to the mapping, so a dropped page is simply
+    read from the file again when the tensor is next used.
+    """
+
+    def __init__(self, mm: mmap.mmap | None, offset: int, nbytes: int):
+        self.mm, self.offset, self.nbytes = mm, offset, nbytes
+
+    def drop(self, start: int = 0, stop: int | None = None) -> None:
+        """Drop the whole pages inside bytes [start, stop) of the tensor (page-aligned outward)."""
+        if self.mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        stop = self.nbytes if stop is None else stop
+        first = (self.offset + start) // mmap.PAGESIZE * mmap.PAGESIZE
+        last = min(-(-(self.offset + stop) // mmap.PAGESIZE) * mmap.PAGESIZE, len(self.mm))
+        if last > first:
+            self.mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of a shard; tensors are copy-on-write views of an mmap."""
+    for name, tensor, _ in _shard_tensors(path):
+        yield name, tensor
+
+
+def _shard_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, _Pages]]:
+    """(name, tensor, its pages in the mapping) for every tensor of a shard, the header checked."""
     try:
         fh = open(path, "rb")
     except OSError as e:
@@ -375,16 +408,46 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if stop - start != count * itemsize:
             raise CheckpointError(f"{path}: tensor '{name}' has {stop - start} bytes, expected {count * itemsize}")
         if count == 0:
-            yield name, torch.empty(shape, dtype=dtype)
+            yield name, torch.empty(shape, dtype=dtype), _Pages(None, 0, 0)
             continue
         t = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start)
-        yield name, t.view(shape)
+        yield name, t.view(shape), _Pages(mm, base + start, stop - start)
+
+
+# dtype=None keeps bf16/fp16 weights as stored when an fp32 copy of the model would be larger than this
+KEEP_STORED_ABOVE = 2 << 30
+# the NaN/inf check reads a tensor this many bytes at a time, dropping each chunk's pages after it
+_CHECK_CHUNK = 64 << 20
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _all_finite(tensor: torch.Tensor, pages: _Pages) -> bool:
+    """No NaN or inf in ``tensor``, read in chunks whose pages are dropped again (RSS stays flat)."""
+    flat = tensor.reshape(-1)  # a view: mapped tensors are contiguous
+    size = flat.element_size()
+    step = max(1, _CHECK_CHUNK // size)
+    for i in range(0, flat.numel(), step):
+        # min and max propagate NaN and hold any inf; one aminmax pass is ~15x faster than isfinite().all()
+        lo, hi = torch.aminmax(flat[i : i + step])
+        ok = bool(torch.isfinite(lo) & torch.isfinite(hi))
+        pages.drop(i * size, min(i + step, flat.numel()) * size)
+        if not ok:
+            return False
+    return True
 
 
 def load_checkpoint(
-    ckpt: str | Path, shape: ExportShape | None = None, dtype: torch.dtype = torch.float32
+    ckpt: str | Path, shape: ExportShape | None = None, dtype: torch.dtype | None = None
 ) -> MultimodalModel:
-    """The reference model with a checkpoint's weights (eval mode)."""
+    """The reference model with a checkpoint's weights (eval mode); it computes in fp32 whatever ``dtype``.
+
+    ``dtype`` is what the weights are held in. ``None`` (the default) converts them to fp32 unless an
+    fp32 copy of the whole model would exceed :data:`KEEP_STORED_ABOVE` (2 GiB): then bf16/fp16
+    tensors stay as stored, zero-copy views of the mapped shards, and the modules holding them
+    upcast one module's weights per call (:func:`~exporter.model.upcast.compute_in_float32`), so a
+    9B loads in its 20 GB of bf16 instead of 41 GB of fp32, with the numbers an fp32 copy gives.
+    An explicit dtype converts every tensor to it (``torch.float32``: the fp32 copy, at any size).
+    """
     ckpt = Path(ckpt)
     if not ckpt.exists():
         raise CheckpointError(f"{ckpt}: checkpoint directory not found")
@@ -395,11 +458,12 @@ def load_checkpoint(
     expected = {k: v for k, v in model.state_dict().items()}
     if config.text.tie_embeddings:
         expected.pop("text.lm_head.weight", None)
+    keep_half = dtype is None and 4 * sum(t.numel() for t in expected.values()) > KEEP_STORED_ABOVE
     seen: set[str] = set()
     unexpected: list[str] = []
     for shard in shard_files(ckpt):
         tensors = {}
-        for key, tensor in iter_safetensors(shard):
+        for key, tensor, pages in _shard_tensors(shard):
             name = map_key(key)
             if name not in expected:
                 unexpected.append(f"{key} ({shard.name})")
@@ -411,9 +475,13 @@ def load_checkpoint(
                 )
             if not tensor.is_floating_point():
                 raise CheckpointError(f"{shard}: tensor '{key}' is {str(tensor.dtype).replace('torch.', '')}; weights must be floating point")
-            if not bool(torch.isfinite(tensor).all()):
+            if not _all_finite(tensor, pages):
                 raise CheckpointError(f"{shard}: tensor '{key}' holds NaN or infinite values")
-            tensors[name] = tensor if tensor.dtype == dtype else tensor.to(dtype)
+            target = tensor.dtype if keep_half and tensor.dtype in _HALF else (dtype or torch.float32)
+            if tensor.dtype != target:
+                tensor = tensor.to(target)
+                pages.drop()  # the copy is what the model holds; the file's pages are not needed
+            tensors[name] = tensor
             seen.add(name)
         model.load_state_dict(tensors, strict=False, assign=True)
         del tensors
@@ -427,4 +495,5 @@ def load_checkpoint(
     if config.text.tie_embeddings:
         model.text.lm_head.weight = model.text.embed_tokens.weight
     materialize_buffers(model)
+    compute_in_float32(model)  # a no-op unless bf16/fp16 weights were kept
     return model.eval()

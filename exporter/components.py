@@ -93,7 +93,7 @@ class TextDecoderMethod(nn.Module):
         t = cfg.text
         self.text = model.text
         self.max_seq_len = max_seq_len or cfg.shape.max_seq_len
-        dtype = next(model.text.parameters()).dtype
+        dtype = model.compute_dtype  # fp32 also for bf16-stored weights
         self.cache = KVCache(t.num_layers, t.num_kv_heads, self.max_seq_len, t.head_dim, dtype=dtype)
 
     def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,7 @@ class Components:
 
     def example_inputs(self, method: str, seq_len: int = 4) -> tuple[torch.Tensor, ...]:
         cfg = self.config
-        dtype = next(self.model.parameters()).dtype
+        dtype = self.model.compute_dtype
         if method == "token_embedding":
             return (torch.zeros(1, seq_len, dtype=torch.long),)
         if method == "vision_encoder":

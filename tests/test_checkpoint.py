@@ -144,3 +144,172 @@ def test_cli_bad_checkpoint_is_one_line_exit_2(ckpt, tmp_path):
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and victim.name in lines[0]
+
+
+# --- bf16 checkpoints: kept as stored, computed in fp32 --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ckpt_bf16(ckpt, tmp_path_factory):
+    """The same model saved in bf16 (as GLM-4.1V ships), sharded."""
+    from transformers import Glm4vForConditionalGeneration
+
+    path = tmp_path_factory.mktemp("ckpt_bf16")
+    Glm4vForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16).save_pretrained(path, max_shard_size="100KB")
+    return path
+
+
+def _mapped_file_offset(ptr: int) -> tuple[str, int] | None:
+    """(file, offset in it) of the file mapping holding address ``ptr`` in this process, None if none does."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            start, stop = (int(x, 16) for x in parts[0].split("-"))
+            if start <= ptr < stop and len(parts) == 6:
+                return parts[5].strip(), int(parts[2], 16) + ptr - start
+    return None
+
+
+def _header_offsets(ckpt) -> dict[str, tuple[str, int]]:
+    """Checkpoint key -> (shard path, file offset of its data)."""
+    import struct
+
+    out = {}
+    for shard in ckpt.glob("*.safetensors"):
+        raw = shard.read_bytes()
+        hlen = struct.unpack("<Q", raw[:8])[0]
+        for key, info in json.loads(raw[8 : 8 + hlen]).items():
+            if key != "__metadata__":
+                out[key] = (str(shard.resolve()), 8 + hlen + info["data_offsets"][0])
+    return out
+
+
+def _reference_logits(model):
+    """The eager reference over text and an image: every kind of module (linear, conv, norms, embeddings) runs."""
+    ids = model.config.tokens
+    n = (model.config.image_grid // model.config.vision.spatial_merge_size) ** 2
+    tokens = torch.tensor([[5, 6, ids.image_start_id] + [ids.image_token_id] * n + [ids.image_end_id, 7, 8]])
+    pos = torch.arange(tokens.shape[1]).expand(3, -1)
+    pixels = torch.randn(1, 3, model.config.shape.image_size, model.config.shape.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(tokens, pos, pixels=pixels)
+
+
+def test_small_bf16_checkpoint_is_converted_to_fp32(ckpt_bf16):
+    from exporter.model.upcast import Float32Linear
+
+    model = load_checkpoint(ckpt_bf16)  # dtype=None: an fp32 copy of this model is far below 2 GiB
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not any(isinstance(m, Float32Linear) for m in model.modules())
+
+
+def test_large_bf16_checkpoint_stays_mapped_and_computes_like_fp32(ckpt_bf16, monkeypatch):
+    from exporter import checkpoint
+    from exporter.model.upcast import Float32Linear
+
+    converted = load_checkpoint(ckpt_bf16, dtype=torch.float32)
+    monkeypatch.setattr(checkpoint, "KEEP_STORED_ABOVE", 0)  # this model counts as large
+    kept = load_checkpoint(ckpt_bf16)
+    where = _header_offsets(ckpt_bf16)
+    keys = {checkpoint.map_key(k): k for k in where}
+    params = dict(kept.named_parameters())
+    assert len(params) == len(keys) and all(p.dtype == torch.bfloat16 for p in params.values())
+    for name, p in params.items():
+        # each weight is the shard's own bytes at its file offset: no copy, no fp32 twin
+        assert _mapped_file_offset(p.data_ptr()) == where[keys[name]], name
+    assert isinstance(kept.text.lm_head, Float32Linear) and isinstance(kept.text.lm_head, torch.nn.Linear)
+    assert kept.compute_dtype == torch.float32
+    ref, got = _reference_logits(converted), _reference_logits(kept)
+    assert got.dtype == torch.float32 and ref.std() > 0.01
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+    assert all(p.dtype == torch.bfloat16 for p in kept.parameters())  # running upcast nothing in place
+
+
+def test_chunked_upcast_of_large_linears_gives_the_same_logits(ckpt_bf16, monkeypatch):
+    from exporter import checkpoint
+    from exporter.model import upcast
+
+    converted = load_checkpoint(ckpt_bf16, dtype=torch.float32)
+    monkeypatch.setattr(checkpoint, "KEEP_STORED_ABOVE", 0)
+    monkeypatch.setattr(upcast, "CHUNK_BYTES", 4 * 64 * 10)  # 10-row chunks: lm_head (256 rows) in 26 pieces
+    torch.testing.assert_close(_reference_logits(load_checkpoint(ckpt_bf16)), _reference_logits(converted), rtol=0, atol=1e-6)
+
+
+def test_nan_in_a_large_bf16_tensor_is_found_past_the_first_chunk(ckpt_bf16, tmp_path, monkeypatch):
+    from exporter import checkpoint
+
+    c = _copy(ckpt_bf16, tmp_path)
+    index = json.loads((c / "model.safetensors.index.json").read_text())
+    key = "model.language_model.embed_tokens.weight"
+    shard = c / index["weight_map"][key]
+    sd = load_file(shard)
+    sd[key][-1, -1] = float("nan")  # the last element: only a check that reads every chunk sees it
+    save_file(sd, shard, metadata={"format": "pt"})
+    monkeypatch.setattr(checkpoint, "_CHECK_CHUNK", 4096)
+    monkeypatch.setattr(checkpoint, "KEEP_STORED_ABOVE", 0)
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: tensor '{key}' holds NaN or infinite values"):
+        load_checkpoint(c)
+
+
+_PEAK_SCRIPT = """
+import os, sys, torch
+from exporter import checkpoint
+checkpoint.KEEP_STORED_ABOVE = 0  # these small-width cuts count as large: bf16 is kept unless fp32 is asked for
+
+def load_and_run(ckpt, mode):
+    model = checkpoint.load_checkpoint(ckpt, dtype=torch.float32 if mode == "fp32" else None)
+    assert {p.dtype for p in model.text.layers.parameters()} == {torch.float32 if mode == "fp32" else torch.bfloat16}
+    tokens = torch.tensor([[151331, 151333, 151336, 100, 200, 300, 151337]])
+    with torch.no_grad():
+        logits = model(tokens, torch.arange(tokens.shape[1]).expand(3, -1))
+    assert torch.isfinite(logits).all()
+
+# torch is imported once; each load + forward runs in a child of its own, whose peak RSS wait4 reports
+for arg in sys.argv[1:]:
+    ckpt, mode = arg.rsplit(":", 1)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            load_and_run(ckpt, mode)
+        except BaseException as e:
+            print(f"{arg}: {e!r}", file=sys.stderr)
+            os._exit(1)
+        os._exit(0)
+    _, status, usage = os.wait4(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, arg
+    print(arg, usage.ru_maxrss * 1024)
+"""
+
+
+def test_peak_rss_of_load_and_forward_grows_by_less_than_the_layers_fp32_weights(tmp_path):
+    """Twice the layers: an fp32 copy adds their fp32 weights to the peak; kept bf16 only their touched pages."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from exporter.make_checkpoint import tensor_specs, write_checkpoint
+    from exporter.model.config import PRESETS
+
+    base = PRESETS["autoglm-phone-9b"]
+    paths, layer_bytes = {}, 0
+    for layers in (1, 2):
+        cfg = base.replace(
+            name=f"wide{layers}",
+            text=dataclasses.replace(base.text, hidden_size=512, num_layers=layers, num_heads=4, num_kv_heads=2, intermediate_size=16384),
+            vision=dataclasses.replace(base.vision, hidden_size=32, depth=1, num_heads=2, out_hidden_size=512, intermediate_size=48),
+        )
+        paths[layers] = tmp_path / cfg.name
+        write_checkpoint(paths[layers], cfg, seed=1, max_shard_size="200MB")
+        (paths[layers] / "tokenizer.json").unlink()  # not needed here, and parsing it twice per load is slow
+        layer_bytes = 4 * sum(s.numel for s in tensor_specs(cfg) if ".layers.0." in s.name)
+
+    jobs = [f"{paths[n]}:{mode}" for mode in ("fp32", "keep") for n in (1, 2)]
+    run = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, *jobs], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak = dict(line.rsplit(" ", 1) for line in run.stdout.splitlines())
+    grown = {mode: int(peak[f"{paths[2]}:{mode}"]) - int(peak[f"{paths[1]}:{mode}"]) for mode in ("fp32", "keep")}
+    mib = {m: round(v / 2**20) for m, v in grown.items()}
+    # the measurement sees one more layer's fp32 weights (99 MiB here) when they are copied to fp32 ...
+    assert grown["fp32"] > 0.85 * layer_bytes, (mib, layer_bytes >> 20)
+    # ... and with bf16 kept only that layer's bf16 pages, read by the forward (half of it): no fp32 copy
+    assert grown["keep"] < 0.75 * layer_bytes, (mib, layer_bytes >> 20)

@@ -26,6 +26,14 @@ class MultimodalModel(nn.Module):
         self.audio = AudioEncoder(config.audio, config.text.hidden_size) if config.audio else None
         self.fusion = GatedFusion(config.text.hidden_size) if config.fusion else None
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations (and the KV cache) flow in: fp32 also when weights are stored in bf16/fp16.
+
+        Such weights are upcast one module at a time as it runs (exporter.model.upcast).
+        """
+        return torch.promote_types(next(self.parameters()).dtype, torch.float32)
+
     # --- per-modality embeddings (what the exported methods compute) ------------
     def embed_text(self, tokens: torch.Tensor) -> torch.Tensor:
         # tokens: [1, T] -> [1, T, H]
@@ -37,7 +45,7 @@ class MultimodalModel(nn.Module):
 
     def placeholder_embedding(self, token_id: int) -> torch.Tensor:
         """The text part fused into every image/audio position: that placeholder's embedding [H]."""
-        return self.text.embed_tokens.weight[token_id].detach().clone()
+        return self.text.embed_tokens.weight[token_id].detach().clone().to(self.compute_dtype)
 
     def fuse_media(self, media: torch.Tensor, placeholder: torch.Tensor, slot: int) -> torch.Tensor:
         # media: [N, H] of one image (slot 1) or audio clip (slot 2); placeholder: [H] -> [1, N, H]

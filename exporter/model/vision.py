@@ -38,7 +38,7 @@ class PatchEmbed(nn.Module):
         w = self.proj.weight
         conv = nn.Conv2d(w.shape[1], w.shape[0], kernel_size=w.shape[-1], stride=w.shape[-1])
         with torch.no_grad():
-            conv.weight.copy_(w.sum(2))
+            conv.weight.copy_(w.to(conv.weight.dtype).sum(2))  # summed in fp32 also when w is bf16
             conv.bias.copy_(self.proj.bias)
         return conv
 
@@ -131,7 +131,7 @@ class VisionEncoder(nn.Module):
         norm_h = ((h.float() + 0.5) / grid) * 2 - 1
         where = torch.stack((norm_w, norm_h), dim=-1).view(1, -1, 1, 2)
         pos = F.grid_sample(src, where, mode="bicubic", align_corners=False, padding_mode="border")
-        pos = pos.squeeze(0).squeeze(-1).T.to(table.dtype)  # [N, C]
+        pos = pos.squeeze(0).squeeze(-1).T.to(torch.promote_types(table.dtype, torch.float32))  # [N, C], fp32 for a bf16 table
         quarter = cfg.head_dim // 2
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float32) / quarter))
         freqs = torch.cat((h[:, None].float() * inv_freq, w[:, None].float() * inv_freq), dim=-1)

@@ -1,0 +1,84 @@
+"""Half-precision weights, fp32 compute: upcast one module's weights at a time, as it runs.
+
+A 9B checkpoint stored in bf16 is 20 GB; converted to fp32 at load it would be
+41 GB. Instead its tensors stay as stored (views of the memory-mapped shards)
+and :func:`compute_in_float32` switches each module holding such weights to a
+subclass whose ``forward`` upcasts them for the call only. Activations stay
+fp32 throughout, so the numbers equal those of an fp32-converted copy of the
+same weights, while at most one module's fp32 weights exist at a time (large
+Linears, the lm_head above all, are even upcast in row chunks).
+
+The switch changes ``__class__`` only: parameters, names and ``state_dict``
+keys are untouched, and ``isinstance(m, nn.Linear)`` still holds. Modules
+whose weights are fp32 are left alone, so fp32 models run exactly as before.
+Our own RMSNorm needs no switch: ``weight * x`` promotes a bf16 weight to fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# a Linear whose fp32 weight would exceed this is upcast and applied in row chunks of this size
+CHUNK_BYTES = 256 << 20
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
+class Float32Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = max(1, CHUNK_BYTES // (4 * self.in_features))
+        if self.out_features <= rows:
+            return F.linear(x, self.weight.float(), _f32(self.bias))
+        weights = self.weight.split(rows)
+        biases = self.bias.split(rows) if self.bias is not None else [None] * len(weights)
+        return torch.cat([F.linear(x, w.float(), _f32(b)) for w, b in zip(weights, biases)], dim=-1)
+
+
+class Float32Embedding(nn.Embedding):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).float()  # gather the rows, then upcast only those
+
+
+class Float32LayerNorm(nn.LayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, _f32(self.weight), _f32(self.bias), self.eps)
+
+
+class Float32Conv1d(nn.Conv1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight.float(), _f32(self.bias))
+
+
+class Float32Conv2d(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight.float(), _f32(self.bias))
+
+
+class Float32Conv3d(nn.Conv3d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight.float(), _f32(self.bias))
+
+
+_SWITCH = {
+    nn.Linear: Float32Linear,
+    nn.Embedding: Float32Embedding,
+    nn.LayerNorm: Float32LayerNorm,
+    nn.Conv1d: Float32Conv1d,
+    nn.Conv2d: Float32Conv2d,
+    nn.Conv3d: Float32Conv3d,
+}
+
+
+def compute_in_float32(model: nn.Module) -> int:
+    """Switch every module with bf16/fp16 weights to its upcasting subclass; returns how many were switched."""
+    switched = 0
+    for m in model.modules():
+        cls = _SWITCH.get(type(m))
+        if cls is not None and any(p.dtype in (torch.bfloat16, torch.float16) for p in m.parameters(recurse=False)):
+            m.__class__ = cls
+            switched += 1
+    return switched
