@@ -111,37 +111,46 @@ class EtTextDecoder(nn.Module):
     """text_decoder(embeds, cache_position): positions from its own state (the runner's rule).
 
     ``image_start`` is the <|begin_of_image|> embedding row [H] (None: the model has no vision, every
-    call is text); ``image_tokens`` = grid * grid rows per image.
+    call is text); an image is ``grid`` x ``grid`` rows. Position arithmetic uses int64 constant tensors,
+    never Python scalars: PT2E turns scalar operands into float32 constants, which made the int8-static
+    program compute positions in float (through XNNPACK) and cast them back into the int64 state.
     """
 
-    def __init__(self, inner: nn.Module, grid: int, image_start: torch.Tensor | None = None):
+    def __init__(self, inner: nn.Module, grid: int, max_seq_len: int, image_start: torch.Tensor | None = None):
         super().__init__()
         self.inner = inner
-        self.grid = max(grid, 1)
         self.vision = image_start is not None
+        g = max(grid, 1)
+        steps = torch.arange(max_seq_len, dtype=torch.long)
+        self.register_buffer("steps", steps, persistent=False)
+        self.register_buffer("one", torch.ones(1, dtype=torch.long), persistent=False)
         if image_start is not None:
             row = image_start.detach().float().reshape(-1)
-            self.register_buffer("image_start", row.clone())
+            self.register_buffer("image_start", row.clone(), persistent=False)
             # squared distance below which a row is <|begin_of_image|>: (MARKER_TOL * |row|)^2
             self.threshold = float((MARKER_TOL * row.norm()) ** 2)
+            self.register_buffer("rows", torch.div(steps, g, rounding_mode="floor"), persistent=False)
+            self.register_buffer("cols", steps % g, persistent=False)
+            self.register_buffer("side", torch.full((1,), g, dtype=torch.long), persistent=False)
+            self.register_buffer("image_len", torch.full((1,), g * g, dtype=torch.long), persistent=False)
         setattr(self, STATE, RopeState())
 
     def forward(self, embeds: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         state: RopeState = getattr(self, STATE)
         t = embeds.shape[1]
-        idx = torch.arange(t, dtype=torch.long)
+        idx = self.steps[:t]
         fresh = cache_position[:1] == 0
         offset = torch.where(fresh, torch.zeros_like(state.offset), state.offset)
         text = offset + idx
+        after_text = text[-1:] + self.one
         if not self.vision:
-            state.offset.copy_(text[-1:] + 1)
+            state.offset.copy_(after_text)
             return self.inner(embeds, text.unsqueeze(0).expand(3, t), cache_position)
-        g = self.grid
         marked = (state.image_next > 0) & ~fresh
-        image = marked & (idx[-1:] + 1 == g * g)  # a marked call of exactly one image's rows
-        grid = torch.stack([text - idx, offset + torch.div(idx, g, rounding_mode="floor"), offset + idx % g])
+        image = marked & (idx[-1:] + self.one == self.image_len)  # a marked call of exactly one image's rows
+        grid = torch.stack([offset.expand(t), offset + self.rows[:t], offset + self.cols[:t]])
         position_ids = torch.where(image, grid, text.unsqueeze(0).expand(3, t))
-        state.offset.copy_(torch.where(image, offset + g, text[-1:] + 1))
+        state.offset.copy_(torch.where(image, offset + self.side, after_text))
         diff = embeds[0, -1:].float() - self.image_start  # [1, H]: this call's last row
         state.image_next.copy_(((diff * diff).sum(dim=-1) <= self.threshold).long())
         return self.inner(embeds, position_ids, cache_position)
@@ -202,7 +211,11 @@ def program_modules(components: Any, image_start: torch.Tensor | None = None) ->
     grid = components.config.image_grid // components.config.vision.spatial_merge_size if components.config.vision else 1
     out: dict[str, nn.Module] = {}
     for name, module in components.methods().items():
-        out[name] = EtTextDecoder(module, grid, image_start) if name == "text_decoder" else module
+        if name == "text_decoder":
+            max_len = getattr(module, "max_seq_len", components.config.shape.max_seq_len)
+            out[name] = EtTextDecoder(module, grid, max_len, image_start)
+        else:
+            out[name] = module
     return out
 
 
