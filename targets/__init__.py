@@ -20,8 +20,8 @@ TARGETS: dict[str, str] = {
 # tests/test_cli.py checks it against each target's own RECIPES
 RECIPES_BY_TARGET: dict[str, tuple[str, ...]] = {
     "executorch": ("fp32", "int8-weight", "8da4w", "int8-static"),
-    "ort": ("fp32", "int8-weight", "int8-static"),
-    "coreml": ("fp16", "int8-weight", "int8-static"),
+    "ort": ("fp32", "int8-weight", "int8-static", "int4-weight"),
+    "coreml": ("fp16", "int8-weight", "int8-static", "int4-weight"),
 }
 
 
