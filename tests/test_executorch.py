@@ -412,6 +412,27 @@ def test_program_decoder_recognises_the_image_from_the_int8_begin_of_image_row(t
     assert nearest > 2 * MARKER_TOL
 
 
+def test_model_without_vision_exports_and_generates_like_eager(tmp_path):
+    """No vision: the decoder holds no <|begin_of_image|> marker and every call gets text positions."""
+    import dataclasses
+
+    from exporter.components import build_components
+    from exporter.model import build, get_preset
+    from exporter.runner import load_tokenizer
+
+    cfg = dataclasses.replace(get_preset("tiny"), vision=None, audio=None, fusion=False)
+    components = build_components(build(cfg))
+    art = ExecuTorchTarget().export(components, Recipe("fp32"), tmp_path / "text-only")
+    assert "image_marker" not in art.info["report"]
+    assert {m: [t["name"] for t in p["inputs"]] for m, p in art.info["programs"].items()} == {
+        "token_embedding": ["tokens"], "text_decoder": ["embeds", "cache_position"]}
+    tokenizer = load_tokenizer(cfg)
+    prompt = Prompt(text="Tell me a story about the sea.")
+    ours = Runner(ExecuTorchTarget().load(art), cfg, tokenizer).generate(prompt, max_new_tokens=12, stop_at_eos=False)
+    eager = Runner(EagerSession(components), cfg, tokenizer).generate(prompt, max_new_tokens=12, stop_at_eos=False)
+    assert len(eager.tokens) == 12 and ours.tokens == eager.tokens
+
+
 def test_export_refuses_a_model_where_another_token_passes_for_begin_of_image(tmp_path):
     from exporter.components import build_components
     from exporter.model import build, get_preset
