@@ -90,6 +90,23 @@ class _StderrHandler(logging.Handler):
         typer.echo(f"warning: {record.getMessage()}", err=True)
 
 
+THIRD_PARTY_LOGGERS = ("torch", "torchao", "executorch", "coremltools", "onnx", "onnxscript", "onnxruntime", "transformers")
+
+
+def _quiet_third_party() -> None:
+    """A default run shows progress and results: the libraries' Python warnings and INFO/WARNING logs are hidden.
+
+    They are about the libraries themselves (deprecations, optional CUDA extensions, untested versions), never
+    about the user's input; --verbose shows them. Our own warnings use the autoglm_export logger and stay.
+    """
+    import warnings
+
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import version
@@ -103,8 +120,14 @@ def main_options(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Show the third-party libraries' warnings and logs (hidden by default)."),
+    ] = False,
 ) -> None:
     """Export the multimodal AutoGLM-Phone-9B (GLM-4.1V family) to ExecuTorch, Core ML and ONNX Runtime mobile."""
+    if not verbose:
+        _quiet_third_party()
     log = logging.getLogger("autoglm_export")  # the library's warnings: one "warning:" line each on stderr
     if not log.handlers:
         log.addHandler(_StderrHandler())
