@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generator
 
 import numpy as np
 
@@ -35,6 +35,9 @@ class Prompt:
     image: str | Path | np.ndarray | None = None  # a file, or pixels [1,3,S,S]
     audio: str | Path | np.ndarray | None = None  # a file, or log-mel [1,n_mels,F]
     thinking: bool | None = None  # the template's enable_thinking (None: the template's default)
+    # a whole conversation in the template's message form (media parts {"type": "image"|"audio"} where the image /
+    # audio above goes); when given, it is rendered instead of one user turn of ``text`` (a server's multi-turn chat)
+    messages: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -82,8 +85,11 @@ class Runner:
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """The ids of the rendered chat template, one placeholder token per image/audio (as apply_chat_template)."""
         extra = {} if prompt.thinking is None else {"enable_thinking": bool(prompt.thinking)}
-        message = user_message(prompt.text, image=prompt.image is not None, audio=prompt.audio is not None)
-        text = render(self.template, [message], add_generation_prompt=True, **extra)
+        if prompt.messages is not None:
+            messages = prompt.messages
+        else:
+            messages = [user_message(prompt.text, image=prompt.image is not None, audio=prompt.audio is not None)]
+        text = render(self.template, messages, add_generation_prompt=True, **extra)
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def pixels(self, image: str | Path | np.ndarray) -> np.ndarray:
@@ -194,6 +200,27 @@ class Runner:
         seed: int = 0,
         stop_at_eos: bool = True,
     ) -> GenerationResult:
+        steps = self.stream(prompt, max_new_tokens, temperature, top_p, seed, stop_at_eos)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_at_eos: bool = True,
+    ) -> Generator[int, None, GenerationResult]:
+        """The generation loop, one id at a time as each is chosen (a server streams them; generate drains it).
+
+        The generator's return value (``StopIteration.value``) is the GenerationResult; closing it early stops
+        the loop before the next decoder call (a client that went away).
+        """
         segments = self.segments(prompt)
         prompt_tokens = [t for s in segments for t in s.tokens]
         prompt_logits = self.prefill(segments)
@@ -211,6 +238,7 @@ class Runner:
                 stopped = True
                 break
             tokens.append(tok)
+            yield tok
             if len(tokens) >= budget:
                 break
             emb = self.session.run("token_embedding", tokens=np.asarray([[tok]], dtype=np.int64))
