@@ -245,6 +245,7 @@ def export(
     the smallest such set found greedily by calibration.sensitivity.
     """
     from exporter.components import build_components
+    from exporter.model.upcast import float32_weights
     from targets import get_target
     from targets.base import Recipe, check_output_dir, check_recipe, no_progress
 
@@ -277,6 +278,7 @@ def export(
 
         read_manifest(Path(calibration))  # every bad line, before the model is loaded
     model = load_reference(preset, checkpoint, layers)
+    float32_weights(model)  # a large bf16 checkpoint is kept mapped for eager use; exporters trace fp32 modules
     check_keep_float(model, rec.keep_float)
     if grouped:
         check_group_size(model, rec.group_size)

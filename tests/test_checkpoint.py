@@ -235,6 +235,20 @@ def test_chunked_upcast_of_large_linears_gives_the_same_logits(ckpt_bf16, monkey
     torch.testing.assert_close(_reference_logits(load_checkpoint(ckpt_bf16)), _reference_logits(converted), rtol=0, atol=1e-6)
 
 
+def test_float32_weights_for_export_turns_a_kept_model_into_the_converted_one(ckpt_bf16, monkeypatch):
+    from exporter import checkpoint
+    from exporter.model.upcast import float32_weights
+
+    converted = load_checkpoint(ckpt_bf16, dtype=torch.float32)
+    monkeypatch.setattr(checkpoint, "KEEP_STORED_ABOVE", 0)
+    kept = load_checkpoint(ckpt_bf16)
+    assert float32_weights(kept) == len(list(kept.parameters()))
+    assert {type(m) for m in kept.modules()} == {type(m) for m in converted.modules()}  # plain nn classes again
+    ref = dict(converted.named_parameters())
+    assert all(torch.equal(p, ref[n]) for n, p in kept.named_parameters())
+    assert torch.equal(_reference_logits(kept), _reference_logits(converted))
+
+
 def test_nan_in_a_large_bf16_tensor_is_found_past_the_first_chunk(ckpt_bf16, tmp_path, monkeypatch):
     from exporter import checkpoint
 

@@ -82,3 +82,25 @@ def compute_in_float32(model: nn.Module) -> int:
             m.__class__ = cls
             switched += 1
     return switched
+
+
+def float32_weights(model: nn.Module) -> int:
+    """Undo :func:`compute_in_float32` for export: bf16/fp16 weights become fp32 copies, modules their base class.
+
+    The exporters trace plain fp32 modules; torch.onnx, for one, turned a Float32Linear's upcast into a
+    MatMul of a bf16 initializer with fp32 activations, which onnxruntime refuses. Returns how many
+    tensors were converted. This is the fp32 copy a kept checkpoint avoided, so it belongs to export only.
+    """
+    copies: dict[int, nn.Parameter] = {}  # one copy per tensor: tied weights stay tied
+    for m in model.modules():
+        for name, p in list(m.named_parameters(recurse=False)):
+            if p.dtype in (torch.bfloat16, torch.float16):
+                if id(p) not in copies:
+                    copies[id(p)] = nn.Parameter(p.detach().float(), requires_grad=p.requires_grad)
+                setattr(m, name, copies[id(p)])
+        if type(m) in _BASE:
+            m.__class__ = _BASE[type(m)]
+    return len(copies)
+
+
+_BASE = {sub: base for base, sub in _SWITCH.items()}
