@@ -373,6 +373,42 @@ def make_checkpoint(
     typer.echo(f"{summary['model']}: {summary['parameters']:,} parameters, {_human(summary['bytes'])} bf16, {summary['wall_s']:.1f} s")
 
 
+@app.command()
+@handled
+def serve(
+    artifact_dir: Annotated[
+        Optional[Path], typer.Argument(help="An exported artifact (dir or file); omit to serve the reference model.")
+    ] = None,
+    preset: Preset = None,
+    checkpoint: Checkpoint = None,
+    layers: Layers = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    served_model_name: Annotated[
+        Optional[str], typer.Option("--served-model-name", help="The `model` name clients send (default: the model's).")
+    ] = None,
+    queue_size: Annotated[
+        int, typer.Option("--queue-size", help="Requests that may wait for the model; more are refused with 429.")
+    ] = 8,
+) -> None:
+    """Serve an artifact (or the reference) behind an OpenAI-compatible API: /v1/models, /v1/chat/completions."""
+    from exporter import serve as server
+
+    if artifact_dir is not None and preset:
+        raise BadInputError("serve an ARTIFACT_DIR or a reference (--preset / --checkpoint), not both")
+    if artifact_dir is None:
+        preset, checkpoint = _source(preset, checkpoint)
+    if queue_size < 1:
+        raise BadInputError(f"--queue-size {queue_size}: must be at least 1")
+    if not 0 <= port <= 65535:
+        raise BadInputError(f"--port {port}: must be in 0..65535")
+    sock = server.listen(host, port)  # a taken port is refused before the model loads
+    loaded = server.open_model(artifact_dir, preset, checkpoint, layers)
+    name = served_model_name or loaded.config.name
+    typer.echo(f"[{loaded.label}] serving '{name}' at http://{host}:{sock.getsockname()[1]}/v1 (Ctrl-C stops)", err=True)
+    server.serve(loaded, host, port, name, queue_size, sock=sock)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
