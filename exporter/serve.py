@@ -438,7 +438,7 @@ class Engine:
             raise BadInputError(f"--queue-size {queue_size}: must be at least 1")
         self.runner = runner
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
-        self.stats = {"completed": 0, "cancelled": 0, "refused": 0, "failed": 0}
+        self.stats = {"completed": 0, "cancelled": 0, "refused": 0, "failed": 0, "generated_tokens": 0}
         self.busy = False
         self.closed = False
         self.thread = threading.Thread(target=self._work, name="autoglm-serve-engine", daemon=True)
@@ -498,6 +498,7 @@ class Engine:
                     self.stats["completed"] += 1
                     job.emit("done", done.value.stopped_by_eos)
                     return
+                self.stats["generated_tokens"] += 1
                 job.emit("token", token)
         except AutoglmExportError as e:
             self.stats["failed"] += 1
