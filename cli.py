@@ -103,6 +103,7 @@ def _quiet_third_party() -> None:
 
     warnings.simplefilter("ignore")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("TORCH_LOGS", "-all")  # torch sets its loggers' levels when imported: ERROR for all
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 

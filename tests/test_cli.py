@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -87,20 +89,17 @@ def test_bad_target_is_a_usage_error_and_version_prints():
     assert r.exit_code == 0 and r.output.startswith("autoglm-export ")
 
 
-def test_default_run_hides_third_party_noise_and_verbose_shows_it(tmp_path):
-    """A fresh process (imports and their warnings happen inside it): default stderr is our own lines only."""
+def test_default_run_hides_third_party_noise_and_verbose_shows_it():
+    """Importing the runtimes (coremltools, torchao) warns on stderr; the default filter leaves nothing, --verbose
+    (no filter) leaves the warnings. Fresh processes: the imports and their warnings happen inside them."""
     import subprocess
     import sys
 
-    def run(*flags):
-        code = "import sys; from cli import app; sys.argv = ['autoglm-export'] + sys.argv[1:]; app()"
-        return subprocess.run([sys.executable, "-c", code, *flags, "export", "--target", "ort", "--recipe", "fp32",
-                               "--out", str(tmp_path / f"o{len(flags)}")], capture_output=True, text=True, timeout=900)
+    def stderr_of(quiet: bool) -> str:
+        code = ("import cli; " + ("cli._quiet_third_party(); " if quiet else "")
+                + "import coremltools, torchao.quantization, executorch.exir")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}).stderr
 
-    quiet = run()
-    assert quiet.returncode == 0, quiet.stderr
-    noise = [l for l in quiet.stderr.replace("\r", "\n").splitlines() if l.strip() and "it/s" not in l and "s/it" not in l]
-    assert noise == [], noise
-    loud = run("--verbose")
-    assert loud.returncode == 0, loud.stderr
-    assert "Warning" in loud.stderr or "warn" in loud.stderr.lower()  # the libraries do warn: the filter is doing something
+    assert stderr_of(quiet=False).strip(), "the libraries no longer warn on import: this test no longer tests the filter"
+    assert stderr_of(quiet=True).strip() == ""
