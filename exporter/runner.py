@@ -67,7 +67,7 @@ def load_tokenizer(config: ModelConfig, path: str | Path | None = None):
     """The one place a runner's tokenizer is chosen: an explicit path, else the config's."""
     source = path or config.tokenizer
     if not source:
-        raise BadInputError(f"model '{config.name}' has no tokenizer.json; pass one (e.g. the checkpoint's)")
+        raise BadInputError(f"model '{config.name}' has no tokenizer: put the model's tokenizer.json (and tokenizer_config.json) in its checkpoint directory")
     return preprocess.load_tokenizer(source)
 
 
