@@ -50,7 +50,8 @@ log = logging.getLogger("autoglm_export.serve")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 DEFAULT_QUEUE_SIZE = 8
 MAX_STOP_STRINGS = 4
-DISCONNECT_POLL_S = 0.05
+DISCONNECT_POLL_S = 0.05  # while the job runs: a gone client stops within about one decoder step
+QUEUED_POLL_S = 0.5  # while it waits: it is skipped when its turn comes, so a slower poll costs nothing
 
 
 # --- errors as OpenAI answers them ----------------------------------------------------------------
@@ -422,6 +423,7 @@ class Job:
     queued_at: float = field(default_factory=time.perf_counter)
     cancelled_by_client: bool = False  # the client went away (set by _watch_disconnect)
     stopped: bool = False  # a stop string ended the answer (the worker is then told to stop, not counted as cancelled)
+    started: bool = False  # the worker took it
 
     def emit(self, kind: str, value: Any = None) -> None:
         try:
@@ -476,7 +478,7 @@ class Engine:
             if job.cancelled.is_set():
                 self.stats["cancelled"] += 1
                 continue
-            self.busy = True
+            self.busy = job.started = True
             try:
                 self._run(job)
             finally:
@@ -609,7 +611,7 @@ async def _watch_disconnect(request, job: Job) -> None:
                 job.cancelled_by_client = True
                 job.cancelled.set()
                 return
-            await asyncio.sleep(DISCONNECT_POLL_S)
+            await asyncio.sleep(DISCONNECT_POLL_S if job.started else QUEUED_POLL_S)
     except asyncio.CancelledError:
         pass
 

@@ -433,7 +433,8 @@ def ort_fp32(tmp_path_factory):
     return out
 
 
-def test_served_artifact_answers_equal_generate_artifact(ort_fp32, media):
+@pytest.mark.slow
+def test_served_artifact_answers_equal_generate_artifact(ort_fp32):
     from exporter.serve import open_model
 
     tokens, text, _ = _generate("--artifact", str(ort_fp32), "--prompt", PROMPT, "--max-new-tokens", "12")
