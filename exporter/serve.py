@@ -171,11 +171,14 @@ def parse_request(body: Any, runner: Runner, model_name: str) -> ChatRequest:
         raise bad("'n' must be 1 (one choice per request)", "n")
     if body.get("logprobs"):
         raise bad("'logprobs' is not supported by this server", "logprobs")
-    cfg = runner.config
-    messages, image, audio = convert_messages(body.get("messages"), runner)
-    thinking = _thinking(body)
-    if thinking is not None and not has_thinking_switch(runner.template):
-        raise bad(f"'enable_thinking': the chat template of '{cfg.name}' has no thinking switch", "enable_thinking")
+    options = dict(  # the cheap checks first: a bad option is refused before any media is decoded
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        stop=_stops(body.get("stop")),
+        stream=_flag(body, "stream", False),
+        return_reasoning=_flag(body, "return_reasoning", True),
+        return_token_ids=_flag(body, "return_token_ids", False),
+    )
     max_tokens = _integer(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1)
@@ -183,6 +186,12 @@ def parse_request(body: Any, runner: Runner, model_name: str) -> ChatRequest:
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise bad("'stream_options' must be an object", "stream_options")
+    include_usage = _flag(stream_options, "include_usage", False)
+    cfg = runner.config
+    thinking = _thinking(body)
+    if thinking is not None and not has_thinking_switch(runner.template):
+        raise bad(f"'enable_thinking': the chat template of '{cfg.name}' has no thinking switch", "enable_thinking")
+    messages, image, audio = convert_messages(body.get("messages"), runner)
     prompt = Prompt(text="", image=image, audio=audio, thinking=thinking, messages=messages)
     try:
         segments = runner.segments(prompt)
@@ -197,15 +206,10 @@ def parse_request(body: Any, runner: Runner, model_name: str) -> ChatRequest:
         prompt=prompt,
         prompt_tokens=prompt_tokens,
         max_tokens=min(max_tokens or room, room),
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         seed=secrets.randbits(63) if seed is None else seed,
-        stop=_stops(body.get("stop")),
-        stream=_flag(body, "stream", False),
-        include_usage=_flag(stream_options, "include_usage", False),
+        include_usage=include_usage,
         opens_thinking=rendered.rstrip().endswith(THINK_OPEN),
-        return_reasoning=_flag(body, "return_reasoning", True),
-        return_token_ids=_flag(body, "return_token_ids", False),
+        **options,
     )
 
 
