@@ -22,9 +22,19 @@ Progress = Callable[[str, int, int], None]
 def resolve_config(preset: str | None = "tiny", checkpoint: str | Path | None = None, layers: int | None = None) -> ModelConfig:
     """The config of a preset or a checkpoint, without touching weights."""
     if checkpoint:
-        from exporter.checkpoint import config_from_checkpoint
+        kind, path = _checkpoint_kind(checkpoint)
+        if kind == "gguf":
+            from exporter.gguf import gguf_file_config
 
-        cfg = config_from_checkpoint(_checkpoint_dir(checkpoint))
+            cfg = gguf_file_config(path)
+        elif kind == "hf-text":
+            from exporter.hf_text import text_config
+
+            cfg = text_config(path)
+        else:
+            from exporter.checkpoint import config_from_checkpoint
+
+            cfg = config_from_checkpoint(path)
         return cfg.with_layers(layers) if layers is not None else cfg
     if preset == GGUF_PRESET:
         from exporter.gguf import gguf_file_config, smollm2_path
@@ -38,25 +48,38 @@ def resolve_config(preset: str | None = "tiny", checkpoint: str | Path | None = 
 GGUF_PRESET = "smollm2-135m"
 
 
-def _checkpoint_dir(checkpoint: str | Path) -> Path:
+def _checkpoint_kind(checkpoint: str | Path) -> tuple[str, Path]:
+    """("glm4v" | "hf-text" | "gguf", path): a Glm4v directory, a Llama/Qwen2 directory, or a .gguf file."""
     from exporter.errors import CheckpointError
+    from exporter.hf_text import FAMILIES, model_type
 
     path = Path(checkpoint)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint directory not found")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory (expected a checkpoint directory with config.json)")
-    return path
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return "gguf", path
+        raise CheckpointError(f"{path}: not a directory (expected a checkpoint directory with config.json, or a .gguf file)")
+    return ("hf-text" if model_type(path) in FAMILIES else "glm4v"), path
 
 
 def load_reference(preset: str | None = "tiny", checkpoint: str | Path | None = None, layers: int | None = None):
-    """The eager reference model (MultimodalModel) from a preset or a local checkpoint."""
+    """The eager reference model (MultimodalModel) from a preset or a local checkpoint (dir or .gguf)."""
     if checkpoint:
-        from exporter.checkpoint import load_checkpoint
-
         if layers is not None:
             raise ConfigError("--layers applies to presets; a checkpoint is loaded whole")
-        return load_checkpoint(_checkpoint_dir(checkpoint))
+        kind, path = _checkpoint_kind(checkpoint)
+        if kind == "gguf":
+            from exporter.gguf import load_gguf_llama
+
+            return load_gguf_llama(path)
+        if kind == "hf-text":
+            from exporter.hf_text import load
+
+            return load(path)
+        from exporter.checkpoint import load_checkpoint
+
+        return load_checkpoint(path)
     if preset == GGUF_PRESET:
         from exporter.gguf import load_gguf_llama, smollm2_path
 

@@ -1,0 +1,111 @@
+"""A user's own small Llama / Qwen2 model (a transformers save_pretrained directory) on the reference decoder.
+
+Random LlamaForCausalLM and Qwen2ForCausalLM (q/k/v biases) written by transformers, with a tokenizer.json and a
+ChatML chat template: logits equal transformers' within 1e-3 (in fact ~1e-6), and ``generate --checkpoint`` lays
+the prompt out with the template and gives transformers' greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+
+transformers = pytest.importorskip("transformers")
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+PROMPT = "Turn on Wi-Fi and open the camera."
+
+
+def _save(d, family: str, tie: bool):
+    from tokenizers import AddedToken, Tokenizer
+
+    from calibration.preprocess import tokenizer_file
+
+    kw = dict(vocab_size=2056, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
+              num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+              eos_token_id=2046, bos_token_id=2047)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**kw)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(**kw)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.08) if p.dim() > 1 or name.endswith("bias") else p.normal_(1.0, 0.05)
+    model.eval().save_pretrained(d)
+    tok = Tokenizer.from_file(str(tokenizer_file("builtin:tiny")))
+    tok.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHATML, "eos_token": "<|im_end|>"}))
+    return model
+
+
+@pytest.fixture(scope="module", params=[("llama", True), ("qwen2", False)], ids=["llama-tied", "qwen2-bias"])
+def pair(request, tmp_path_factory):
+    family, tie = request.param
+    d = tmp_path_factory.mktemp(family)
+    hf = _save(d, family, tie)
+    from exporter.pipeline import load_reference
+
+    return d, hf, load_reference(checkpoint=d)
+
+
+def test_config_switches(pair):
+    d, hf, ours = pair
+    t = ours.config.text
+    assert not t.sandwich_norms and not t.rope_interleaved and t.mrope_section == ()
+    assert t.attention_bias == (hf.config.model_type == "qwen2")
+    assert ours.visual is None and ours.audio is None
+
+
+def test_logits_match_transformers(pair):
+    d, hf, ours = pair
+    ids = torch.tensor([[5, 77, 300, 1024, 9, 1500, 42, 2000, 17, 600]])
+    t = ids.shape[1]
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+        got = ours.text.forward_full(ours.text.embed_tokens(ids), torch.arange(t)[None].expand(3, t))[0]
+    assert (ref - got).abs().max().item() <= 1e-3
+    assert (ref.argmax(-1) == got.argmax(-1)).all()
+
+
+def test_generate_checkpoint_equals_transformers_greedy(pair):
+    d, hf, ours = pair
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(d))
+    out = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None)[0, len(ids):].tolist()
+    r = CliRunner().invoke(app, ["generate", "--checkpoint", str(d), "--prompt", PROMPT, "--max-new-tokens", "8"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(re.search(r"tokens: (\[.*\])", r.output).group(1))
+    cut = theirs.index(2046) if 2046 in theirs else 8
+    assert got == theirs[:cut] and len(got) >= 3
+    assert re.search(r"prompt tokens: (\d+)", r.output).group(1) == str(len(ids))
+
+
+def test_rope_scaling_is_refused(tmp_path, pair):
+    d, _, _ = pair
+    bad = tmp_path / "scaled"
+    shutil.copytree(d, bad)
+    raw = json.loads((bad / "config.json").read_text())
+    raw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    raw.pop("rope_parameters", None)
+    (bad / "config.json").write_text(json.dumps(raw))
+    r = CliRunner().invoke(app, ["generate", "--checkpoint", str(bad), "--prompt", "hi"])
+    assert r.exit_code == 2 and "llama3" in r.output
