@@ -23,6 +23,7 @@ from targets.coreml import (
     CoreMLTarget,
     convert_decoder,
     kept_arrays,
+    quantize_weights_int4,
     quantize_weights_int8,
     read_spec,
     weight_bytes,
@@ -73,6 +74,13 @@ def coreml_artifacts(tiny_components, coreml_root):
 @pytest.fixture(scope="session")
 def int8_static_artifact(tiny_components, coreml_calibration, coreml_root):
     art = CoreMLTarget().export(tiny_components, Recipe("int8-static"), coreml_root / "int8-static", calibration=coreml_calibration)
+    _print_report(art)
+    return art
+
+
+@pytest.fixture(scope="session")
+def int4_artifact(tiny_components, coreml_root):
+    art = CoreMLTarget().export(tiny_components, Recipe("int4-weight"), coreml_root / "int4-weight")
     _print_report(art)
     return art
 
@@ -236,6 +244,129 @@ def test_int8_recipes_store_int8_weights_including_the_embedding_table(coreml_ar
     # the weight blobs (the program text, a fixed cost that dominates at tiny widths, is left out)
     fp16_bytes, int8_bytes = (sum(p["weight_bytes"] for p in a.info["report"]["packages"].values()) for a in (fp16, art))
     assert int8_bytes <= 0.6 * fp16_bytes, f"{int8_bytes} / {fp16_bytes}"
+
+
+MIL_INT4, MIL_INT8 = 25, 21  # MIL_pb2.DataType
+
+
+def _blockwise_data_dtype(op) -> int:
+    return op.inputs["data"].arguments[0].value.type.tensorType.dataType
+
+
+def _dims(arg) -> list[int]:
+    return [d.constant.size for d in arg.value.type.tensorType.dimensions]
+
+
+def test_int4_weight_stores_4bit_per_block_linears_and_an_int8_embedding_table(int4_artifact, tiny_components):
+    art = int4_artifact
+    assert art.metadata["group_size"] == 32
+    for m in METHODS:
+        for fn, ops in _spec_ops(art.dir / f"{m}.mlpackage").items():
+            producers = {o.name: op for op in ops for o in op.outputs}
+            linears = [op for op in ops if op.type == "linear"]
+            assert linears, (m, fn)
+            for op in linears:
+                w = producers[op.inputs["weight"].arguments[0].name]
+                # every linear's weight: int4 data, one fp16 scale per 32 input channels, no offset (symmetric)
+                assert w.type == "constexpr_blockwise_shift_scale" and _blockwise_data_dtype(w) == MIL_INT4, (m, fn, op.name)
+                out_ch, in_ch = _dims(w.inputs["data"].arguments[0])
+                assert _dims(w.inputs["scale"].arguments[0]) == [out_ch, in_ch // 32] and "offset" not in w.inputs
+    ops = _spec_ops(art.dir / "token_embedding.mlpackage")["main"]
+    producers = {o.name: op for op in ops for o in op.outputs}
+    tables = [producers.get(op.inputs["x"].arguments[0].name) for op in ops if op.type == "gather"]
+    assert any(t is not None and t.type == "constexpr_blockwise_shift_scale" and _blockwise_data_dtype(t) == MIL_INT8
+               for t in tables)
+    q = art.info["report"]["quantization"]
+    assert q["text_decoder.decode"]["int4_weights"] == 2 * 6 + 1 and q["text_decoder.decode"]["float_weights_kept"] == 0
+
+
+def test_int4_weight_is_smaller_than_int8_weight(coreml_artifacts, int4_artifact):
+    packages = {r: a.info["report"]["packages"] for r, a in (("int8-weight", coreml_artifacts["int8-weight"]),
+                                                              ("int4-weight", int4_artifact))}
+    # the decoder is linears plus two small rope tables; its weight blob shrinks close to half
+    int8, int4 = (packages[r]["text_decoder"]["weight_bytes"] for r in ("int8-weight", "int4-weight"))
+    assert int4 <= 0.65 * int8, (int4, int8)
+    for m in ("vision_encoder", "audio_encoder"):
+        assert packages["int4-weight"][m]["weight_bytes"] < packages["int8-weight"][m]["weight_bytes"], m
+    pkg = packages["int4-weight"]["text_decoder"]
+    assert pkg["weight_bytes"] <= 1.05 * pkg["weight_bytes_per_function"]["prefill"]  # prefill/decode still share
+
+
+def test_int4_weight_through_the_interpreter_matches_eager(int4_artifact, eager_run, reference_outputs):
+    got = _method_outputs(_session(int4_artifact), eager_run)
+    for m in METHODS:
+        floor = 0.95 if m == "text_decoder" else 0.99
+        print(f"coreml int4-weight {m}: cosine {cos(got[m], reference_outputs[m]):.6f}")
+        assert cos(got[m], reference_outputs[m]) >= floor, m
+    check = int4_artifact.info["report"]["export_check"]
+    assert check["measured"] and check["floor_cosine"] == 0.95
+    assert all(r["cosine"] >= 0.95 for r in check["methods"].values()), check["methods"]
+
+
+def _int4_blobs(package: Path) -> dict[int, int]:
+    """{offset of each int4 data blob: offset of its scale blob} in a package's weight file."""
+    out = {}
+    for ops in _spec_ops(package).values():
+        for op in ops:
+            if op.type == "constexpr_blockwise_shift_scale" and _blockwise_data_dtype(op) == MIL_INT4:
+                data, scale = (op.inputs[k].arguments[0].value.blobFileValue.offset for k in ("data", "scale"))
+                out[int(data)] = int(scale)
+    return out
+
+
+@pytest.mark.parametrize("how", ["nibbles_swapped", "scales_dropped"])
+def test_int4_export_check_rejects_a_broken_4bit_program(int4_artifact, tiny_components, tmp_path, how):
+    """The same weight blobs corrupted as a faulty packer would (each byte's two values swapped, or one scale for
+    every block) fail the export check that the program as written passes."""
+    import shutil
+    import struct
+
+    from exporter.errors import ExportError
+    from targets.base import export_gate
+    from targets.coreml import GATE, CoreMLSession
+
+    broken = tmp_path / "broken"
+    shutil.copytree(int4_artifact.dir, broken)
+    recipe = Recipe("int4-weight")
+    export_gate("coreml", recipe, CoreMLSession(read_artifact(broken)), tiny_components, GATE)  # the precondition
+    corrupted = 0
+    for pkg in broken.glob("*.mlpackage"):
+        path = pkg / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+        buf = bytearray(path.read_bytes())
+        for data, scale in _int4_blobs(pkg).items():
+            # blob metadata: u32 sentinel, u32 dtype, u64 bytes, u64 data offset
+            _, _, size, off = struct.unpack_from("<IIQQ", buf, data if how == "nibbles_swapped" else scale)
+            if how == "nibbles_swapped":
+                a = np.frombuffer(bytes(buf[off:off + size]), np.uint8)
+                buf[off:off + size] = ((a >> 4) | (a << 4)).astype(np.uint8).tobytes()
+            else:
+                a = np.frombuffer(bytes(buf[off:off + size]), np.float16).astype(np.float32)
+                buf[off:off + size] = np.full(a.shape, np.abs(a).mean(), np.float16).tobytes()
+            corrupted += 1
+        path.write_bytes(bytes(buf))
+    assert corrupted >= 2 * 6 + 1
+    with pytest.raises(ExportError, match="int4-weight program rejected by the export check: text_decoder"):
+        export_gate("coreml", recipe, CoreMLSession(read_artifact(broken)), tiny_components, GATE)
+
+
+def test_int4_keep_float_and_per_channel(tiny_components):
+    from coremltools.converters.mil.mil import types
+
+    from targets.coreml import _all_ops, _program
+
+    decode = convert_decoder(tiny_components, "decode")
+    keep = ("text.lm_head", "text.layers.1.mlp")
+    model, kept = quantize_weights_int4(decode, kept_arrays(tiny_components.model, keep), 32)
+    assert kept["float_weights_kept"] == 3 and kept["int4_weights"] == 2 * 6 + 1 - 3
+    lm_head = tiny_components.model.text.lm_head.weight.detach().numpy().astype(np.float16)
+    consts = [op for f in _program(model).functions.values() for op in _all_ops(f) if op.op_type == "const"]
+    assert any(isinstance(op.outputs[0].val, np.ndarray) and np.array_equal(op.outputs[0].val, lm_head) for op in consts)
+    # --group-size 0: one scale per output channel
+    model, counts = quantize_weights_int4(decode, set(), 0)
+    assert counts["int4_weights"] == 2 * 6 + 1
+    scales = [op.scale.val for f in _program(model).functions.values() for op in _all_ops(f)
+              if op.op_type == "constexpr_blockwise_shift_scale" and types.builtin_to_string(op.data.dtype) == "int4"]
+    assert len(scales) == 2 * 6 + 1 and all(s.shape[1] == 1 for s in scales)
 
 
 def test_int8_static_quantizes_activations(int8_static_artifact):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from exporter.runner import EagerSession, Prompt, Runner
@@ -29,7 +30,7 @@ def ort_artifacts(tiny_components, tiny_calibration, tmp_path_factory):
     with contextlib.chdir(cwd):
         artifacts = {
             name: target.export(tiny_components, Recipe(name), root / name, calibration=tiny_calibration if name == "int8-static" else None)
-            for name in ("fp32", "int8-weight", "int8-static")
+            for name in ("fp32", "int8-weight", "int8-static", "int4-weight")
         }
     # onnxruntime's shape inference drops sym_shape_infer_temp.onnx into the cwd when it gives up (it does on tiny)
     assert not list(cwd.iterdir()), f"export left files in the working directory: {sorted(p.name for p in cwd.iterdir())}"
@@ -98,7 +99,7 @@ def _declared(values) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("recipe", ["fp32", "int8-static"])
+@pytest.mark.parametrize("recipe", ["fp32", "int8-static", "int4-weight"])
 def test_artifact_json_programs_are_the_saved_graphs_io(ort_artifacts, recipe):
     art = ort_artifacts[recipe]
     info = art.info
@@ -199,7 +200,7 @@ def test_fp32_greedy_16_tokens_with_image_and_audio_equal_eager(ort_artifacts, t
     assert len(got.tokens) == 16 and got.tokens == expected.tokens
 
 
-@pytest.mark.parametrize("recipe", ["fp32", "int8-static"])
+@pytest.mark.parametrize("recipe", ["fp32", "int8-static", "int4-weight"])
 def test_ort_format_results_equal_onnx_results(ort_artifacts, eager_run, recipe):
     a = _method_outputs(OrtTarget().load(ort_artifacts[recipe], "onnx"), eager_run)
     b = _method_outputs(OrtTarget().load(ort_artifacts[recipe], "ort"), eager_run)
@@ -322,6 +323,168 @@ def test_int8_cosine_per_method(ort_artifacts, eager_run, reference_outputs, rec
     assert row_cos(got["text_decoder"], reference_outputs["text_decoder"]) >= floor
 
 
+# --- int4-weight (MatMulNBits) -----------------------------------------------------------------
+
+
+def _weight_matmuls(graph) -> list:
+    """MatMul / Gemm nodes reading a float initializer (a weight left in float)."""
+    floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2}
+    return [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and any(i in floats for i in n.input)]
+
+
+def _attrs(node) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def test_int4_weight_every_linear_is_a_4bit_blockwise_matmulnbits(ort_artifacts, tiny_components):
+    art = ort_artifacts["int4-weight"]
+    assert art.metadata["group_size"] == 32
+    linears = {n: m for n, m in tiny_components.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    seen = set()
+    for m in METHOD_FILES:
+        graph = onnx.load(art.dir / f"{m}.onnx").graph
+        inits = {i.name: i for i in graph.initializer}
+        assert not _weight_matmuls(graph), (m, [n.name for n in _weight_matmuls(graph)])
+        for n in graph.node:
+            if n.op_type != "MatMulNBits":
+                continue
+            a = _attrs(n)
+            assert n.domain == "com.microsoft" and a["bits"] == 4 and a["block_size"] == 32 and a["accuracy_level"] == 4
+            k, nout = a["K"], a["N"]
+            blocks = -(-k // 32)
+            # symmetric: no zero points; B holds two 4-bit values a byte, one fp32 scale per block of 32 inputs
+            assert len(n.input) == 3, n.name
+            b, scales = inits[n.input[1]], inits[n.input[2]]
+            assert b.data_type == onnx.TensorProto.UINT8 and list(b.dims) == [nout, blocks, 16], n.name
+            assert scales.data_type == onnx.TensorProto.FLOAT and np.prod(scales.dims) == nout * blocks, n.name
+            module = n.name.split("/", 1)[0]
+            if module in linears:
+                lin = linears[module]
+                assert (lin.in_features, lin.out_features) == (k, nout), n.name
+                seen.add(module)
+        # convs (not tiled by a block) keep int8 per-channel weights
+        prod = _producers(graph)
+        for n in graph.node:
+            if n.op_type == "Conv":
+                assert prod[n.input[1]].op_type == "DequantizeLinear", n.name
+                assert inits[prod[n.input[1]].input[0]].data_type == onnx.TensorProto.INT8
+    # every Linear of the language, vision and audio towers (the vision Gemms included) is 4-bit
+    assert seen == set(linears), sorted(set(linears) - seen)
+    t = _config(ort_artifacts).text
+    assert _embedding_table_is_int8(art.dir / "token_embedding.onnx", t.vocab_size, t.hidden_size)
+    q = art.info["report"]["quantization"]
+    assert q["vision_encoder"]["gemm_as_matmul"] > 0 and q["text_decoder"]["matmul_nbits"] == 2 * 6 + 1
+
+
+def test_int4_weight_linears_are_smaller_than_int8_weight(ort_artifacts):
+    def linear_bytes(art, m):
+        graph = onnx.load(art.dir / f"{m}.onnx").graph
+        used = {i for n in graph.node if n.op_type in ("MatMulNBits", "DequantizeLinear") for i in n.input}
+        return sum(len(i.raw_data) for i in graph.initializer if i.name in used)
+
+    for m in ("text_decoder", "vision_encoder", "audio_encoder"):
+        int4, int8 = linear_bytes(ort_artifacts["int4-weight"], m), linear_bytes(ort_artifacts["int8-weight"], m)
+        assert int8 > 0 and int4 <= 0.7 * int8, (m, int4, int8)
+    r4, r8 = (ort_artifacts[r].info["report"] for r in ("int4-weight", "int8-weight"))
+    files4, files8 = ort_artifacts["int4-weight"].info["files"], ort_artifacts["int8-weight"].info["files"]
+    assert files4["text_decoder.ort"]["bytes"] < 0.7 * files8["text_decoder.ort"]["bytes"]
+    assert r4["onnx_bytes"] < r8["onnx_bytes"] and r4["ort_bytes"] < r8["ort_bytes"]
+
+
+def test_int4_weight_ort_file_runs_matmulnbits_kernels(ort_artifacts, tiny_components, tmp_path):
+    """The .ort (reduced-build config included) keeps MatMulNBits, and onnxruntime's profiler sees them run."""
+    import onnxruntime as ort
+
+    art = ort_artifacts["int4-weight"]
+    ops = (art.dir / "required_operators_and_types.config").read_text()
+    contrib = [ln for ln in ops.splitlines() if ln.startswith("com.microsoft;")]
+    assert contrib and "MatMulNBits" in contrib[0]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    options.add_session_config_entry("session.load_model_format", "ORT")
+    sess = ort.InferenceSession(str(art.dir / "text_decoder.ort"), options, providers=["CPUExecutionProvider"])
+    from targets.ort import decoder_feeds
+
+    t = tiny_components.config.text
+    empty = np.zeros((1, t.num_kv_heads, 0, t.head_dim), np.float32)
+    embeds = np.random.default_rng(0).standard_normal((1, 5, t.hidden_size)).astype(np.float32)
+    sess.run(None, decoder_feeds(embeds, np.tile(np.arange(5), (3, 1)), [(empty, empty)] * t.num_layers))
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    nbits = [e for e in kernels if e["args"]["op_name"] == "MatMulNBits"]
+    assert len(nbits) == 2 * 6 + 1, sorted({e["args"]["op_name"] for e in kernels})
+    assert {e["args"]["provider"] for e in nbits} == {"CPUExecutionProvider"}
+    assert not [e for e in kernels if e["args"]["op_name"] in ("MatMul", "Gemm") and "proj" in e["name"]]
+
+
+def test_int4_weight_cosine_per_method(ort_artifacts, eager_run, reference_outputs):
+    got = _method_outputs(OrtTarget().load(ort_artifacts["int4-weight"], "ort"), eager_run)
+    for m in METHOD_FILES:
+        floor = 0.96 if m == "text_decoder" else 0.99
+        assert cos(got[m], reference_outputs[m]) >= floor, (m, cos(got[m], reference_outputs[m]))
+    assert cos(got["text_decoder"], reference_outputs["text_decoder"]) < 0.9999  # the 4-bit weights are what ran
+
+
+def _break_int4(model, how: str) -> int:
+    """Corrupt every MatMulNBits weight as a faulty quantizer/kernel would; returns how many."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    for n in nodes:
+        if how == "nibbles_swapped":  # the two 4-bit values of each byte read in the wrong order
+            b = numpy_helper.to_array(inits[n.input[1]])
+            inits[n.input[1]].CopyFrom(numpy_helper.from_array(((b >> 4) | (b << 4)).astype(np.uint8), n.input[1]))
+        else:  # "scales_dropped": one scale for every block
+            s = numpy_helper.to_array(inits[n.input[2]])
+            inits[n.input[2]].CopyFrom(numpy_helper.from_array(np.full_like(s, np.abs(s).mean()), n.input[2]))
+    return len(nodes)
+
+
+@pytest.mark.parametrize("how", ["nibbles_swapped", "scales_dropped"])
+def test_int4_export_check_rejects_a_broken_4bit_program(ort_artifacts, tiny_components, tmp_path, how):
+    import shutil
+
+    from exporter.errors import ExportError
+    from targets.base import export_gate
+    from targets.ort import GATE, OrtSession
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ort_artifacts["int4-weight"].dir, broken)
+    recipe = Recipe("int4-weight")
+    # the copy as exported passes the gate (the precondition), as .onnx as well as .ort
+    export_gate("ort", recipe, OrtSession(read_artifact(broken), "onnx"), tiny_components, GATE)
+    for m in METHOD_FILES:
+        model = onnx.load(broken / f"{m}.onnx")
+        if _break_int4(model, how):
+            onnx.save(model, broken / f"{m}.onnx")
+    session = OrtSession(read_artifact(broken), "onnx")  # read_artifact checks presence, not hashes
+    with pytest.raises(ExportError, match="int4-weight program rejected by the export check: text_decoder"):
+        export_gate("ort", recipe, session, tiny_components, GATE)
+
+
+def test_int4_weight_honours_group_size_and_keep_float(tiny_components, tmp_path):
+    keep = "text.layers.0.mlp"
+    art = OrtTarget().export(tiny_components, Recipe("int4-weight", keep_float=(keep,), group_size=64), tmp_path / "a")
+    graph = onnx.load(art.dir / "text_decoder.onnx").graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and {_attrs(n)["block_size"] for n in nbits} == {64}
+    assert not [n for n in nbits if n.name.startswith(keep + ".")]
+    kept = _weight_matmuls(graph)
+    assert sorted(n.name.split("/")[0] for n in kept) == [f"{keep}.down_proj", f"{keep}.gate_up_proj"]
+    assert art.metadata["group_size"] == 64 and art.info["report"]["export_check"]["measured"]
+
+
+def test_int4_weight_refuses_per_channel_before_writing(tiny_components, tmp_path):
+    from exporter.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="--group-size 0"):
+        OrtTarget().export(tiny_components, Recipe("int4-weight", group_size=0), tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- the command line and bad input ------------------------------------------------------------
 
 
@@ -368,7 +531,7 @@ def test_target_rejects_calibration_without_samples_before_writing(tiny_componen
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("recipe, floor", [("fp32", 0.99999), ("int8-weight", 0.99), ("int8-static", 0.95)])
+@pytest.mark.parametrize("recipe, floor", [("fp32", 0.99999), ("int8-weight", 0.99), ("int8-static", 0.95), ("int4-weight", 0.96)])
 def test_export_records_its_check_of_the_ort_files_against_eager(ort_artifacts, recipe, floor):
     check = ort_artifacts[recipe].info["report"]["export_check"]
     assert check["measured"] and "(ort, " in check["how"] and check["floor_cosine"] == floor
