@@ -464,3 +464,44 @@ def test_cli_serve_refuses_a_taken_port_and_bad_options_in_one_line():
     assert r.exit_code == 2 and "--queue-size 0" in r.output
     r = CliRunner().invoke(app, ["serve", "/nonexistent/artifact", "--port", "0"])
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def test_cli_serve_runs_until_interrupted_and_shuts_down_cleanly():
+    """The real command in its own process: it prints its URL, answers, and Ctrl-C (SIGINT) shuts it down
+    gracefully with the CLI's Ctrl-C exit (130, "interrupted"; uvicorn re-raises the signal after shutdown)."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", "0", "--served-model-name", "autoglm-phone-9b"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            m = re.search(r"serving 'autoglm-phone-9b' at (http://127\.0\.0\.1:\d+/v1)", line)
+            if m:
+                break
+        assert m, "".join(lines)
+        base = m.group(1)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                models = httpx.get(f"{base}/models", timeout=5).json()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert [m["id"] for m in models["data"]] == ["autoglm-phone-9b"]
+        client = openai.OpenAI(base_url=base, api_key="EMPTY", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="autoglm-phone-9b", messages=_user(), temperature=0, max_tokens=4)
+        assert r.usage.completion_tokens == 4
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        rest = proc.stderr.read()
+        assert "Finished server process" in rest and rest.rstrip().endswith("interrupted"), rest
+        assert "Traceback" not in rest, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
