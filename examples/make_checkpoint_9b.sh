@@ -7,7 +7,7 @@
 #    then `info` and `generate --prompt hi --max-new-tokens 2` on it: wall time and peak RSS of each.
 # 2. the full 9B (10.29B params, ~20.6 GB bf16 in 5 shards of <= 5 GB) when ROOT's disk has 24 GB free,
 #    then `info` on it; its directory is deleted afterwards (FULL_KEEP=1 keeps it).
-#    `generate` on the full 9B is not run: the loader converts bf16 to fp32 (41 GB) on a 24 GB machine.
+#    `generate` on the full 9B is measured by examples/load_9b_memory.sh (bf16 kept mapped, fp32 compute).
 # Every step prints "<step>: wall S s, peak RSS M MiB, exit E"; logs are in ROOT/*.log.
 set -uo pipefail
 
