@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# What loading and running the 9B costs now that bf16 weights stay mapped (issue 16.2).
+#
+#   examples/load_9b_memory.sh [ROOT]        (default ROOT=/work/tmp9b; never inside the repo)
+#
+# 1. make-checkpoint --preset autoglm-phone-9b --layers 1 --vision-layers 1 (1.69B params, 3.4 GB bf16),
+#    then `generate --prompt hi --max-new-tokens 2` on it (before issue 16.2: 10.0 GB peak RSS).
+# 2. when ROOT's disk has 24 GB free: the full 9B (10.29B params, 20.6 GB bf16), then
+#    `generate --prompt hi --max-new-tokens 1` on it under a 15-minute limit (GEN_LIMIT seconds).
+# Every step prints "<step>: wall S s, peak RSS M MiB, exit E" (/usr/bin/time -v); logs are in ROOT/*.log.
+# Checkpoints are deleted afterwards (L1_KEEP=1 / FULL_KEEP=1 keep them).
+#
+# Peak RSS counts the checkpoint's file pages the forward has read (clean, shared with the page cache,
+# reclaimable): about the bf16 size of what ran, plus one module's fp32 weights and the activations.
+set -uo pipefail
+
+ROOT=${1:-/work/tmp9b}
+GEN_LIMIT=${GEN_LIMIT:-900}
+mkdir -p "$ROOT"
+CLI=(autoglm-export)
+
+measure() {  # measure NAME CMD...: run under /usr/bin/time -v, print one summary line
+    local name=$1; shift
+    /usr/bin/time -v "$@" >"$ROOT/$name.log" 2>&1
+    local rc=$?
+    local wall rss
+    wall=$(sed -n 's/.*Elapsed (wall clock) time (h:mm:ss or m:ss): //p' "$ROOT/$name.log" |
+        awk -F: '{ if (NF == 3) print $1 * 3600 + $2 * 60 + $3; else print $1 * 60 + $2 }')
+    rss=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$ROOT/$name.log")
+    printf '%s: wall %s s, peak RSS %d MiB, exit %s\n' "$name" "$wall" "$((rss / 1024))" "$rc"
+    grep -E '^(error|tokens|text|\[)' "$ROOT/$name.log" | sed 's/^/    /'
+    return 0
+}
+
+df -h "$ROOT" | tail -1
+free -m | sed -n 2p
+
+if [ ! -f "$ROOT/l1/config.json" ]; then
+    rm -rf "$ROOT/l1"
+    measure make_checkpoint_l1 "${CLI[@]}" make-checkpoint --preset autoglm-phone-9b --layers 1 --vision-layers 1 --out "$ROOT/l1"
+fi
+measure generate_l1 "${CLI[@]}" generate --checkpoint "$ROOT/l1" --prompt hi --max-new-tokens 2
+[ "${L1_KEEP:-0}" = 1 ] || rm -rf "$ROOT/l1"
+
+free_gb=$(df -BG --output=avail "$ROOT" | tail -1 | tr -dc 0-9)
+if [ -f "$ROOT/full/config.json" ] || [ "$free_gb" -ge 24 ]; then
+    if [ ! -f "$ROOT/full/config.json" ]; then
+        rm -rf "$ROOT/full"
+        measure make_checkpoint_full "${CLI[@]}" make-checkpoint --preset autoglm-phone-9b --out "$ROOT/full"
+    fi
+    du -sh "$ROOT/full"
+    # timeout -s INT: a run past the limit still gets its /usr/bin/time line (exit 124)
+    measure generate_full timeout -s INT "$GEN_LIMIT" "${CLI[@]}" generate --checkpoint "$ROOT/full" --prompt hi --max-new-tokens 1
+    [ "${FULL_KEEP:-0}" = 1 ] || rm -rf "$ROOT/full"
+else
+    echo "full 9B skipped: ${free_gb} GB free on $ROOT, need 24"
+fi
