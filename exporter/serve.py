@@ -428,6 +428,7 @@ class Job:
     cancelled_by_client: bool = False  # the client went away (set by _watch_disconnect)
     stopped: bool = False  # a stop string ended the answer (the worker is then told to stop, not counted as cancelled)
     started: bool = False  # the worker took it
+    released: bool = False  # its handler has returned (Engine.release)
 
     def emit(self, kind: str, value: Any = None) -> None:
         try:
@@ -447,6 +448,7 @@ class Engine:
         self.stats = {"completed": 0, "cancelled": 0, "refused": 0, "failed": 0, "generated_tokens": 0}
         self.busy = False
         self.closed = False
+        self.open_handlers = 0  # requests accepted whose handler has not returned yet (0 when idle: nothing leaks)
         self.thread = threading.Thread(target=self._work, name="autoglm-serve-engine", daemon=True)
         self.thread.start()
 
@@ -459,6 +461,14 @@ class Engine:
             self.stats["refused"] += 1
             raise APIError(429, f"the request queue is full ({self.jobs.maxsize} waiting); retry later",
                            type="rate_limit_error", code="queue_full") from None
+        self.open_handlers += 1
+
+    def release(self, job: Job) -> None:
+        """The job's handler is done with it: the worker stops it (if still running) and it no longer counts."""
+        job.cancelled.set()  # a no-op once the job is done
+        if not job.released:
+            job.released = True
+            self.open_handlers -= 1
 
     def close(self) -> None:
         self.closed = True
@@ -479,8 +489,9 @@ class Engine:
             job = self.jobs.get()
             if job is None:
                 return
-            if job.cancelled.is_set():
+            if job.cancelled.is_set():  # its client went away while it waited
                 self.stats["cancelled"] += 1
+                job.emit("cancelled")  # so its handler returns instead of waiting for ever
                 continue
             self.busy = job.started = True
             try:
@@ -569,7 +580,7 @@ def create_app(runner: Runner, model_name: str, queue_size: int = DEFAULT_QUEUE_
     async def health():
         engine = app.state.engine
         return {"status": "ok", "model": model_name, "busy": engine.busy, "queued": engine.jobs.qsize(),
-                "queue_size": engine.jobs.maxsize, **engine.stats}
+                "queue_size": engine.jobs.maxsize, "open_requests": engine.open_handlers, **engine.stats}
 
     @app.get("/v1/models")
     async def models():
@@ -589,16 +600,17 @@ def create_app(runner: Runner, model_name: str, queue_size: int = DEFAULT_QUEUE_
             raise bad(f"the request body is not valid JSON: {e}") from None
         chat = await asyncio.to_thread(parse_request, body, runner, model_name)
         job = Job(chat, asyncio.get_running_loop())
-        app.state.engine.submit(job)
+        engine = app.state.engine
+        engine.submit(job)
         watcher = asyncio.create_task(_watch_disconnect(request, job))
         reply = Reply(chat, runner.tokenizer, model_name)
         if chat.stream:
-            return StreamingResponse(_sse(reply, job, watcher), media_type="text/event-stream",
+            return StreamingResponse(_sse(reply, job, watcher, engine), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             await reply.collect(job)
         finally:
-            job.cancelled.set()  # a no-op once done; stops the worker if the handler itself was cancelled
+            engine.release(job)
             watcher.cancel()
         if job.cancelled_by_client:
             return JSONResponse({}, status_code=499)
@@ -696,7 +708,7 @@ class Reply:
         return delta or None
 
 
-async def _sse(reply: Reply, job: Job, watcher: asyncio.Task) -> AsyncIterator[str]:
+async def _sse(reply: Reply, job: Job, watcher: asyncio.Task, engine: Engine) -> AsyncIterator[str]:
     """Server-sent events: a role chunk, one chunk per text delta, the finish chunk, usage if asked, [DONE]."""
     try:
         yield reply.chunk({"role": "assistant", "content": ""})
@@ -718,7 +730,7 @@ async def _sse(reply: Reply, job: Job, watcher: asyncio.Task) -> AsyncIterator[s
             yield f"data: {json.dumps(usage)}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        job.cancelled.set()
+        engine.release(job)
         watcher.cancel()
 
 

@@ -417,9 +417,42 @@ def test_client_that_disconnects_cancels_its_generation(tiny_server, stream):
     generated = engine.stats["generated_tokens"] - before["generated_tokens"]
     # stopped mid-way: the whole answer runs to the context's end (235 tokens, no eos on tiny for this prompt)
     assert 0 < generated < 200, generated
-    # and the server goes on answering
+    # and the handler returned (nothing waits for ever), and the server goes on answering
+    deadline = time.monotonic() + 10
+    while engine.open_handlers and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.open_handlers == 0
     r = tiny_server.client().chat.completions.create(model="tiny", messages=_user(), temperature=0, max_tokens=2)
     assert r.usage.completion_tokens == 2
+
+
+def test_a_client_that_leaves_while_queued_is_skipped_and_its_handler_returns(tiny_server, monkeypatch):
+    import exporter.serve
+
+    monkeypatch.setattr(exporter.serve, "QUEUED_POLL_S", 0.02)  # see the queued client leave well within one answer
+    engine = tiny_server.engine
+    _wait_idle(engine)
+    before = dict(engine.stats)
+    url = f"{tiny_server.url}/v1/chat/completions"
+    long = {"model": "tiny", "messages": _user(), "max_tokens": 240, "temperature": 0, "stream": True}
+    with httpx.Client(timeout=30) as http, http.stream("POST", url, json=long) as first:
+        assert first.status_code == 200
+        lines = first.iter_lines()  # kept: dropping the iterator would close the connection
+        next(lines)  # the first request now holds the worker
+        with pytest.raises(httpx.ReadTimeout):  # the second waits in the queue; its client gives up
+            httpx.post(url, json={**long, "stream": False}, timeout=httpx.Timeout(30, read=0.2))
+        deadline = time.monotonic() + 5
+        while not (engine.jobs.qsize() and engine.jobs.queue[0].cancelled.is_set()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.jobs.qsize() == 1 and engine.jobs.queue[0].cancelled.is_set()  # seen while still queued
+        assert engine.stats["completed"] == before["completed"]  # the first one still runs: the second was never taken
+    _wait_idle(engine)
+    deadline = time.monotonic() + 10
+    while engine.open_handlers and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.stats["cancelled"] == before["cancelled"] + 2  # the running one and the queued one
+    assert engine.stats["completed"] == before["completed"]
+    assert engine.open_handlers == 0
 
 
 # --- an artifact, and the command line ------------------------------------------------------------------
