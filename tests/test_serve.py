@@ -306,7 +306,7 @@ def _post(server, body, raw: bytes | None = None) -> httpx.Response:
     return httpx.post(url, json=body, timeout=30)
 
 
-def test_bad_requests_are_openai_error_json_with_4xx(tiny_server, glm_server, tmp_path):
+def test_bad_requests_are_openai_error_json_with_4xx(tiny_server, glm_server, tmp_path, media):
     long = " ".join(["word"] * 400)
     bad_png = base64.b64encode(b"not an image").decode()
     wav = base64.b64encode(b"RIFF0000WAVEfmt ").decode()
@@ -331,6 +331,11 @@ def test_bad_requests_are_openai_error_json_with_4xx(tiny_server, glm_server, tm
             {"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}]}]}, 400, None),
         (glm_server, {"model": "autoglm-phone-9b", "messages": [{"role": "user", "content": [
             {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}]}]}, 400, "unsupported_media"),
+        (tiny_server, {"model": "tiny", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": str(media["image"])}}, {"type": "text", "text": "and"},
+            {"type": "image_url", "image_url": {"url": str(media["image"])}}]}]}, 400, "too_many_media"),
+        (tiny_server, {"model": "tiny", "messages": [{"role": "system", "content": [
+            {"type": "image_url", "image_url": {"url": str(media["image"])}}]}, *_user()]}, 400, None),
         (tiny_server, {"model": "tiny", "messages": _user(), "temperature": -1}, 400, None),
         (tiny_server, {"model": "tiny", "messages": _user(), "top_p": 0}, 400, None),
         (tiny_server, {"model": "tiny", "messages": _user(), "max_tokens": 0}, 400, None),
