@@ -5,8 +5,9 @@ A 9B checkpoint stored in bf16 is 20 GB; converted to fp32 at load it would be
 and :func:`compute_in_float32` switches each module holding such weights to a
 subclass whose ``forward`` upcasts them for the call only. Activations stay
 fp32 throughout, so the numbers equal those of an fp32-converted copy of the
-same weights, while at most one module's fp32 weights exist at a time (large
-Linears, the lm_head above all, are even upcast in row chunks).
+same weights (bit for bit, except that a Linear split into row chunks may round
+differently, ~1e-7), while at most one module's fp32 weights exist at a time
+(large Linears, the lm_head above all, are upcast in row chunks).
 
 The switch changes ``__class__`` only: parameters, names and ``state_dict``
 keys are untouched, and ``isinstance(m, nn.Linear)`` still holds. Modules
