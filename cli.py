@@ -252,6 +252,15 @@ def export(
         Optional[str],
         typer.Option("--parity-target", help="e.g. cos=0.999: keep the most sensitive layers in float to meet it."),
     ] = None,
+    prune_heads: Annotated[
+        Optional[float],
+        typer.Option("--prune-heads", help="Remove this fraction of each KV group's query heads in every layer, least "
+                     "important first (head importance from --calibration DIR if it has it, else the built-in set)."),
+    ] = None,
+    skip_layers: Annotated[
+        Optional[int],
+        typer.Option("--skip-layers", help="Remove this many decoder layers, lowest block influence first."),
+    ] = None,
 ) -> None:
     """Export one target x recipe into an artifact directory."""
     from exporter import pipeline
@@ -259,7 +268,8 @@ def export(
     preset, checkpoint = _source(preset, checkpoint)
     keep = tuple(k.strip() for k in keep_float.split(",") if k.strip()) if keep_float else ()
     art = pipeline.export(
-        target.value, recipe, out, preset, checkpoint, layers, calibration, keep, group_size, Progress(), parity_target
+        target.value, recipe, out, preset, checkpoint, layers, calibration, keep, group_size, Progress(), parity_target,
+        prune_heads, skip_layers,
     )
     for name, meta in sorted(art.info.get("files", {}).items()):
         typer.echo(f"{art.dir / name}  {_human(meta['bytes'])}  sha256:{meta['sha256'][:16]}")
@@ -294,6 +304,10 @@ def calibrate(
             "default: ONNX Runtime's and Core ML's (int8-weight: float inputs).",
         ),
     ] = None,
+    head_importance: Annotated[
+        bool,
+        typer.Option("--head-importance", help="Also rank attention heads and decoder layers (for export --prune-heads / --skip-layers)."),
+    ] = False,
     preset: Preset = None,
     checkpoint: Checkpoint = None,
     layers: Layers = None,
@@ -303,7 +317,8 @@ def calibrate(
 
     preset, checkpoint = _source(preset, checkpoint)
     summary = pipeline.calibrate(out, manifest, sensitivity, preset, checkpoint, layers, progress=Progress(),
-                                 sensitivity_recipe=sensitivity_recipe, sensitivity_target=sensitivity_target)
+                                 sensitivity_recipe=sensitivity_recipe, sensitivity_target=sensitivity_target,
+                                 head_importance=head_importance)
     for line in summary:
         typer.echo(line)
 

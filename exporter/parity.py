@@ -533,7 +533,12 @@ def _reference_model(art: Any, config: Any):
             f"{art.dir}: artifact.json has no metadata.source (where the weights came from); re-export it with this version"
         )
     model = load_reference(preset=source.get("preset"), checkpoint=source.get("checkpoint"), layers=source.get("layers"))
-    if model.config.to_dict() != config.to_dict():
+    expected = model.config
+    if art.metadata.get("compression"):  # compared with the unpruned model: the report shows what pruning costs
+        from exporter.compress import compressed_config
+
+        expected = compressed_config(model.config, art.metadata["compression"])
+    if expected.to_dict() != config.to_dict():
         from exporter.errors import ArtifactError
 
         raise ArtifactError(f"{art.dir}: the reference rebuilt from {source} does not have the artifact's model config")

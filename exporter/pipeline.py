@@ -261,8 +261,13 @@ def export(
     group_size: int | None = None,
     progress: Progress | None = None,
     parity_target: str | None = None,
+    prune_heads: float | None = None,
+    skip_layers: int | None = None,
 ):
     """Export one target x recipe into ``out`` (atomic). Returns the Artifact.
+
+    ``prune_heads`` / ``skip_layers`` shrink the model first (exporter/compress.py), by the head importance and
+    block influence of ``calibration`` (a calibrate --head-importance dir) or of the built-in calibration set.
 
     ``parity_target`` (e.g. "cos=0.999") keeps the most INT8-sensitive layers in float,
     the smallest such set found greedily by calibration.sensitivity.
@@ -287,8 +292,8 @@ def export(
     check_output_dir(out)  # the user's data is never replaced; refused before any model work
     if calibration is not None and not Path(calibration).exists():
         raise BadInputError(f"--calibration {calibration}: not found")
-    if calibration is not None and not rec.needs_calibration and not parity_target:
-        raise BadInputError(f"--calibration applies to int8-static (or --parity-target), not '{recipe}'")
+    if calibration is not None and not (rec.needs_calibration or parity_target or prune_heads or skip_layers):
+        raise BadInputError(f"--calibration applies to int8-static, --parity-target, --prune-heads and --skip-layers, not '{recipe}' alone")
     target_cos = None
     if parity_target:
         from calibration.sensitivity import parse_parity_target
@@ -300,8 +305,15 @@ def export(
         from calibration.manifest import read_manifest
 
         read_manifest(Path(calibration))  # every bad line, before the model is loaded
+    if prune_heads is not None and not 0 < prune_heads < 1:
+        raise BadInputError(f"--prune-heads {prune_heads}: must be a fraction in (0, 1)")
+    if skip_layers is not None and skip_layers < 1:
+        raise BadInputError(f"--skip-layers {skip_layers}: must be at least 1")
     model = load_reference(preset, checkpoint, layers)
     float32_weights(model)  # a large bf16 checkpoint is kept mapped for eager use; exporters trace fp32 modules
+    compression: dict[str, Any] = {}
+    if prune_heads or skip_layers:
+        model, compression = _compress(model, calibration, prune_heads, skip_layers, progress)
     check_keep_float(model, rec.keep_float)
     if grouped:
         check_group_size(model, rec.group_size)
@@ -317,8 +329,25 @@ def export(
         keep = choose_keep_float(comps, calib, ranking, target_cos, progress=progress, scheme=scheme)
         rec = Recipe(recipe, keep_float=tuple(dict.fromkeys(tuple(keep_float) + tuple(keep))), group_size=group_size)
     artifact = tgt.export(comps, rec, out, calibration=calib, progress=progress)
-    _record_source(artifact, source_of(preset, checkpoint, layers))
+    _record_source(artifact, source_of(preset, checkpoint, layers), compression)
     return artifact
+
+
+def _compress(model, calibration, prune_heads, skip_layers, progress):
+    from calibration import importance
+    from exporter import compress
+    from exporter.components import build_components
+    from exporter.runner import load_tokenizer
+
+    t = model.config.text
+    scores = None
+    if calibration is not None and Path(calibration).is_dir():
+        scores = importance.load(Path(calibration), t.num_layers, t.num_heads)
+    if scores is None:
+        comps = build_components(model)
+        scores = importance.measure(comps, importance.builtin_prompts(), load_tokenizer(model.config), progress=progress)
+    model, record = compress.apply(model, scores, prune_heads, skip_layers)
+    return model, {**record, "scores": scores}
 
 
 # recipes whose weights are quantized in groups along the input dimension (--group-size)
@@ -354,8 +383,8 @@ def check_group_size(model, group_size: int) -> None:
             )
 
 
-def _record_source(artifact, source: dict[str, Any]) -> None:
-    """Add where the weights came from to artifact.json (parity rebuilds the reference from it)."""
+def _record_source(artifact, source: dict[str, Any], compression: dict[str, Any] | None = None) -> None:
+    """Add where the weights came from (parity rebuilds the reference from it) and what compression removed."""
     import json
 
     from targets.base import ARTIFACT_JSON
@@ -363,6 +392,8 @@ def _record_source(artifact, source: dict[str, Any]) -> None:
     path = artifact.dir / ARTIFACT_JSON
     info = json.loads(path.read_text())
     info.setdefault("metadata", {})["source"] = source
+    if compression:
+        info["metadata"]["compression"] = compression
     path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     artifact.info = info
 
@@ -411,6 +442,7 @@ def calibrate(
     progress: Progress | None = None,
     sensitivity_recipe: str = "int8-static",
     sensitivity_target: str | None = None,
+    head_importance: bool = False,
 ) -> list[str]:
     from exporter.components import build_components
     from exporter.runner import load_tokenizer
@@ -431,6 +463,11 @@ def calibrate(
     comps = build_components(model)
     data = stats.calibrate(comps, Path(manifest) if manifest else None, load_tokenizer(model.config), progress=progress)
     lines = stats.save_calibration(data, Path(out))
+    if head_importance:
+        from calibration import importance
+
+        prompts = [x.to_prompt() for x in manifest_mod.read_manifest(Path(manifest))] if manifest else importance.builtin_prompts()
+        lines += importance.save(importance.measure(comps, prompts, load_tokenizer(model.config), progress=progress), Path(out))
     if sensitivity:
         sens = _module("calibration.sensitivity")
         scheme = sens.scheme_for(sensitivity_target, sensitivity_recipe)
