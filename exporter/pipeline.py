@@ -327,7 +327,7 @@ def export(
         scheme = scheme_for(target, recipe)
         ranking = cached_layer_sensitivity(comps, calib, progress=progress, scheme=scheme)
         keep = choose_keep_float(comps, calib, ranking, target_cos, progress=progress, scheme=scheme)
-        rec = Recipe(recipe, keep_float=tuple(dict.fromkeys(tuple(keep_float) + tuple(keep))), group_size=group_size)
+        rec = Recipe(recipe, keep_float=tuple(dict.fromkeys(tuple(keep_float) + tuple(keep))), group_size=rec.group_size)
     artifact = tgt.export(comps, rec, out, calibration=calib, progress=progress)
     _record_source(artifact, source_of(preset, checkpoint, layers), compression)
     return artifact
