@@ -563,6 +563,44 @@ def test_quantized_weights_match_dequantized_math(work, mode, granularity, dtype
     assert np.abs(out - (x @ w.T + b)).max() > 1e-5  # the int8 weights are used, not the float ones
 
 
+def test_int4_per_block_and_odd_count_per_channel_weights_from_the_blob(work):
+    """int4-weight as the Core ML target writes it: per-block int4 (block 16) for a linear and a matmul, and a
+    per-channel int4 weight whose value count is odd (the last byte holds one value), all read from the blob file."""
+    import coremltools.optimize.coreml as cto
+
+    w1, w2, w3 = rand(48, 64), rand(64, 32), rand(5, 7)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 64)), mb.TensorSpec(shape=(2, 7))], opset_version=IOS18)
+    def prog(x, y):
+        h = mb.linear(x=x, weight=w1)
+        return mb.matmul(x=h, y=w2[:48]), mb.linear(x=y, weight=w3)
+
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=IOS18,
+                       compute_precision=ct.precision.FLOAT32, skip_model_load=True)
+    block = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=16,
+                                        weight_threshold=0)
+    channel = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_channel", weight_threshold=0)
+    consts = {op.outputs[0].val.shape: op.name for op in model._mil_program.functions["main"].operations
+              if op.op_type == "const" and getattr(op.outputs[0].val, "ndim", 0) == 2}
+    cfg = cto.OptimizationConfig(op_name_configs={consts[(48, 64)]: block, consts[(48, 32)]: block, consts[(5, 7)]: channel})
+    q = cto.linear_quantize_weights(model, cfg)
+    path = work / "int4_mixed.mlpackage"
+    q.save(str(path))
+    ops = [op for op in q._mil_program.functions["main"].operations if op.op_type == "constexpr_blockwise_shift_scale"]
+    assert len(ops) == 3 and {types.builtin_to_string(op.data.dtype) for op in ops} == {"int4"}
+    deq = {}
+    for op in ops:
+        data, scale = op.data.val.astype(np.float32), op.scale.val.astype(np.float32)
+        reps = [d // s for d, s in zip(data.shape, scale.shape)]
+        deq[data.shape] = data * np.kron(scale, np.ones(reps, np.float32))
+    assert sorted(op.data.val.size % 2 for op in ops) == [0, 0, 1]  # 35 values: a half-filled last byte
+    x, y = rand(2, 64), rand(2, 7)
+    a, b = MILProgram.load(path).run({"x": x, "y": y}).values()
+    np.testing.assert_allclose(a, (x @ deq[(48, 64)].T) @ deq[(48, 32)], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(b, y @ deq[(5, 7)].T, atol=1e-5, rtol=1e-5)
+    assert np.abs(b - y @ w3.T).max() > 1e-3  # the 4-bit values ran, not the float ones
+
+
 @pytest.mark.parametrize("nbits,granularity", [(4, "per_tensor"), (3, "per_tensor"), (2, "per_grouped_channel")])
 def test_palettized_weights_match_lut_math(work, nbits, granularity):
     """constexpr_lut_to_dense with sub-byte (uint4 / uint3 / uint2) indices unpacked from the weight blob."""
