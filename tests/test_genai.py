@@ -209,3 +209,23 @@ def test_a_model_without_tokenizer_files_says_the_app_tokenizes():
     grid = cfg.shape.image_size // cfg.vision.patch_size
     assert bare["image"]["set_inputs"]["image_grid_thw"] == [[1, grid, grid]]
     assert bare["image"]["set_inputs"]["num_image_tokens"] == [(grid // cfg.vision.spatial_merge_size) ** 2]
+
+
+def test_og_runs_an_int4_weight_folder_as_our_session_does(tiny_components, tmp_path):
+    """The int4-weight folder (MatMulNBits decoder, vision and audio) opens in og as exported, and og's greedy
+    tokens equal ``generate --artifact`` on it."""
+    import onnx
+
+    from exporter.model.config import ModelConfig
+
+    with contextlib.chdir(tmp_path):
+        art = OrtTarget().export(tiny_components, Recipe("int4-weight"), tmp_path / "int4")
+    graph = onnx.load(art.dir / "text_decoder.onnx", load_external_data=False).graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) > 0  # the 4-bit program is what og runs
+    cfg = ModelConfig.from_dict(art.metadata["model"])
+    runner = Runner(OrtTarget().load(read_artifact(art.dir)), cfg, load_tokenizer(cfg))
+    prompt = "Set an alarm for seven."
+    expected = _cli_tokens(art, "--prompt", prompt)
+    assert expected
+    got, _, _ = _og_greedy(og.Model(str(art.dir)), ids=runner.prompt_ids(Prompt(text=prompt)))
+    assert _strip_eos(got, list(cfg.tokens.eos_ids)) == expected
