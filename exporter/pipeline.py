@@ -299,7 +299,8 @@ def export(
         from calibration.sensitivity import parse_parity_target
 
         target_cos = parse_parity_target(parity_target)
-        if not rec.is_quantized:
+        if not rec.is_quantized or recipe == "int4-weight":
+            # the keep-float search simulates int8 schemes only (calibration/sensitivity.scheme_for)
             raise BadInputError(f"--parity-target applies to int8 recipes, not '{recipe}'")
     if calibration is not None and Path(calibration).is_file():
         from calibration.manifest import read_manifest
