@@ -322,7 +322,7 @@ def _check_token_ids(cfg: ModelConfig) -> None:
 # --- tokenizer -------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map (what ByteLevel pre-tokenization produces)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -364,7 +364,7 @@ def _merge_candidates() -> Iterator[tuple[str, str]]:
 
 def tokenizer_json(bpe_size: int = FIRST_SPECIAL_ID) -> dict[str, Any]:
     """A byte-level BPE with ``bpe_size`` regular ids, then GLM's specials; built, not trained (deterministic, fast)."""
-    enc = _bytes_to_unicode()
+    enc = bytes_to_unicode()
     vocab: dict[str, int] = {}
     for b in range(256):
         vocab[enc[b]] = b

@@ -272,15 +272,9 @@ sys.stdout.flush()
 
 def _byte_decoder() -> dict[str, int]:
     """Byte-level BPE's printable-character alphabet back to bytes (the GPT-2 table)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    from exporter.make_checkpoint import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def _expected_stdout(tokenizer, tokens: list[int]) -> bytes:
