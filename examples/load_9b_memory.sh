@@ -20,18 +20,7 @@ GEN_LIMIT=${GEN_LIMIT:-900}
 mkdir -p "$ROOT"
 CLI=(autoglm-export)
 
-measure() {  # measure NAME CMD...: run under /usr/bin/time -v, print one summary line
-    local name=$1; shift
-    /usr/bin/time -v "$@" >"$ROOT/$name.log" 2>&1
-    local rc=$?
-    local wall rss
-    wall=$(sed -n 's/.*Elapsed (wall clock) time (h:mm:ss or m:ss): //p' "$ROOT/$name.log" |
-        awk -F: '{ if (NF == 3) print $1 * 3600 + $2 * 60 + $3; else print $1 * 60 + $2 }')
-    rss=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$ROOT/$name.log")
-    printf '%s: wall %s s, peak RSS %d MiB, exit %s\n' "$name" "$wall" "$((rss / 1024))" "$rc"
-    grep -E '^(error|tokens|text|\[)' "$ROOT/$name.log" | sed 's/^/    /'
-    return 0
-}
+source "$(dirname "$0")/measure.sh"
 
 sample_rss() {  # sample_rss PATTERN PID: peak anonymous and file-backed RSS of the python matching PATTERN while PID runs
     local maxa=0 maxf=0 pid a f

@@ -15,18 +15,8 @@ ROOT=${1:-/work/tmp9b}
 mkdir -p "$ROOT"
 CLI=(autoglm-export)
 
-measure() {  # measure NAME CMD...: run under /usr/bin/time -v, print one summary line
-    local name=$1; shift
-    /usr/bin/time -v "$@" >"$ROOT/$name.log" 2>&1
-    local rc=$?
-    local wall rss
-    wall=$(sed -n 's/.*Elapsed (wall clock) time (h:mm:ss or m:ss): //p' "$ROOT/$name.log" |
-        awk -F: '{ if (NF == 3) print $1 * 3600 + $2 * 60 + $3; else print $1 * 60 + $2 }')
-    rss=$(sed -n 's/.*Maximum resident set size (kbytes): //p' "$ROOT/$name.log")
-    printf '%s: wall %s s, peak RSS %d MiB, exit %s\n' "$name" "$wall" "$((rss / 1024))" "$rc"
-    grep -E '^(error|tokens|text|model|total|\[)|parameters' "$ROOT/$name.log" | sed 's/^/    /'
-    return 0
-}
+MEASURE_LINES='^(error|tokens|text|model|total|\[)|parameters'
+source "$(dirname "$0")/measure.sh"
 
 df -h "$ROOT" | tail -1
 

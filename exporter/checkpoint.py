@@ -187,7 +187,7 @@ def config_from_checkpoint(ckpt: Path, shape: ExportShape | None = None) -> Mode
     template = read_template(ckpt) or GLM_CHAT_TEMPLATE
     eos = _as_ids(tc.get("eos_token_id")) or _as_ids(raw.get("eos_token_id")) or _as_ids(gen_cfg.get("eos_token_id"))
     if not eos:
-        eos = _tokenizer_eos(ckpt, tok)
+        eos = tokenizer_eos(ckpt, tok)
     if not eos:
         raise CheckpointError(
             f"{path}: no eos_token_id in config.json or generation_config.json, and no eos_token in "
@@ -277,7 +277,7 @@ def _check_tokenizer_fits(tok: Path, vocab_size: int) -> None:
         )
 
 
-def _tokenizer_eos(ckpt: Path, tok: Path) -> tuple[int, ...]:
+def tokenizer_eos(ckpt: Path, tok: Path) -> tuple[int, ...]:
     """tokenizer_config.json's eos_token, as an id of tokenizer.json (() when either is missing)."""
     name = token_content(read_tokenizer_config(ckpt).get("eos_token"))
     if not name or not tok.is_file():

@@ -47,7 +47,8 @@ def _int(raw: dict, key: str, path: Path, lo: int = 1, hi: int = 4_000_000, defa
 
 def text_config(ckpt: Path):
     """The ModelConfig of a Llama / Qwen2 directory (no weights touched)."""
-    from exporter.chat import read_template, read_tokenizer_config, token_content
+    from exporter.chat import read_template, read_tokenizer_config
+    from exporter.checkpoint import tokenizer_eos
     from exporter.model.config import ExportShape, ModelConfig, SpecialTokens, TextConfig
 
     path = ckpt / "config.json"
@@ -75,12 +76,8 @@ def text_config(ckpt: Path):
         if v is not None:
             eos = tuple(int(x) for x in (v if isinstance(v, list) else [v]))
             break
-    if not eos and tok.is_file():
-        name = token_content(read_tokenizer_config(ckpt).get("eos_token"))
-        from calibration.preprocess import load_tokenizer
-
-        tid = load_tokenizer(tok).token_to_id(name) if name else None
-        eos = (int(tid),) if tid is not None else ()
+    if not eos:
+        eos = tokenizer_eos(ckpt, tok)
     if not eos:
         raise CheckpointError(f"{path}: no eos_token_id in config.json, generation_config.json or tokenizer_config.json")
     try:

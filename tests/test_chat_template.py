@@ -17,48 +17,19 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from exporter.model.config import TINY_SPECIALS
 from exporter.model.templates import GLM4V_CHAT_TEMPLATE
+from glm_checkpoint import ID, tokenizer_files, write_glm_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
-ID = {s: i for i, s in enumerate(TINY_SPECIALS)}
 PROMPT = "Open the settings and turn on Wi-Fi."
-
-
-def _tokenizer_files(dest, template=GLM4V_CHAT_TEMPLATE, eos=True):
-    from calibration.preprocess import tokenizer_file
-
-    shutil.copyfile(tokenizer_file("builtin:tiny"), dest / "tokenizer.json")
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, "pad_token": "<|endoftext|>"}
-    if eos:
-        cfg["eos_token"] = "<|endoftext|>"
-    (dest / "tokenizer_config.json").write_text(json.dumps(cfg))
 
 
 @pytest.fixture(scope="module")
 def glm_ckpt(tmp_path_factory):
     """transformers writes the model; config.json has no eos, bos, gmask or sop ids (the fallback is tested)."""
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
-
     d = tmp_path_factory.mktemp("glm_ckpt")
-    cfg = Glm4vConfig(
-        text_config=dict(
-            vocab_size=2048, hidden_size=128, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2,
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=[2, 3, 3]),
-        ),
-        vision_config=dict(depth=1, hidden_size=32, num_heads=4, out_hidden_size=128, intermediate_size=96, image_size=56),
-        image_token_id=ID["<|image|>"], image_start_token_id=ID["<|begin_of_image|>"],
-        image_end_token_id=ID["<|end_of_image|>"], video_token_id=2047,
-    )
-    torch.manual_seed(0)
-    hf = Glm4vForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.08)
-    hf.save_pretrained(d)
+    hf = write_glm_checkpoint(d)
     raw = json.loads((d / "config.json").read_text())
     for section in (raw, raw.get("text_config", {})):
         for key in ("eos_token_id", "gmask_token_id", "sop_token_id"):
@@ -66,7 +37,6 @@ def glm_ckpt(tmp_path_factory):
         section["bos_token_id"] = None
     (d / "config.json").write_text(json.dumps(raw))
     (d / "generation_config.json").unlink(missing_ok=True)
-    _tokenizer_files(d)
     return d, hf
 
 
@@ -155,7 +125,7 @@ def test_checkpoint_without_any_eos_is_one_line_error(glm_ckpt, tmp_path):
     d, _ = glm_ckpt
     bad = tmp_path / "noeos"
     shutil.copytree(d, bad)
-    _tokenizer_files(bad, eos=False)
+    tokenizer_files(bad, eos=False)
     r = CliRunner().invoke(app, ["generate", "--checkpoint", str(bad), "--prompt", "hi"])
     assert r.exit_code == 2
     assert "eos" in r.output and "Traceback" not in r.output

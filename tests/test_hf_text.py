@@ -63,6 +63,16 @@ def pair(request, tmp_path_factory):
     return d, hf, load_reference(checkpoint=d)
 
 
+def _both_logits(hf, ours):
+    """transformers' and the reference decoder's logits on the same ids."""
+    ids = torch.tensor([[5, 77, 300, 1024, 9, 1500, 42, 2000, 17, 600]])
+    t = ids.shape[1]
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+        got = ours.text.forward_full(ours.text.embed_tokens(ids), torch.arange(t)[None].expand(3, t))[0]
+    return ref, got
+
+
 def test_config_switches(pair):
     d, hf, ours = pair
     t = ours.config.text
@@ -73,11 +83,7 @@ def test_config_switches(pair):
 
 def test_logits_match_transformers(pair):
     d, hf, ours = pair
-    ids = torch.tensor([[5, 77, 300, 1024, 9, 1500, 42, 2000, 17, 600]])
-    t = ids.shape[1]
-    with torch.no_grad():
-        ref = hf(ids).logits[0]
-        got = ours.text.forward_full(ours.text.embed_tokens(ids), torch.arange(t)[None].expand(3, t))[0]
+    ref, got = _both_logits(hf, ours)
     assert (ref - got).abs().max().item() <= 1e-3
     assert (ref.argmax(-1) == got.argmax(-1)).all()
 
@@ -179,11 +185,7 @@ def test_gguf_file_matches_transformers(pair, tmp_path):
 
     ours = load_reference(checkpoint=path)
     assert ours.config.text.attention_bias == (hf.config.model_type == "qwen2")
-    ids = torch.tensor([[5, 77, 300, 1024, 9, 1500, 42, 2000, 17, 600]])
-    t = ids.shape[1]
-    with torch.no_grad():
-        ref = hf(ids).logits[0]
-        got = ours.text.forward_full(ours.text.embed_tokens(ids), torch.arange(t)[None].expand(3, t))[0]
+    ref, got = _both_logits(hf, ours)
     assert (ref - got).abs().max().item() <= 1e-3
     r = CliRunner().invoke(app, ["generate", "--checkpoint", str(path), "--prompt", "hi", "--max-new-tokens", "3"])
     assert r.exit_code == 0, r.output

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
 import socket
 import threading
 import time
@@ -18,16 +17,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cli import app
-from exporter.model.config import TINY_SPECIALS
-from exporter.model.templates import GLM4V_CHAT_TEMPLATE
+from glm_checkpoint import write_glm_checkpoint
 
 openai = pytest.importorskip("openai")
 
-ID = {s: i for i, s in enumerate(TINY_SPECIALS)}
 PROMPT = "Open the settings and turn on Wi-Fi."
 
 
@@ -71,40 +67,14 @@ def tiny_server():
     s.stop()
 
 
-def _tokenizer_files(dest, template=GLM4V_CHAT_TEMPLATE):
-    from calibration.preprocess import tokenizer_file
-
-    shutil.copyfile(tokenizer_file("builtin:tiny"), dest / "tokenizer.json")
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, "pad_token": "<|endoftext|>",
-           "eos_token": "<|endoftext|>"}
-    (dest / "tokenizer_config.json").write_text(json.dumps(cfg))
-
-
 @pytest.fixture(scope="module")
 def glm_ckpt(tmp_path_factory):
     """A Glm4v checkpoint written by transformers, with GLM4V_CHAT_TEMPLATE (opens the answer with <think>)."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
 
     d = tmp_path_factory.mktemp("glm_ckpt")
-    cfg = transformers.Glm4vConfig(
-        text_config=dict(
-            vocab_size=2048, hidden_size=128, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2,
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=[2, 3, 3]),
-        ),
-        vision_config=dict(depth=1, hidden_size=32, num_heads=4, out_hidden_size=128, intermediate_size=96, image_size=56),
-        image_token_id=ID["<|image|>"], image_start_token_id=ID["<|begin_of_image|>"],
-        image_end_token_id=ID["<|end_of_image|>"], video_token_id=2047,
-    )
-    torch.manual_seed(0)
-    hf = transformers.Glm4vForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.08)
-    hf.save_pretrained(d)
+    write_glm_checkpoint(d)
     (d / "generation_config.json").unlink(missing_ok=True)
-    _tokenizer_files(d)
     return d
 
 
