@@ -423,7 +423,7 @@ def run_parity(
     from exporter.model.config import ModelConfig
     from exporter.runner import EagerSession, load_tokenizer
     from targets import get_target
-    from targets.base import read_artifact, verify_artifact
+    from targets.base import check_output_dir, read_artifact, verify_artifact
 
     if steps < 1:
         raise BadInputError(f"--steps {steps}: must be at least 1")
@@ -442,10 +442,7 @@ def run_parity(
         if scope not in ("*", "decoder", *methods):
             raise ConfigError(f"--threshold '{key}': this artifact has no method '{scope}'; its methods: {', '.join(methods)}")
     out_dir = Path(out_dir) if out_dir else art.dir / "parity"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"--out {out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "report.json").is_file():
-        raise OutputError(f"--out {out_dir}: exists and is not a parity report directory (no report.json); choose another")
+    check_output_dir(out_dir, marker="report.json", what="a parity report directory")
     inputs = Path(inputs) if inputs else _default_inputs()
     items = read_inputs(inputs)
     _refuse_calibration_set(items, inputs, calibration_manifest)
@@ -598,8 +595,6 @@ def write_reports(report: dict[str, Any], out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        from exporter.errors import OutputError
-
         raise OutputError(f"cannot write parity reports to {out_dir}: {e.strerror or e}") from e
     _write_atomic(out_dir / "report.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
     _write_atomic(out_dir / "report.html", render_html(report))
