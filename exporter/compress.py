@@ -36,18 +36,29 @@ def _rebuild(model, config, state: dict[str, torch.Tensor]):
     return new.eval()
 
 
+def check_settings(config, prune: float | None, skip: int | None) -> None:
+    """--prune-heads / --skip-layers against the model's shape, before any scoring or export work."""
+    t = config.text
+    if prune is not None:
+        if not 0 < prune < 1:
+            raise BadInputError(f"--prune-heads {prune}: must be a fraction in (0, 1)")
+        per_group = t.num_heads // t.num_kv_heads
+        remove = int(round(per_group * prune))
+        if remove == 0 or remove >= per_group:
+            raise BadInputError(
+                f"--prune-heads {prune}: each KV group has {per_group} query heads, so this removes {remove}; "
+                f"choose a fraction that removes between 1 and {per_group - 1} per group"
+            )
+    if skip is not None and not 0 < skip < t.num_layers:
+        raise BadInputError(f"--skip-layers {skip}: must be between 1 and {t.num_layers - 1} for '{config.name}'")
+
+
 def prune_heads(model, scores: dict[str, Any], fraction: float):
     """Remove ``fraction`` of each KV group's query heads in every layer (least important first)."""
+    check_settings(model.config, fraction, None)
     t = model.config.text
     per_group = t.num_heads // t.num_kv_heads
     remove = int(round(per_group * fraction))
-    if not 0 < fraction < 1:
-        raise BadInputError(f"--prune-heads {fraction}: must be a fraction in (0, 1)")
-    if remove == 0 or remove >= per_group:
-        raise BadInputError(
-            f"--prune-heads {fraction}: each KV group has {per_group} query heads, so this removes {remove}; "
-            f"choose a fraction that removes between 1 and {per_group - 1} per group"
-        )
     heads = np.asarray(scores["heads"])
     d = t.head_dim
     state = {k: v for k, v in model.state_dict().items()}
@@ -72,9 +83,8 @@ def prune_heads(model, scores: dict[str, Any], fraction: float):
 
 def skip_layers(model, scores: dict[str, Any], n: int):
     """Remove the ``n`` decoder layers with the lowest block influence."""
+    check_settings(model.config, None, n)
     t = model.config.text
-    if not 0 < n < t.num_layers:
-        raise BadInputError(f"--skip-layers {n}: must be between 1 and {t.num_layers - 1} for '{model.config.name}'")
     order = np.argsort(np.asarray(scores["blocks"]))
     drop = sorted(int(i) for i in order[:n])
     keep = [i for i in range(t.num_layers) if i not in drop]

@@ -306,10 +306,10 @@ def export(
         from calibration.manifest import read_manifest
 
         read_manifest(Path(calibration))  # every bad line, before the model is loaded
-    if prune_heads is not None and not 0 < prune_heads < 1:
-        raise BadInputError(f"--prune-heads {prune_heads}: must be a fraction in (0, 1)")
-    if skip_layers is not None and skip_layers < 1:
-        raise BadInputError(f"--skip-layers {skip_layers}: must be at least 1")
+    if prune_heads is not None or skip_layers is not None:
+        from exporter.compress import check_settings
+
+        check_settings(resolve_config(preset, checkpoint, layers), prune_heads, skip_layers)
     model = load_reference(preset, checkpoint, layers)
     float32_weights(model)  # a large bf16 checkpoint is kept mapped for eager use; exporters trace fp32 modules
     compression: dict[str, Any] = {}
