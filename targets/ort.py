@@ -462,6 +462,16 @@ def _symmetric_int8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return q.reshape(w.shape), scale
 
 
+def _set_nodes(g: Any, nodes: list[Any]) -> None:
+    """Replace the graph's nodes and drop the initializers no node reads any more."""
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {n for node in g.node for n in node.input}
+    kept = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+
+
 def quantize_weights(model: Any, matmuls: bool = True, gathers: bool = True, keep: Iterable[str] = ()) -> dict[str, int]:
     """Per-channel symmetric int8 weights with float activations, in place; returns counts.
 
@@ -551,12 +561,7 @@ def quantize_weights(model: Any, matmuls: bool = True, gathers: bool = True, kee
         nodes.extend(new_nodes.get(idx, []))
         if idx not in drop:
             nodes.append(node)
-    del g.node[:]
-    g.node.extend(nodes)
-    used = {n for node in g.node for n in node.input}
-    kept = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(kept)
+    _set_nodes(g, nodes)
     return counts
 
 
@@ -597,12 +602,7 @@ def gemm_to_matmul(model: Any, keep: Iterable[str] = ()) -> int:
         if bias:
             nodes.append(helper.make_node("Add", [mm_out, bias], [out], name=f"{node.name}_Add"))
         count += 1
-    del g.node[:]
-    g.node.extend(nodes)
-    used = {n for node in g.node for n in node.input}
-    kept = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(kept)
+    _set_nodes(g, nodes)
     return count
 
 
