@@ -19,7 +19,7 @@ from typing import Annotated, Callable, Optional
 import typer
 from typer._click.exceptions import UsageError  # typer 0.29 vendors click; its usage errors are this class
 
-from exporter.errors import AutoglmExportError, BadInputError
+from core.errors import AutoglmExportError, BadInputError
 from targets import TARGETS, recipes_help
 
 TargetName = enum.Enum("TargetName", {name: name for name in TARGETS}, type=str)

@@ -71,7 +71,7 @@ def measure(components: Any, prompts: list[Any], tokenizer: Any, progress: Calla
 
 
 def builtin_prompts() -> list[Any]:
-    from calibration.dataset import calibration_manifest
+    from core.dataset import calibration_manifest
     from calibration.manifest import read_manifest
 
     return [s.to_prompt() for s in read_manifest(calibration_manifest())]
@@ -97,7 +97,7 @@ def load(path: Path, num_layers: int, num_heads: int) -> dict[str, Any] | None:
         return None
     scores = json.loads(f.read_text())
     if np.asarray(scores.get("heads")).shape != (num_layers, num_heads):
-        from exporter.errors import InputFileError
+        from core.errors import InputFileError
 
         raise InputFileError(f"{f}: scores for another model ({np.asarray(scores.get('heads')).shape} layers x heads, "
                              f"this one has {num_layers} x {num_heads}); run calibrate --head-importance again")

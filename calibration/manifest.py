@@ -6,7 +6,7 @@ to the manifest's folder. Blank lines are skipped.
 
 :func:`read_manifest` validates every line (decoding every image and audio
 file with the runner's own preprocessing, so a corrupt file is caught before
-any model work) and raises one :class:`~exporter.errors.ManifestError`
+any model work) and raises one :class:`~core.errors.ManifestError`
 listing every bad line with its number and reason.
 """
 
@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.errors import InputFileError, ManifestError
+from core.errors import InputFileError, ManifestError
 
 KEYS = ("id", "text", "image", "audio")
 
@@ -30,14 +30,14 @@ class Sample:
     audio: Path | None = None
 
     def to_prompt(self):
-        from exporter.runner import Prompt
+        from core.runner import Prompt
 
         return Prompt(text=self.text, image=self.image, audio=self.audio)
 
 
 def _check_media(kind: str, path: Path) -> str | None:
     """None when ``path`` decodes as ``kind``; else the reason."""
-    from calibration import preprocess
+    from core import preprocess
 
     if not path.exists():
         return f"{kind} file not found: {path}"

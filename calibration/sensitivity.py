@@ -319,7 +319,7 @@ def cached_layer_sensitivity(
 
 def parse_parity_target(spec: str) -> float:
     """``cos=0.999`` -> 0.999 (BadInputError otherwise)."""
-    from exporter.errors import BadInputError
+    from core.errors import BadInputError
 
     key, sep, value = spec.partition("=")
     try:

@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from exporter.errors import BadInputError
-from exporter.runner import EagerSession, Prompt, Runner
+from core.errors import BadInputError
+from core.runner import EagerSession, Prompt, Runner
 
 MethodInputs = dict[str, list[dict[str, Any]]]
 
@@ -124,7 +124,7 @@ def weights_hash(model: Any) -> str:
 
 def calibration_key(components: Any, manifest: Path, decode_steps: int) -> str:
     from calibration.manifest import manifest_hash
-    from calibration.preprocess import PREPROCESS_VERSION
+    from core.preprocess import PREPROCESS_VERSION
 
     parts = [
         f"schema={CACHE_SCHEMA}",
@@ -258,7 +258,7 @@ def save_calibration(data: CalibrationData, out: Path) -> list[str]:
 
 def load_calibration(path: Path) -> CalibrationData:
     """Read what :func:`save_calibration` (``autoglm-export calibrate --out DIR``) wrote."""
-    from exporter.errors import InputFileError
+    from core.errors import InputFileError
 
     path = Path(path)
     meta_file, npz_file = path / "calibration.json", path / "method_inputs.npz"
@@ -293,7 +293,7 @@ def check_compatible(data: CalibrationData, components: Any, where: Path) -> Non
     """
     from torch import nn
 
-    from exporter.errors import InputFileError
+    from core.errors import InputFileError
 
     linears = {n for n, m in components.model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))}
     have = set(data.activation_stats)
@@ -325,7 +325,7 @@ def calibrate(
     manifest and every file it references, and PREPROCESS_VERSION; a second
     call with the same inputs reads it instead of running the model.
     """
-    from calibration.dataset import calibration_manifest
+    from core.dataset import calibration_manifest
     from calibration.manifest import read_manifest
 
     manifest = Path(manifest) if manifest else calibration_manifest()
@@ -372,9 +372,9 @@ def spread(items: list[Any], n: int) -> list[Any]:
 
 def record_builtin_inputs(components: Any, progress: Callable[[str, int, int], None] | None = None, limit: int | None = None):
     """Run the shipped calibration manifest through the reference runner and record each method's inputs."""
-    from calibration.dataset import calibration_manifest
+    from core.dataset import calibration_manifest
     from calibration.manifest import read_manifest
-    from exporter.runner import load_tokenizer
+    from core.runner import load_tokenizer
 
     prompts = [s.to_prompt() for s in read_manifest(calibration_manifest())]
     if limit:

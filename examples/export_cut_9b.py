@@ -8,9 +8,9 @@ Memory: Core ML fp16 peaked at 19.9 GB on a 23 GiB machine; ExecuTorch fp32 was 
 import json, sys, time, resource
 from pathlib import Path
 from exporter.model import build, get_preset
-from exporter.components import build_components
+from core.components import build_components
 from targets import get_target
-from targets.base import Recipe
+from core.recipes import Recipe
 target, recipe, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 t = time.time()
 comps = build_components(build(get_preset("autoglm-phone-9b").with_layers(1, vision_layers=1)))

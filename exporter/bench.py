@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from exporter.errors import RuntimeFailure
+from core.errors import RuntimeFailure
 
 BENCH_SCHEMA = "autoglm-export/bench"
 BENCH_SCHEMA_VERSION = 1
@@ -70,7 +70,7 @@ def _peak_rss_mb() -> float:
                 return int(line.split()[1]) / 1024.0
     except OSError:
         pass
-    from targets.base import peak_rss_mb
+    from core.artifact import peak_rss_mb
 
     return peak_rss_mb()
 
@@ -78,7 +78,7 @@ def _peak_rss_mb() -> float:
 def _bench_tokens(config: Any, tokenizer: Any, n: int) -> np.ndarray:
     """``n`` token ids of real text (the held-out prompts, repeated)."""
     try:
-        from calibration.dataset import heldout_manifest
+        from core.dataset import heldout_manifest
 
         from exporter.parity import read_inputs
 
@@ -92,8 +92,8 @@ def _bench_tokens(config: Any, tokenizer: Any, n: int) -> np.ndarray:
 
 
 def _worker(artifact_dir: Path, which: str, prompt_len: int, steps: int, repeats: int) -> dict[str, Any]:
-    from exporter.runner import load_tokenizer
-    from targets.base import read_artifact
+    from core.runner import load_tokenizer
+    from core.artifact import read_artifact
 
     from exporter.model.config import ModelConfig
 
@@ -104,9 +104,9 @@ def _worker(artifact_dir: Path, which: str, prompt_len: int, steps: int, repeats
 
     def load() -> Any:
         if which == "eager":
-            from exporter.components import build_components
+            from core.components import build_components
             from exporter.parity import _reference_model
-            from exporter.runner import EagerSession
+            from core.runner import EagerSession
 
             return EagerSession(build_components(_reference_model(art, config)))
         from targets import get_target
@@ -188,7 +188,7 @@ def _run_worker(artifact_dir: Path, which: str, prompt_len: int, steps: int, rep
 
 def _artifact_dirs(path: Path) -> list[Path]:
     """One artifact directory, or every artifact of a build directory (its manifest.json)."""
-    from exporter.errors import ArtifactError
+    from core.errors import ArtifactError
 
     path = Path(path)
     if not path.is_dir():
@@ -216,7 +216,7 @@ def run_bench(
 ) -> dict:
     """Benchmark the artifact's runtime (or every artifact of a build dir) and eager fp32, in one run."""
     from exporter.model.config import ModelConfig
-    from targets.base import read_artifact, verify_artifact
+    from core.artifact import read_artifact, verify_artifact
 
     arts = [read_artifact(d) for d in _artifact_dirs(Path(artifact_dir))]
     for a in arts:
@@ -224,7 +224,7 @@ def run_bench(
     config = ModelConfig.from_dict(arts[0].metadata["model"])
     for a in arts[1:]:
         if a.metadata["model"] != arts[0].metadata["model"]:
-            from exporter.errors import ArtifactError
+            from core.errors import ArtifactError
 
             raise ArtifactError(f"{a.dir}: a different model than {arts[0].dir}; bench one model per run")
     max_seq = config.shape.max_seq_len

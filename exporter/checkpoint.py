@@ -28,8 +28,8 @@ from typing import Any, Iterator
 
 import torch
 
-from exporter.chat import read_template, read_tokenizer_config, render, token_content
-from exporter.errors import BadInputError, CheckpointError, ConfigError
+from core.chat import read_template, read_tokenizer_config, render, token_content
+from core.errors import BadInputError, CheckpointError, ConfigError
 from exporter.model.config import ExportShape, ModelConfig, SpecialTokens, TextConfig, VisionConfig
 from exporter.model.multimodal import MultimodalModel, build, materialize_buffers
 from exporter.model.templates import GLM_CHAT_TEMPLATE
@@ -267,7 +267,7 @@ def _check_tokenizer_fits(tok: Path, vocab_size: int) -> None:
     """A tokenizer with ids beyond the embedding table would index past it on some prompt."""
     if not tok.is_file():
         return
-    from calibration.preprocess import load_tokenizer
+    from core.preprocess import load_tokenizer
 
     n = load_tokenizer(tok).get_vocab_size(with_added_tokens=True)
     if n > vocab_size:
@@ -282,7 +282,7 @@ def tokenizer_eos(ckpt: Path, tok: Path) -> tuple[int, ...]:
     name = token_content(read_tokenizer_config(ckpt).get("eos_token"))
     if not name or not tok.is_file():
         return ()
-    from calibration.preprocess import load_tokenizer
+    from core.preprocess import load_tokenizer
 
     tid = load_tokenizer(tok).token_to_id(name)
     return () if tid is None else (int(tid),)
@@ -292,7 +292,7 @@ def _template_prefix_ids(template: str, tok: Path) -> tuple[int, ...]:
     """The special tokens every rendered prompt starts with (GLM: [gMASK]<sop>), the runtimes' bos ids."""
     if not tok.is_file():
         return ()
-    from calibration.preprocess import load_tokenizer
+    from core.preprocess import load_tokenizer
 
     tokenizer = load_tokenizer(tok)
     try:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from exporter.errors import BadInputError
+from core.errors import BadInputError
 
 
 def _rebuild(model, config, state: dict[str, torch.Tensor]):

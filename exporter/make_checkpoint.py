@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from exporter.errors import ConfigError, OutputError
+from core.errors import ConfigError, OutputError
 from exporter.model.config import ModelConfig, get_preset
 from exporter.model.templates import GLM4V_CHAT_TEMPLATE
 

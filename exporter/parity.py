@@ -1,6 +1,6 @@
 """Numerical parity: an artifact against the PyTorch reference, through the same runner.
 
-Both sides are :class:`targets.base.Session` objects driven by the shared
+Both sides are :class:`core.artifact.Session` objects driven by the shared
 host runner on the same held-out inputs (never the calibration set):
 
 1. per method: each segment's input (prompt token ids, pixels, mel) goes
@@ -37,7 +37,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from exporter.errors import BadInputError, ConfigError, InputFileError, OutputError, ParityFailure
+from core.metrics import aggregate, compare
+from core.errors import BadInputError, ConfigError, InputFileError, OutputError, ParityFailure
 
 REPORT_SCHEMA = "autoglm-export/parity-report"
 REPORT_SCHEMA_VERSION = 1
@@ -84,47 +85,6 @@ def _check_threshold_key(key: str) -> None:
         )
 
 
-# --- metrics -----------------------------------------------------------------------------
-
-
-def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
-    """max abs, mean abs, cosine and SQNR (dB) of ``out`` against ``ref`` (flattened, float64)."""
-    ref = np.asarray(ref, np.float64).ravel()
-    out = np.asarray(out, np.float64).ravel()
-    if ref.shape != out.shape:
-        raise ValueError(f"shape mismatch: reference has {ref.size} values, artifact {out.size}")
-    diff = out - ref
-    noise = float(np.dot(diff, diff))
-    signal = float(np.dot(ref, ref))
-    denom = math.sqrt(signal) * math.sqrt(float(np.dot(out, out)))
-    cosine = float(np.dot(ref, out) / denom) if denom > 0 else (1.0 if noise == 0 else 0.0)
-    if not np.all(np.isfinite(out)):
-        return {"max_abs": None, "mean_abs": None, "cosine": None, "sqnr_db": None, "finite": False}
-    return {
-        "max_abs": float(np.max(np.abs(diff))) if diff.size else 0.0,
-        "mean_abs": float(np.mean(np.abs(diff))) if diff.size else 0.0,
-        "cosine": cosine,
-        # None = exact (infinite SQNR); JSON has no infinity
-        "sqnr_db": 10.0 * math.log10(max(signal, 1e-300) / noise) if noise > 0 else None,
-        "finite": True,
-    }
-
-
-def _aggregate(calls: list[dict[str, Any]]) -> dict[str, Any]:
-    """Worst case over calls (mean abs averaged weighted by size)."""
-    if any(not c["finite"] for c in calls):
-        return {"max_abs": None, "mean_abs": None, "cosine": None, "sqnr_db": None, "finite": False}
-    n = sum(c["n"] for c in calls)
-    sq = [c["sqnr_db"] for c in calls if c["sqnr_db"] is not None]
-    return {
-        "max_abs": max(c["max_abs"] for c in calls),
-        "mean_abs": sum(c["mean_abs"] * c["n"] for c in calls) / max(n, 1),
-        "cosine": min(c["cosine"] for c in calls),
-        "sqnr_db": min(sq) if sq else None,
-        "finite": True,
-    }
-
-
 # --- held-out inputs -----------------------------------------------------------------------
 
 
@@ -166,7 +126,7 @@ def read_inputs(path: Path) -> list[Item]:
                 try:
                     entries.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    from exporter.errors import ManifestError
+                    from core.errors import ManifestError
 
                     raise ManifestError(str(path), [(n, f"not JSON: {e.msg}")]) from None
     base = path.parent
@@ -185,7 +145,7 @@ def read_inputs(path: Path) -> list[Item]:
 
 
 def _default_inputs() -> Path:
-    from calibration.dataset import heldout_manifest
+    from core.dataset import heldout_manifest
 
     return Path(heldout_manifest())
 
@@ -193,7 +153,7 @@ def _default_inputs() -> Path:
 def _refuse_calibration_set(items: list[Item], inputs: Path, calib: Path | None = None) -> None:
     """Parity never runs on the calibration set."""
     if calib is None:
-        from calibration.dataset import calibration_manifest
+        from core.dataset import calibration_manifest
 
         calib = Path(calibration_manifest())
     if calib.resolve() == Path(inputs).resolve():
@@ -217,7 +177,7 @@ def compare_sessions(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run both sessions through the shared runner on ``items``; metrics per method and for the decoder."""
-    from exporter.runner import Prompt, Runner
+    from core.runner import Prompt, Runner
 
     ref_runner = Runner(reference, config, tokenizer)
     art_runner = Runner(artifact, config, tokenizer)
@@ -322,7 +282,7 @@ def compare_sessions(
 
     methods = {}
     for name, calls in per_method.items():
-        agg = _aggregate(calls)
+        agg = aggregate(calls)
         agg["calls"] = len(calls)
         agg["per_call"] = [{k: c[k] for k in ("item", "call", "max_abs", "mean_abs", "cosine", "sqnr_db")} for c in calls]
         methods[name] = agg
@@ -419,16 +379,16 @@ def run_parity(
     ``calibration_manifest``: the set the artifact was calibrated on (default: the built-in one);
     parity refuses inputs that overlap it.
     """
-    from exporter.components import build_components
+    from core.components import build_components
     from exporter.model.config import ModelConfig
-    from exporter.runner import EagerSession, load_tokenizer
+    from core.runner import EagerSession, load_tokenizer
     from targets import get_target
-    from targets.base import check_output_dir, read_artifact, verify_artifact
+    from core.artifact import check_output_dir, read_artifact, verify_artifact
 
     if steps < 1:
         raise BadInputError(f"--steps {steps}: must be at least 1")
     if not Path(artifact_dir).is_dir():
-        from exporter.errors import ArtifactError
+        from core.errors import ArtifactError
 
         raise ArtifactError(f"artifact directory not found: {artifact_dir}")
     art = read_artifact(Path(artifact_dir))
@@ -449,7 +409,7 @@ def run_parity(
     items, input_notes = for_model(items, config)
     tok_path = art.dir / "tokenizer.json"
     if not tok_path.is_file():
-        from exporter.errors import ArtifactError
+        from core.errors import ArtifactError
 
         raise ArtifactError(f"{art.dir}: no tokenizer.json in the artifact")
     tokenizer = load_tokenizer(config, tok_path)
@@ -526,7 +486,7 @@ def _reference_model(art: Any, config: Any):
 
     source = art.metadata.get("source")
     if not source:
-        from exporter.errors import ArtifactError
+        from core.errors import ArtifactError
 
         raise ArtifactError(
             f"{art.dir}: artifact.json has no metadata.source (where the weights came from); re-export it with this version"
@@ -538,7 +498,7 @@ def _reference_model(art: Any, config: Any):
 
         expected = compressed_config(model.config, art.metadata["compression"])
     if expected.to_dict() != config.to_dict():
-        from exporter.errors import ArtifactError
+        from core.errors import ArtifactError
 
         raise ArtifactError(f"{art.dir}: the reference rebuilt from {source} does not have the artifact's model config")
     return model

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from exporter.errors import ArtifactError, BadInputError, ConfigError
+from core.errors import ArtifactError, BadInputError, ConfigError
 from exporter.model.config import ModelConfig, get_preset
 
 Progress = Callable[[str, int, int], None]
@@ -50,7 +50,7 @@ GGUF_PRESET = "smollm2-135m"
 
 def _checkpoint_kind(checkpoint: str | Path) -> tuple[str, Path]:
     """("glm4v" | "hf-text" | "gguf", path): a Glm4v directory, a Llama/Qwen2 directory, or a .gguf file."""
-    from exporter.errors import CheckpointError
+    from core.errors import CheckpointError
     from exporter.hf_text import FAMILIES, model_type
 
     path = Path(checkpoint)
@@ -179,8 +179,8 @@ class Loaded:
 
 
 def open_reference(preset: str | None = "tiny", checkpoint: str | Path | None = None, layers: int | None = None) -> Loaded:
-    from exporter.components import build_components
-    from exporter.runner import EagerSession, load_tokenizer
+    from core.components import build_components
+    from core.runner import EagerSession, load_tokenizer
 
     model = load_reference(preset, checkpoint, layers)
     comps = build_components(model)
@@ -188,9 +188,9 @@ def open_reference(preset: str | None = "tiny", checkpoint: str | Path | None = 
 
 
 def open_artifact(path: str | Path) -> Loaded:
-    from calibration.preprocess import load_tokenizer as load_tok
+    from core.preprocess import load_tokenizer as load_tok
     from targets import get_target
-    from targets.base import read_artifact, verify_artifact
+    from core.artifact import read_artifact, verify_artifact
 
     path = Path(path)
     art = read_artifact(path)
@@ -221,8 +221,8 @@ def generate(
     artifact: str | Path | None = None,
     thinking: bool | None = None,
 ):
-    from exporter.chat import has_thinking_switch
-    from exporter.runner import Prompt, Runner
+    from core.chat import has_thinking_switch
+    from core.runner import Prompt, Runner
 
     check_sampling(max_new_tokens, temperature, top_p, seed)
     for kind, p in (("image", image), ("audio", audio)):
@@ -272,10 +272,12 @@ def export(
     ``parity_target`` (e.g. "cos=0.999") keeps the most INT8-sensitive layers in float,
     the smallest such set found greedily by calibration.sensitivity.
     """
-    from exporter.components import build_components
+    from core.components import build_components
     from exporter.model.upcast import float32_weights
     from targets import get_target
-    from targets.base import Recipe, check_output_dir, check_recipe, no_progress
+    from core.artifact import check_output_dir, no_progress
+    from core.recipes import Recipe
+    from targets.base import check_recipe
 
     progress = progress or no_progress
     tgt = get_target(target)  # unknown target -> exit 2 before any model work
@@ -337,8 +339,8 @@ def export(
 def _compress(model, calibration, prune_heads, skip_layers, progress):
     from calibration import importance
     from exporter import compress
-    from exporter.components import build_components
-    from exporter.runner import load_tokenizer
+    from core.components import build_components
+    from core.runner import load_tokenizer
 
     t = model.config.text
     scores = None
@@ -388,7 +390,7 @@ def _record_source(artifact, source: dict[str, Any], compression: dict[str, Any]
     """Add where the weights came from (parity rebuilds the reference from it) and what compression removed."""
     import json
 
-    from targets.base import ARTIFACT_JSON
+    from core.artifact import ARTIFACT_JSON
 
     path = artifact.dir / ARTIFACT_JSON
     info = json.loads(path.read_text())
@@ -401,7 +403,7 @@ def _record_source(artifact, source: dict[str, Any], compression: dict[str, Any]
 
 def calibration_data(components, calibration: str | Path | None, progress: Progress | None = None):
     """CalibrationData for int8-static: a calibrate --out DIR, a manifest .jsonl, or the built-in set."""
-    from exporter.runner import load_tokenizer
+    from core.runner import load_tokenizer
 
     from calibration import stats
 
@@ -423,7 +425,7 @@ def _module(name: str):
     """Import a pipeline stage; a missing stage is reported, never faked."""
     import importlib
 
-    from exporter.errors import TargetNotAvailableError
+    from core.errors import TargetNotAvailableError
 
     try:
         return importlib.import_module(name)
@@ -445,10 +447,10 @@ def calibrate(
     sensitivity_target: str | None = None,
     head_importance: bool = False,
 ) -> list[str]:
-    from exporter.components import build_components
-    from exporter.runner import load_tokenizer
+    from core.components import build_components
+    from core.runner import load_tokenizer
     from targets import TARGETS
-    from targets.base import check_output_dir
+    from core.artifact import check_output_dir
 
     if sensitivity_recipe not in ("int8-static", "int8-weight"):
         raise BadInputError(f"--sensitivity-recipe '{sensitivity_recipe}': expected int8-static or int8-weight")
@@ -520,7 +522,7 @@ def build(config: str | Path | None, out: str | Path, progress: Progress | None 
     if config is not None and not Path(config).is_file():
         kind = "is a directory; give the .toml file" if Path(config).is_dir() else "file not found"
         raise BadInputError(f"build config {config}: {kind}")
-    return _module("exporter.manifest").build(Path(config) if config else None, Path(out), progress=progress)
+    return _module("exporter.build").build(Path(config) if config else None, Path(out), progress=progress)
 
 
 def bench(artifact_dir: str | Path, json_out: str | Path | None = None, progress: Progress | None = None) -> str:

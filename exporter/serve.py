@@ -41,9 +41,9 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 from starlette.requests import Request  # at module level: FastAPI resolves the endpoint's annotations here
 
-from exporter.chat import has_thinking_switch, render
-from exporter.errors import AutoglmExportError, BadInputError
-from exporter.runner import Prompt, Runner
+from core.chat import has_thinking_switch, render
+from core.errors import AutoglmExportError, BadInputError
+from core.runner import Prompt, Runner
 
 log = logging.getLogger("autoglm_export.serve")
 
@@ -279,7 +279,7 @@ def _image(spec: Any, where: str, runner: Runner) -> np.ndarray:
     """Pixels of an image_url part: a data: URL (base64), a file:// URL or a local path; decoded as the CLI does."""
     from PIL import Image
 
-    from calibration import preprocess
+    from core import preprocess
 
     url = spec.get("url") if isinstance(spec, dict) else spec
     if not isinstance(url, str) or not url:

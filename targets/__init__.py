@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from exporter.errors import TargetNotAvailableError, UnknownTargetError
+from core.errors import TargetNotAvailableError, UnknownTargetError
 
 TARGETS: dict[str, str] = {
     "executorch": "targets.executorch:ExecuTorchTarget",

@@ -25,14 +25,14 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def tiny_components(tiny_model):
-    from exporter.components import build_components
+    from core.components import build_components
 
     return build_components(tiny_model)
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model):
-    from exporter.runner import load_tokenizer
+    from core.runner import load_tokenizer
 
     return load_tokenizer(tiny_model.config)
 
@@ -48,7 +48,7 @@ def tiny_calibration(tiny_components):
 @pytest.fixture(scope="session")
 def media():
     """The held-out sample prompt, photo and recording (never seen by calibration)."""
-    from calibration.dataset import sample_inputs
+    from core.dataset import sample_inputs
 
     return sample_inputs()
 
@@ -56,7 +56,7 @@ def media():
 @pytest.fixture(scope="session")
 def eager_run(tiny_components, tiny_tokenizer, media):
     """The eager reference over the held-out prompt with image and audio: runner, segments, 6 greedy tokens."""
-    from exporter.runner import EagerSession, Prompt, Runner
+    from core.runner import EagerSession, Prompt, Runner
 
     runner = Runner(EagerSession(tiny_components), tiny_components.config, tiny_tokenizer)
     prompt = Prompt(text=media["prompt"], image=media["image"], audio=media["audio"])

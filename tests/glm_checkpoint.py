@@ -20,7 +20,7 @@ ID = {s: i for i, s in enumerate(TINY_SPECIALS)}
 
 def tokenizer_files(dest: Path, template: str = GLM4V_CHAT_TEMPLATE, eos: bool = True) -> None:
     """tokenizer.json (the tiny preset's, GLM's special tokens) and tokenizer_config.json carrying ``template``."""
-    from calibration.preprocess import tokenizer_file
+    from core.preprocess import tokenizer_file
 
     shutil.copyfile(tokenizer_file("builtin:tiny"), dest / "tokenizer.json")
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, "pad_token": "<|endoftext|>"}

@@ -10,7 +10,7 @@ import numpy as np
 
 def heldout_subset(dest: Path, kinds=("text", "image", "audio", "image+audio")) -> Path:
     """A few items of the built-in held-out set (one per kind), absolute paths: keeps the suite fast."""
-    from calibration.dataset import heldout_manifest
+    from core.dataset import heldout_manifest
 
     src = heldout_manifest()
     picked = {}

@@ -33,7 +33,7 @@ def base(tmp_path_factory):
     import torch
     from transformers import Glm4vConfig, Glm4vForConditionalGeneration
 
-    from calibration.preprocess import tokenizer_file
+    from core.preprocess import tokenizer_file
     from exporter.model.config import TINY_SPECIALS
     from exporter.model.templates import GLM4V_CHAT_TEMPLATE
 

@@ -26,10 +26,10 @@ def test_decoder_weight_elements_counts_layers_norm_and_head():
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory, tiny_components):
-    from exporter.errors import TargetNotAvailableError
+    from core.errors import TargetNotAvailableError
     from exporter.pipeline import _record_source, source_of
     from targets import get_target
-    from targets.base import Recipe
+    from core.recipes import Recipe
 
     for name in ("ort", "executorch"):
         try:

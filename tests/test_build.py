@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from exporter import manifest
+from exporter import build as manifest
 from heldout import heldout_subset
-from exporter.errors import ConfigError, ParityFailure, UnknownTargetError
+from core.errors import ConfigError, ParityFailure, UnknownTargetError
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ def _write(tmp_path: Path, text: str, name: str = "build.toml") -> Path:
 
 def test_embedded_default_builds_every_shipped_target_with_float_and_int8():
     from targets import get_target
-    from exporter.errors import TargetNotAvailableError
+    from core.errors import TargetNotAvailableError
 
     shipped = set()
     for name in ("executorch", "ort", "coreml"):
@@ -91,7 +91,7 @@ def test_unknown_target_fails_before_any_model_work(tmp_path):
 
 
 def _fast_target() -> str:
-    from exporter.errors import TargetNotAvailableError
+    from core.errors import TargetNotAvailableError
     from targets import get_target
 
     for name in ("ort", "executorch"):

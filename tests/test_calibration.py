@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibration.dataset import calibration_manifest
-from exporter.errors import ManifestError
+from core.dataset import calibration_manifest
+from core.errors import ManifestError
 
 OUTLIER_LAYER = "text.layers.0.self_attn.v_proj"
 
@@ -92,7 +92,7 @@ def test_manifest_reports_every_bad_line(tmp_path):
     samples = read_manifest(path)
     assert [s.id for s in samples] == ["ok-text", "line-2"]
     assert samples[1].image == tmp_path / "good.jpg"
-    from calibration.preprocess import load_audio
+    from core.preprocess import load_audio
 
     a = load_audio(samples[1].audio)
     assert a.ndim == 1 and abs(a.size - 4000) <= 1
@@ -105,7 +105,7 @@ def outlier_model():
     """The tiny model with outliers planted in one layer's weights (its own copy: the shared one is untouched)."""
     import torch
 
-    from exporter.components import build_components
+    from core.components import build_components
     from exporter.model import build, get_preset
 
     model = build(get_preset("tiny"))
@@ -120,7 +120,7 @@ def outlier_model():
 @pytest.fixture(scope="module")
 def calib(outlier_model, small_manifest, tmp_path_factory):
     from calibration.stats import calibrate
-    from exporter.runner import load_tokenizer
+    from core.runner import load_tokenizer
 
     cache = tmp_path_factory.mktemp("cache")
     calls = []
@@ -133,7 +133,7 @@ def calib(outlier_model, small_manifest, tmp_path_factory):
 
 def test_calibrate_records_and_caches(calib, outlier_model, small_manifest, tmp_path):
     from calibration.stats import calibrate, load_calibration, save_calibration
-    from exporter.runner import load_tokenizer
+    from core.runner import load_tokenizer
 
     data, cache, calls = calib
     assert not data.from_cache

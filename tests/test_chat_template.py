@@ -68,7 +68,7 @@ def test_checkpoint_config_takes_template_and_eos_from_tokenizer_config(glm_ckpt
 @pytest.mark.parametrize("thinking", [None, False])
 def test_prompt_ids_equal_apply_chat_template(glm_ckpt, thinking):
     from exporter.checkpoint import config_from_checkpoint
-    from exporter.runner import Prompt, Runner, load_tokenizer
+    from core.runner import Prompt, Runner, load_tokenizer
 
     d, _ = glm_ckpt
     cfg = config_from_checkpoint(d)
@@ -83,7 +83,7 @@ def test_image_turn_is_the_templates_placeholder_expanded(glm_ckpt):
     from transformers import AutoTokenizer
 
     from exporter.checkpoint import config_from_checkpoint
-    from exporter.runner import Prompt, Runner, load_tokenizer
+    from core.runner import Prompt, Runner, load_tokenizer
 
     d, _ = glm_ckpt
     cfg = config_from_checkpoint(d)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from exporter.checkpoint import iter_safetensors, load_checkpoint
-from exporter.errors import CheckpointError
+from core.errors import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 

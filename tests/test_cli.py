@@ -35,7 +35,7 @@ def test_info_tiny_is_under_20_mb():
 
 
 def test_generate_with_image_and_audio_prints_tokens():
-    from calibration.dataset import sample_inputs
+    from core.dataset import sample_inputs
 
     s = sample_inputs()
     result = runner.invoke(

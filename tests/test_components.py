@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exporter.components import build_components
+from core.components import build_components
 
 
 def _inputs(components, method: str, t: int = 9):

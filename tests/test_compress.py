@@ -20,9 +20,9 @@ from cli import app
 @pytest.fixture(scope="module")
 def scored():
     from calibration import importance
-    from exporter.components import build_components
+    from core.components import build_components
     from exporter.model import build, get_preset
-    from exporter.runner import load_tokenizer
+    from core.runner import load_tokenizer
 
     model = build(get_preset("tiny"))
     prompts = importance.builtin_prompts()[:4]

@@ -1,7 +1,7 @@
 """Core ML target on the tiny preset: saved ML programs read back, and run through the ML program interpreter.
 
 Core ML itself executes only on macOS; here every number comes from
-``targets.mil_interpreter`` running the saved packages (the session's
+``targets.coreml.mil`` running the saved packages (the session's
 provenance says so). Each recipe is exported once per session.
 """
 
@@ -16,8 +16,10 @@ import pytest
 from typer.testing import CliRunner
 
 from heldout import cos, row_cos
-from exporter.runner import EagerSession, Prompt, Runner
-from targets.base import Recipe, method_outputs, read_artifact
+from core.runner import EagerSession, Prompt, Runner
+from core.artifact import read_artifact
+from core.recipes import Recipe
+from targets.base import method_outputs
 from targets.coreml import (
     DECODER_FUNCTIONS,
     CoreMLTarget,
@@ -321,7 +323,7 @@ def test_int4_export_check_rejects_a_broken_4bit_program(int4_artifact, tiny_com
     import shutil
     import struct
 
-    from exporter.errors import ExportError
+    from core.errors import ExportError
     from targets.base import export_gate
     from targets.coreml import GATE, CoreMLSession
 
@@ -484,7 +486,7 @@ def test_fp16_greedy_16_tokens_with_image_and_audio_equal_eager(coreml_artifacts
 
 
 def test_reset_forgets_the_cache_and_positions_past_the_cache_fail(coreml_artifacts, tiny_components):
-    from exporter.errors import RuntimeFailure
+    from core.errors import RuntimeFailure
 
     session = CoreMLTarget().load(coreml_artifacts["fp16"])
     h = tiny_components.config.text.hidden_size
@@ -532,7 +534,7 @@ def test_unwritable_out_is_one_line_exit_2_and_leaves_no_package(tmp_path):
 
 
 def test_int8_static_without_samples_for_a_method_fails_before_writing(tiny_components, coreml_calibration, tmp_path):
-    from exporter.errors import BadInputError
+    from core.errors import BadInputError
 
     partial = {"token_embedding": coreml_calibration["token_embedding"][:2]}
     with pytest.raises(BadInputError, match="no samples for method 'vision_encoder'"):
@@ -556,7 +558,7 @@ def test_cli_generate_runs_the_coreml_artifact(coreml_artifacts, tiny_components
 def test_loading_an_artifact_with_a_missing_package_is_an_artifact_error(coreml_artifacts, tmp_path):
     import shutil
 
-    from exporter.errors import ArtifactError
+    from core.errors import ArtifactError
 
     broken = tmp_path / "broken"
     shutil.copytree(coreml_artifacts["fp16"].dir, broken)
@@ -570,7 +572,7 @@ def test_llama_family_decoder_converts_and_matches_eager():
     tied embeddings. Its decode function converts and runs through the interpreter like GLM's."""
     import dataclasses
 
-    from exporter.components import build_components
+    from core.components import build_components
     from exporter.model import build, get_preset
 
     cfg = get_preset("tiny").with_layers(1, vision_layers=1)
@@ -581,7 +583,7 @@ def test_llama_family_decoder_converts_and_matches_eager():
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((1, 5, h)).astype(np.float32)
     pos = np.arange(5)
-    from targets.mil_interpreter import MILProgram
+    from targets.coreml.mil import MILProgram
 
     import tempfile
 

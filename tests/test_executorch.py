@@ -16,9 +16,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from exporter.errors import ExportError
-from exporter.runner import EagerSession, Prompt, Runner
-from targets.base import Recipe, method_calls
+from core.errors import ExportError
+from core.runner import EagerSession, Prompt, Runner
+from core.recipes import Recipe
+from targets.base import method_calls
 from targets.executorch import PTE, ExecuTorchTarget, check_lowering, lower, lowering_report
 from heldout import cos
 
@@ -30,7 +31,7 @@ RECIPES = ("fp32", "int8-weight", "8da4w", "int8-static")
 
 def _export_recipes(root: str, recipes: tuple[str, ...]) -> list[str]:
     """Export ``recipes`` of the tiny preset in this (child) process."""
-    from exporter.components import build_components
+    from core.components import build_components
     from exporter.model import build, get_preset
 
     components = build_components(build(get_preset("tiny")))  # deterministic weights: the same model
@@ -44,7 +45,7 @@ def et_artifacts(tiny_components, tiny_calibration, tmp_path_factory):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from targets.base import read_artifact
+    from core.artifact import read_artifact
 
     root = tmp_path_factory.mktemp("executorch")
     others = tuple(r for r in RECIPES if r != "int8-static")
@@ -58,7 +59,7 @@ def et_artifacts(tiny_components, tiny_calibration, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def media():
-    from calibration.dataset import sample_inputs
+    from core.dataset import sample_inputs
 
     return sample_inputs()  # held-out: never seen by calibration
 
@@ -410,9 +411,9 @@ def test_model_without_vision_exports_and_generates_like_eager(tmp_path):
     """No vision: the decoder holds no <|begin_of_image|> marker and every call gets text positions."""
     import dataclasses
 
-    from exporter.components import build_components
+    from core.components import build_components
     from exporter.model import build, get_preset
-    from exporter.runner import load_tokenizer
+    from core.runner import load_tokenizer
 
     cfg = dataclasses.replace(get_preset("tiny"), vision=None, audio=None, fusion=False)
     components = build_components(build(cfg))
@@ -428,7 +429,7 @@ def test_model_without_vision_exports_and_generates_like_eager(tmp_path):
 
 
 def test_export_refuses_a_model_where_another_token_passes_for_begin_of_image(tmp_path):
-    from exporter.components import build_components
+    from core.components import build_components
     from exporter.model import build, get_preset
 
     components = build_components(build(get_preset("tiny")))

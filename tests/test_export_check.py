@@ -10,15 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exporter.errors import ExportError
-from targets.base import Recipe
+from core.errors import ExportError
+from core.recipes import Recipe
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def small():
-    from exporter.components import build_components
+    from core.components import build_components
     from exporter.model import build, get_preset
 
     return build_components(build(get_preset("tiny").with_layers(1, vision_layers=1)))

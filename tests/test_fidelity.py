@@ -116,7 +116,7 @@ def test_text_logits_match_transformers(pair):
 
 
 def test_photo_prompt_logits_match_transformers(pair):
-    from calibration.preprocess import image_to_pixels
+    from core.preprocess import image_to_pixels
 
     spec, hf, ours = pair
     cfg = ours.config
@@ -138,7 +138,7 @@ def test_photo_prompt_logits_match_transformers(pair):
 
 def test_runner_positions_equal_transformers_rope_index(pair):
     """The host runner's M-RoPE layout is transformers' get_rope_index for the same token layout."""
-    from exporter.runner import Runner
+    from core.runner import Runner
 
     spec, hf, ours = pair
 
@@ -153,7 +153,7 @@ def test_runner_positions_equal_transformers_rope_index(pair):
             return type("E", (), {"ids": out})()
 
     runner = Runner(session=None, config=ours.config, tokenizer=_Tok())
-    from exporter.runner import Prompt
+    from core.runner import Prompt
 
     s = spec["image"]
     segs = runner.segments(Prompt(text="what is this", image=np.zeros((1, 3, s, s), np.float32)))

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from exporter.chat import render, user_message
-from exporter.runner import Prompt, Runner, load_tokenizer
-from targets.base import Recipe, read_artifact
+from core.chat import render, user_message
+from core.runner import Prompt, Runner, load_tokenizer
+from core.artifact import read_artifact
+from core.recipes import Recipe
 from targets.ort import GENAI_CONFIG, OrtTarget, genai_inputs
 
 og = pytest.importorskip("onnxruntime_genai")
@@ -186,7 +187,7 @@ def test_og_runs_no_speech_session_for_this_model_type(model, runner, media):
 
 
 def test_genai_inputs_rejects_wrong_pixels_and_prompts(runner):
-    from exporter.errors import BadInputError
+    from core.errors import BadInputError
 
     cfg = runner.config
     ids = runner.prompt_ids(Prompt(text="What is this?", image=np.zeros(1)))

@@ -29,7 +29,7 @@ PROMPT = "Turn on Wi-Fi and open the camera."
 def _save(d, family: str, tie: bool):
     from tokenizers import AddedToken, Tokenizer
 
-    from calibration.preprocess import tokenizer_file
+    from core.preprocess import tokenizer_file
 
     kw = dict(vocab_size=2056, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
               num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=tie,

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from exporter.errors import ConfigError, OutputError
+from core.errors import ConfigError, OutputError
 from exporter.make_checkpoint import (
     FIRST_SPECIAL_ID,
     GLM_SPECIALS,

@@ -21,8 +21,8 @@ import torch
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Function, Program, types
 
-from exporter.errors import ArtifactError, BadInputError, UnsupportedOpError
-from targets.mil_interpreter import PROVENANCE, SUPPORTED_OPS, MILProgram
+from core.errors import ArtifactError, BadInputError, UnsupportedOpError
+from targets.coreml.mil import PROVENANCE, SUPPORTED_OPS, MILProgram
 
 IOS18 = ct.target.iOS18
 RNG = np.random.default_rng(0)

@@ -12,9 +12,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from exporter.runner import EagerSession, Prompt, Runner
+from core.runner import EagerSession, Prompt, Runner
 from heldout import cos, row_cos
-from targets.base import Recipe, method_outputs, read_artifact
+from core.artifact import read_artifact
+from core.recipes import Recipe
+from targets.base import method_outputs
 from targets.ort import OrtTarget, graph_io
 
 pytestmark = pytest.mark.slow
@@ -222,7 +224,7 @@ def test_session_keeps_and_slices_the_past(ort_artifacts, tiny_components, eager
     args = dict(embeds=emb[:, half:], position_ids=segs[0].position_ids[:, half:], cache_position=np.arange(half, n))
     assert np.abs(session.run("text_decoder", **args) - eager.run("text_decoder", **args)).max() <= 1e-4
     assert session.past[0][0].shape[2] == n
-    from exporter.errors import RuntimeFailure
+    from core.errors import RuntimeFailure
 
     with pytest.raises(RuntimeFailure, match="cache_position starts at"):
         session.run("text_decoder", embeds=emb[:, :1], position_ids=segs[0].position_ids[:, :1],
@@ -452,7 +454,7 @@ def _break_int4(model, how: str) -> int:
 def test_int4_export_check_rejects_a_broken_4bit_program(ort_artifacts, tiny_components, tmp_path, how):
     import shutil
 
-    from exporter.errors import ExportError
+    from core.errors import ExportError
     from targets.base import export_gate
     from targets.ort import GATE, OrtSession
 
@@ -483,7 +485,7 @@ def test_int4_weight_honours_group_size_and_keep_float(tiny_components, tmp_path
 
 
 def test_int4_weight_refuses_per_channel_before_writing(tiny_components, tmp_path):
-    from exporter.errors import BadInputError
+    from core.errors import BadInputError
 
     with pytest.raises(BadInputError, match="--group-size 0"):
         OrtTarget().export(tiny_components, Recipe("int4-weight", group_size=0), tmp_path / "x")
@@ -528,7 +530,7 @@ def test_export_into_a_file_path_is_exit_2(tmp_path):
 
 
 def test_target_rejects_calibration_without_samples_before_writing(tiny_components, tiny_calibration, tmp_path):
-    from exporter.errors import BadInputError
+    from core.errors import BadInputError
 
     partial = {"token_embedding": tiny_calibration["token_embedding"][:2]}
     with pytest.raises(BadInputError, match="no samples for method 'vision_encoder'"):
@@ -548,7 +550,7 @@ def test_export_records_its_check_of_the_ort_files_against_eager(ort_artifacts, 
 def test_loading_a_missing_ort_file_is_an_artifact_error(ort_artifacts, tmp_path):
     import shutil
 
-    from exporter.errors import ArtifactError
+    from core.errors import ArtifactError
 
     broken = tmp_path / "broken"
     shutil.copytree(ort_artifacts["fp32"].dir, broken)

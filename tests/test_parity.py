@@ -14,7 +14,7 @@ import torch
 
 from exporter import parity
 from heldout import heldout_subset
-from exporter.errors import ConfigError, ParityFailure
+from core.errors import ConfigError, ParityFailure
 
 
 def test_compare_metrics_on_known_values():
@@ -47,9 +47,9 @@ def heldout(tmp_path_factory):
 @pytest.fixture(scope="module")
 def perturbed_session():
     """The reference with one decoder weight scaled: a real PyTorch session that must fail fp32 parity."""
-    from exporter.components import build_components
+    from core.components import build_components
     from exporter.model import build, get_preset
-    from exporter.runner import EagerSession
+    from core.runner import EagerSession
 
     model = build(get_preset("tiny"))
     with torch.no_grad():
@@ -61,7 +61,7 @@ def perturbed_session():
 
 @pytest.fixture(scope="module")
 def reports(tiny_components, tiny_tokenizer, perturbed_session, heldout):
-    from exporter.runner import EagerSession
+    from core.runner import EagerSession
 
     path, items = heldout
     ref = EagerSession(tiny_components)
@@ -103,9 +103,9 @@ def test_thresholds_are_honoured(reports):
 
 
 def test_calibration_items_are_refused(tmp_path):
-    from calibration.dataset import calibration_manifest
+    from core.dataset import calibration_manifest
 
-    from exporter.errors import BadInputError
+    from core.errors import BadInputError
 
     calib = calibration_manifest()
     first = json.loads(calib.read_text().splitlines()[0])
@@ -143,7 +143,7 @@ def test_reports_written_junit_parses_and_html_is_self_contained(reports, tmp_pa
 
 
 def _first_available_fp32_target():
-    from exporter.errors import TargetNotAvailableError
+    from core.errors import TargetNotAvailableError
     from targets import get_target
 
     for name in ("ort", "executorch"):
@@ -157,7 +157,7 @@ def _first_available_fp32_target():
 @pytest.fixture(scope="module")
 def fp32_artifact(tmp_path_factory, tiny_components):
     from exporter.pipeline import _record_source, source_of
-    from targets.base import Recipe
+    from core.recipes import Recipe
 
     target = _first_available_fp32_target()
     if target is None:
@@ -174,11 +174,11 @@ def corrupted_artifact(tmp_path_factory, fp32_artifact):
 
     Its artifact.json says the weights are the tiny preset's, as a silently corrupted file would.
     """
-    from exporter.components import build_components
+    from core.components import build_components
     from exporter.model import build, get_preset
     from exporter.pipeline import _record_source, source_of
     from targets import get_target
-    from targets.base import Recipe
+    from core.recipes import Recipe
 
     model = build(get_preset("tiny"))
     with torch.no_grad():

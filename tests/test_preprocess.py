@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 from scipy.io import wavfile
 
-from calibration import preprocess as pp
-from calibration.dataset import DATA_DIR, calibration_manifest, heldout_manifest, sample_inputs
-from exporter.errors import InputFileError
+from core import preprocess as pp
+from core.dataset import DATA_DIR, calibration_manifest, heldout_manifest, sample_inputs
+from core.errors import InputFileError
 from exporter.model.config import PRESETS, TINY_SPECIALS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -301,7 +301,7 @@ def test_corrupt_tokenizer_raises_input_file_error(tmp_path):
 def test_preprocessing_never_imports_torch():
     code = (
         "import sys\n"
-        "from calibration import preprocess as pp, dataset\n"
+        "from core import preprocess as pp, dataset\n"
         "s = dataset.sample_inputs()\n"
         "pp.load_tokenizer('builtin:tiny').encode(s['prompt'])\n"
         "pp.image_to_pixels(s['image'], 112, (0.5,) * 3, (0.5,) * 3)\n"

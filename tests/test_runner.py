@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.runner import EagerSession, Prompt, Runner
+from core.runner import EagerSession, Prompt, Runner
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +16,7 @@ def runner(tiny_components, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def media():
-    from calibration.dataset import sample_inputs
+    from core.dataset import sample_inputs
 
     s = sample_inputs()
     return s["image"], s["audio"]
@@ -81,7 +81,7 @@ def test_sampling_is_seeded_and_differs_from_greedy(runner):
 
 
 def test_prompt_longer_than_the_cache_is_bad_input(runner):
-    from exporter.errors import BadInputError
+    from core.errors import BadInputError
 
     with pytest.raises(BadInputError, match="max_seq_len"):
         runner.segments(Prompt(text="word " * 400))

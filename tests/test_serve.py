@@ -160,8 +160,8 @@ def test_sampling_options_and_stop(tiny_server):
 
 
 def test_multi_turn_renders_the_whole_conversation(tiny_server):
-    from exporter.chat import render
-    from exporter.runner import load_tokenizer
+    from core.chat import render
+    from core.runner import load_tokenizer
 
     runner_cfg = tiny_server.engine.runner.config
     messages = [{"role": "system", "content": "You are a phone agent."}, {"role": "user", "content": "Hi"},

@@ -42,7 +42,7 @@ def test_logits_match_transformers_gguf_load(smol):
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF file")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from calibration.preprocess import load_tokenizer
+    from core.preprocess import load_tokenizer
 
     path, model = smol
     ours = load_tokenizer(model.config.tokenizer).encode(TEXT).ids

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporter.errors import ConfigError
+from core.errors import ConfigError
 from exporter.model.templates import GLM4V_CHAT_TEMPLATE, GLM_CHAT_TEMPLATE
 
 

@@ -56,23 +56,19 @@ import torch
 from torch import nn
 
 from calibration.stats import resolve_method_inputs, spread
-from exporter.errors import ArtifactError, BadInputError, ExportError, RuntimeFailure
-from targets.base import (
+from core.errors import ArtifactError, BadInputError, ExportError, RuntimeFailure
+from core.artifact import (
     Artifact,
     Progress,
-    Recipe,
-    artifact_metadata,
     atomic_artifact_dir,
-    check_recipe,
-    export_gate,
-    copy_tokenizer_files,
-    method_signatures,
     no_progress,
     peak_rss_mb,
     read_artifact,
     runtime_versions,
     write_artifact_json,
 )
+from core.recipes import Recipe
+from targets.base import artifact_metadata, check_recipe, export_gate, copy_tokenizer_files, method_signatures
 
 RECIPES = ("fp32", "int8-weight", "8da4w", "int8-static")
 PTE = "model.pte"

@@ -21,12 +21,12 @@ from typing import Any, Generator
 
 import numpy as np
 
-from calibration import preprocess
-from exporter.chat import render, user_message
-from exporter.errors import BadInputError
+from core import preprocess
+from core.chat import render, user_message
+from core.errors import BadInputError
 from exporter.model.config import ModelConfig
 from exporter.model.templates import GLM_CHAT_TEMPLATE
-from targets.base import Session
+from core.artifact import Session
 
 
 @dataclass

@@ -105,23 +105,19 @@ import torch
 from torch import nn
 
 from calibration.stats import resolve_method_inputs, spread
-from exporter.errors import ArtifactError, BadInputError, ExportError, RuntimeFailure
-from targets.base import (
+from core.errors import ArtifactError, BadInputError, ExportError, RuntimeFailure
+from core.artifact import (
     METHODS,
     Artifact,
     Progress,
-    Recipe,
-    artifact_metadata,
     atomic_artifact_dir,
-    check_recipe,
-    copy_tokenizer_files,
-    export_gate,
-    method_signatures,
     no_progress,
     peak_rss_mb,
     runtime_versions,
     write_artifact_json,
 )
+from core.recipes import Recipe
+from targets.base import artifact_metadata, check_recipe, copy_tokenizer_files, export_gate, method_signatures
 
 RECIPES = ("fp32", "int8-weight", "int8-static", "int4-weight")
 # export check (targets.base.export_gate): per-method cosine floor and relative-L2 ceiling vs eager on a
@@ -1106,7 +1102,7 @@ class OrtTarget:
             write_artifact_json(root, info)
             done = steps
             progress("onnx export", done, steps)
-        from targets.base import read_artifact
+        from core.artifact import read_artifact
 
         return read_artifact(out)
 

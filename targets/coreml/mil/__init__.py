@@ -16,7 +16,7 @@ Load (``MILProgram.load``) parses the proto once, decodes every weight blob
 once, folds every op whose inputs are all constant (``const``, ``constexpr_*``
 and any pure op on constants) and compiles the remaining ops of each function
 into a flat list of steps; an op type the interpreter does not implement
-fails the load with :class:`~exporter.errors.UnsupportedOpError` naming it.
+fails the load with :class:`~core.errors.UnsupportedOpError` naming it.
 ``run`` then walks the compiled steps only.
 
 Usage::
@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from exporter.errors import ArtifactError, BadInputError, MissingRuntimeError, RuntimeFailure, UnsupportedOpError
+from core.errors import ArtifactError, BadInputError, MissingRuntimeError, RuntimeFailure, UnsupportedOpError
 
 PROVENANCE = "Core ML program emulated on Linux (NumPy MIL interpreter)"
 

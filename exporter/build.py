@@ -51,7 +51,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
-from exporter.errors import ConfigError, OutputError, ParityFailure
+from core.errors import ConfigError, OutputError, ParityFailure
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = "autoglm-export/build-manifest"
@@ -143,7 +143,7 @@ def load_config(path: Path | None) -> dict[str, Any]:
 
 
 def _normalise(raw: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
-    from targets.base import ALL_RECIPES
+    from core.recipes import ALL_RECIPES
 
     from exporter import parity
 
@@ -308,7 +308,9 @@ def build(config_path: Path | None, out: Path, progress: Progress | None = None)
     from exporter import __version__
     from exporter import parity as parity_mod
     from targets import get_target
-    from targets.base import Recipe, check_output_dir, check_recipe, runtime_versions
+    from core.artifact import check_output_dir, runtime_versions
+    from core.recipes import Recipe
+    from targets.base import check_recipe
 
     progress = progress or (lambda stage, done, total: None)
     cfg = load_config(config_path)
@@ -343,7 +345,7 @@ def build(config_path: Path | None, out: Path, progress: Progress | None = None)
     versions = runtime_versions("executorch", "torchao", "coremltools", "onnx", "onnxruntime", "numpy")
     code = code_digest()
     source = _source_digest(cfg["model"])
-    from calibration.dataset import calibration_manifest, heldout_manifest
+    from core.dataset import calibration_manifest, heldout_manifest
 
     calib_digest = _file_digest(cfg["calibration"]["manifest"] or str(calibration_manifest()))
     parity_inputs = cfg["parity"]["inputs"]
@@ -421,7 +423,7 @@ def build(config_path: Path | None, out: Path, progress: Progress | None = None)
         return manifest_path
 
     with _terminate_as_exception():
-        from exporter.components import build_components
+        from core.components import build_components
         from exporter.pipeline import calibration_data, load_reference, source_of
 
         progress("load reference", 0, 1)
@@ -531,7 +533,7 @@ def _check_parity(entries: dict[str, dict[str, Any]]) -> None:
 
 
 def _up_to_date(adir: Path, prev: dict[str, Any]) -> bool:
-    from targets.base import file_hashes
+    from core.artifact import file_hashes
 
     if not (adir / "artifact.json").is_file() or not (adir / "parity" / "report.json").is_file():
         return False

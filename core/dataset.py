@@ -1,5 +1,8 @@
 """The built-in calibration and held-out sets, shipped as package data in ``calibration/data``.
 
+Core (not calibration) because the tiny tokenizer is trained on these texts and every target's export
+check prompts with the held-out sample; the files stay in the calibration package.
+
 Both are real and redistributable (``calibration/data/SOURCES.md`` lists every
 file, its origin and licence) and disjoint: parity never sees a calibration
 file, source photo, recording or prompt.
@@ -11,9 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from exporter.errors import InputFileError
+from core.errors import InputFileError
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent.parent / "calibration" / "data"
 
 
 def _shipped(name: str) -> Path:

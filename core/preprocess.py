@@ -6,7 +6,7 @@ the inputs it sees at run time. numpy, Pillow, scipy and tokenizers only:
 torch is never imported here (``train_tiny_tokenizer`` reads the preset's
 special tokens from ``exporter.model.config``, a development step).
 
-``python -m calibration.preprocess --retrain-tiny-tokenizer`` rebuilds
+``python -m core.preprocess --retrain-tiny-tokenizer`` rebuilds
 ``exporter/model/tiny_tokenizer.json`` from the text shipped in
 ``calibration/data`` (BPE training is deterministic, so the file is
 reproduced exactly).
@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from exporter.errors import BadInputError, ConfigError, InputFileError
+from core.errors import BadInputError, ConfigError, InputFileError
 
 # Bump whenever any function below changes its output for the same input:
 # cached calibration statistics are keyed on it.
@@ -100,7 +100,7 @@ def train_tiny_tokenizer(texts: list[str]):
 
 def tiny_tokenizer_texts() -> list[str]:
     """The shipped text the tiny tokenizer is trained on: every manifest prompt, then the corpus file."""
-    from calibration.dataset import calibration_manifest, heldout_manifest, tokenizer_corpus
+    from core.dataset import calibration_manifest, heldout_manifest, tokenizer_corpus
 
     texts: list[str] = []
     for manifest in (calibration_manifest(), heldout_manifest()):
@@ -316,7 +316,7 @@ def _write_atomic(text: str, dest: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m calibration.preprocess", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m core.preprocess", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--retrain-tiny-tokenizer",
         action="store_true",

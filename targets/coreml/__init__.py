@@ -43,7 +43,7 @@ Export, as a list of steps (``CoreMLTarget.export``):
      pools), followed by the int8 weights above.
      ``linear_quantize_activations`` itself gets its ranges from ``MLModel.predict``,
      which exists only on macOS and does not take states; the ML program is run by
-     ``targets.mil_interpreter`` instead, on every host.
+     ``targets.coreml.mil`` instead, on every host.
 
    ``Recipe.keep_float`` names model modules (``model.named_modules()`` names): the
    ops using those modules' weights (found by value) are left out of both passes.
@@ -58,7 +58,7 @@ Export, as a list of steps (``CoreMLTarget.export``):
 
 Loading (``CoreMLTarget.load``): on macOS with Core ML available the session
 runs the packages with ``MLModel.predict`` and ``make_state()``; elsewhere it
-runs the same saved packages through ``targets.mil_interpreter`` (a NumPy
+runs the same saved packages through ``targets.coreml.mil`` (a NumPy
 interpreter of ML programs) and its provenance says so.
 """
 
@@ -81,24 +81,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporter.errors import ArtifactError, BadInputError, ExportError, MissingRuntimeError, RuntimeFailure
+from core.errors import ArtifactError, BadInputError, ExportError, MissingRuntimeError, RuntimeFailure
 from exporter.model.decoder import RMSNorm, Rope
-from targets.base import (
+from core.artifact import (
     Artifact,
     Progress,
-    Recipe,
-    artifact_metadata,
     atomic_artifact_dir,
-    check_recipe,
-    copy_tokenizer_files,
-    export_gate,
-    method_signatures,
     no_progress,
     peak_rss_mb,
     read_artifact,
     runtime_versions,
     write_artifact_json,
 )
+from core.recipes import Recipe
+from targets.base import artifact_metadata, check_recipe, copy_tokenizer_files, export_gate, method_signatures
 
 RECIPES = ("fp16", "int8-weight", "int8-static", "int4-weight")
 DEPLOYMENT_TARGET = "iOS18"
@@ -911,7 +907,7 @@ def _fill_state(state: Any, past: list[tuple[np.ndarray, np.ndarray]]) -> None:
 
 def activation_ranges(package: Path, method: str, samples: list[dict[str, Any]], work: Path) -> dict[str, dict[str, float]]:
     """{tensor name: {rmin, rmax}} over real samples, by running the float ML program in the interpreter."""
-    from targets.mil_interpreter import MILProgram
+    from targets.coreml.mil import MILProgram
 
     spec = read_spec(package)
     names, concats = _intermediate_outputs(spec, "main")
@@ -985,9 +981,9 @@ def quantize_activations_int8(mlmodel: Any, keep_prints: set[tuple], samples: li
     from coremltools.models.utils import _apply_graph_pass
 
     try:
-        import targets.mil_interpreter  # noqa: F401
+        import targets.coreml.mil  # noqa: F401
     except ImportError as e:
-        raise MissingRuntimeError("int8-static for Core ML measures activation ranges with targets.mil_interpreter, which is not installed") from e
+        raise MissingRuntimeError("int8-static for Core ML measures activation ranges with targets.coreml.mil, which is not installed") from e
     picked = _function_samples(method, function, samples)
     float_pkg = work / f"{method}.{function}.float.mlpackage"
     if float_pkg.exists():
@@ -1024,7 +1020,7 @@ def quantize_activations_int8(mlmodel: Any, keep_prints: set[tuple], samples: li
 def execution_note() -> str:
     if core_ml_available():
         return "Core ML predict (macOS)"
-    return "Core ML cannot execute on this host: parity runs the saved ML programs in targets.mil_interpreter (NumPy)"
+    return "Core ML cannot execute on this host: parity runs the saved ML programs in targets.coreml.mil (NumPy)"
 
 
 def core_ml_available() -> bool:
@@ -1111,10 +1107,10 @@ class CoreMLSession:
 class _InterpreterBackend:
     def __init__(self, paths: dict[str, Path]):
         try:
-            from targets.mil_interpreter import PROVENANCE, MILProgram
+            from targets.coreml.mil import PROVENANCE, MILProgram
         except ImportError as e:
             raise MissingRuntimeError(
-                "Core ML does not execute on this host and targets.mil_interpreter is not available to emulate it"
+                "Core ML does not execute on this host and targets.coreml.mil is not available to emulate it"
             ) from e
         # parity reports tell emulated numbers from real ones by this word
         self.provenance = PROVENANCE if "emulat" in PROVENANCE.lower() else f"{PROVENANCE}, emulating Core ML"
