@@ -1,45 +1,49 @@
-"""Target registry: a plain dict {name: "module:Class"}, imported lazily.
+"""The target registry: {name: package}. Registering a target is one line here.
 
-Importing a target pulls in its runtime (executorch, onnxruntime,
-coremltools), so ``get_target`` imports only the one asked for.
+Each package exposes ``SPEC`` (a :class:`targets.spec.TargetSpec`, importable without the runtime: the
+CLI's choices and every check before model work read it) and ``target()`` (imports the runtime and
+returns the object with the ``build`` / ``open`` hooks). Only the target asked for is imported.
 """
 
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 
 from core.errors import TargetNotAvailableError, UnknownTargetError
 
 TARGETS: dict[str, str] = {
-    "executorch": "targets.executorch:ExecuTorchTarget",
-    "ort": "targets.ort:OrtTarget",
-    "coreml": "targets.coreml:CoreMLTarget",
-}
-
-# the recipes each target offers, without importing its runtime (the CLI's --help and choices);
-# tests/test_cli.py checks it against each target's own RECIPES
-RECIPES_BY_TARGET: dict[str, tuple[str, ...]] = {
-    "executorch": ("fp32", "int8-weight", "8da4w", "int8-static"),
-    "ort": ("fp32", "int8-weight", "int8-static", "int4-weight"),
-    "coreml": ("fp16", "int8-weight", "int8-static", "int4-weight"),
+    "executorch": "targets.executorch",
+    "ort": "targets.ort",
+    "coreml": "targets.coreml",
 }
 
 
-def recipes_help() -> str:
-    return "; ".join(f"{t}: {', '.join(r)}" for t, r in RECIPES_BY_TARGET.items())
+def target_names() -> list[str]:
+    return list(TARGETS)
+
+
+def _package(name: str) -> ModuleType:
+    try:
+        module_name = TARGETS[name]
+    except KeyError:
+        raise UnknownTargetError(f"unknown target '{name}'; known targets: {', '.join(TARGETS)}") from None
+    return importlib.import_module(module_name)
+
+
+def target_spec(name: str):
+    """The :class:`targets.spec.TargetSpec` of target ``name`` (its runtime is not imported)."""
+    return _package(name).SPEC
 
 
 def get_target(name: str):
-    """Return an instance of the target called ``name``."""
+    """The target called ``name``, its runtime imported."""
+    package = _package(name)
     try:
-        spec = TARGETS[name]
-    except KeyError:
-        raise UnknownTargetError(f"unknown target '{name}'; known targets: {', '.join(TARGETS)}") from None
-    module_name, cls_name = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
+        return package.target()
     except ModuleNotFoundError as e:
-        if e.name == module_name:
-            raise TargetNotAvailableError(f"target '{name}' is not available yet in this build") from None
         raise TargetNotAvailableError(f"target '{name}' needs the package '{e.name}', which is not installed") from e
-    return getattr(module, cls_name)()
+
+
+def recipes_help() -> str:
+    return "; ".join(f"{t}: {', '.join(target_spec(t).recipe_names)}" for t in TARGETS)

@@ -15,6 +15,7 @@ import numpy as np
 from core.artifact import METHODS
 from core.errors import ArtifactError, ExportError, UnknownRecipeError
 from core.recipes import ALL_RECIPES, Recipe
+from targets.spec import Gate
 
 
 def check_recipe(target: str, recipe: Recipe, supported: tuple[str, ...]) -> None:
@@ -204,7 +205,7 @@ def export_gate(
     recipe: Recipe,
     session: Any,
     components: Any,
-    floors: dict[str, tuple[float, float | None]],
+    gate: Gate,
     decode_steps: int = 3,
 ) -> dict[str, Any]:
     """The export-time parity check every target runs on the program it just wrote, before committing it.
@@ -231,7 +232,7 @@ def export_gate(
     ref = method_outputs(eager, runner, segments, tokens)
     got = method_outputs(session, runner, segments, tokens)
     eager.reset()
-    floor, ceiling = floors[recipe.name]
+    floor, ceiling = gate.floor_cosine, gate.max_relative_l2
     how = getattr(session, "provenance", target)
     methods: dict[str, dict[str, Any]] = {}
     for m in ref:

@@ -63,3 +63,28 @@ def eager_run(tiny_components, tiny_tokenizer, media):
     segments = runner.segments(prompt)
     result = runner.generate(prompt, max_new_tokens=6, stop_at_eos=False)
     return {"runner": runner, "prompt": prompt, "segments": segments, "result": result}
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_components, tiny_calibration, tmp_path_factory):
+    """``exported(target, recipe)``: the tiny preset exported through the one lifecycle (targets.lifecycle),
+    each target x recipe built once per test session (per xdist worker) and shared by every test file.
+
+    Tests must not modify what it returns (copy the directory first)."""
+    from core.recipes import Recipe
+    from targets import get_target
+    from targets.lifecycle import export
+
+    root = tmp_path_factory.mktemp("exported")
+    cache: dict[tuple[str, str], object] = {}
+
+    def get(target: str, recipe: str):
+        key = (target, recipe)
+        if key not in cache:
+            rec = Recipe(recipe)
+            tiny_components.text_decoder.cache.reset()
+            cache[key] = export(get_target(target), tiny_components, rec, root / f"{target}-{recipe}",
+                                calibration=tiny_calibration if rec.needs_calibration else None)
+        return cache[key]
+
+    return get

@@ -1,0 +1,117 @@
+"""What a target is: a spec it declares, and two hooks (build the programs, open a session).
+
+A target is one package under ``targets/`` holding:
+
+* ``SPEC``: a :class:`TargetSpec` (importing it must not import the runtime: ``--help`` and the
+  checks before any model work read it), and
+* ``target()``: returns an object with :class:`Target`'s two hooks.
+
+Everything else of an export (recipe and ``--out`` checks, timing, the tokenizer files, metadata,
+the export-time check against eager, artifact.json, the atomic directory) is done once, for every
+target, by :func:`targets.lifecycle.export`. Registering a target is one line in
+``targets.TARGETS``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from core.artifact import Artifact, Progress, Session
+from core.errors import BadInputError, UnknownRecipeError
+from core.recipes import ALL_RECIPES, QuantScheme, Recipe, RecipeName
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The export-time check's bound on each method against eager, on a held-out sample:
+    cosine at least ``floor_cosine`` and, where set, relative L2 at most ``max_relative_l2``."""
+
+    floor_cosine: float
+    max_relative_l2: float | None = None
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """One recipe as a target implements it."""
+
+    recipe: RecipeName
+    scheme: QuantScheme  # what it quantizes; the sensitivity simulation reads the same object
+    gate: Gate
+    per_channel_groups: bool = True  # a grouped recipe accepts --group-size 0 (per output channel)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    description: str
+    recipes: tuple[RecipeSpec, ...]
+    runtime_packages: tuple[str, ...]  # recorded in artifact.json's runtime_versions (torch is always)
+    # files a build does not write byte for byte the same twice: (glob, why); the build manifest's
+    # reproducible hash leaves them out
+    nondeterministic_files: tuple[tuple[str, str], ...] = ()
+    # what the app links or passes to run it, for the README and `info`
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def recipe_names(self) -> tuple[str, ...]:
+        return tuple(r.recipe.value for r in self.recipes)
+
+    def recipe(self, name: str) -> RecipeSpec:
+        """The spec of recipe ``name``; UnknownRecipeError naming what this target offers."""
+        for r in self.recipes:
+            if r.recipe == name:
+                return r
+        known = "" if name in ALL_RECIPES else f" (known recipes: {', '.join(ALL_RECIPES)})"
+        raise UnknownRecipeError(
+            f"recipe '{name}' is not supported by target '{self.name}'; it supports: {', '.join(self.recipe_names)}{known}"
+        )
+
+    def check(self, recipe: Recipe) -> RecipeSpec:
+        """``recipe`` as this target can build it (recipe offered, group size available)."""
+        spec = self.recipe(recipe.name)
+        if recipe.grouped and recipe.group_size == 0 and not spec.per_channel_groups:
+            raise BadInputError(
+                f"{recipe.name} on {self.name} quantizes in blocks: --group-size 0 (per channel) is not available; "
+                "use a power of two >= 16 such as 32"
+            )
+        return spec
+
+    def nondeterministic(self, file: str) -> str | None:
+        """Why ``file`` is not reproducible, or None."""
+        return next((why for pat, why in self.nondeterministic_files if fnmatch.fnmatch(file, pat)), None)
+
+
+@dataclass
+class BuildJob:
+    """What the driver hands a target's ``build`` hook."""
+
+    components: Any  # core.components.Components
+    recipe: Recipe
+    spec: RecipeSpec
+    metadata: dict[str, Any]  # targets.base.artifact_metadata: what a program embeds in its own format
+    calibration: Any | None  # calibration.stats.CalibrationData (or recorded method inputs); None = built-in set
+    work: Path  # scratch directory beside the output, removed afterwards
+    tokenizer_files: list[str]  # already copied into the staging directory by the driver
+    progress: Progress
+
+
+@dataclass
+class Built:
+    """What ``build`` wrote into the staging directory."""
+
+    files: list[str]  # the program files (the driver adds the tokenizer files)
+    programs: dict[str, Any]  # each method's inputs/outputs read back from the saved program(s)
+    report: dict[str, Any]  # target-specific (quantization, lowering, sizes, timings, ...)
+    metadata: dict[str, Any] | None = None  # artifact.json metadata, where the target extended job.metadata
+    check_variant: str | None = None  # the form of the artifact the export check opens (ORT: "ort")
+
+
+class Target(Protocol):
+    spec: TargetSpec
+
+    def build(self, job: BuildJob, staging: Path) -> Built: ...
+
+    def open(self, artifact: Artifact, variant: str | None = None) -> Session: ...
