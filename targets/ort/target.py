@@ -1,0 +1,150 @@
+"""The ONNX Runtime target's two hooks: build the programs into the staging directory, open a session.
+
+``build`` does only what is ORT's; the driver (targets.lifecycle.export) checks the recipe and
+``--out``, copies the tokenizer files, runs the export check on what ``build`` wrote (the .ort files,
+``Built.check_variant``) and writes artifact.json. The steps:
+
+1. ``torch.onnx.export(dynamo=True)`` of one small graph module per method (targets/ort/graphs.py),
+   nodes named after the model module they came from (``--keep-float`` selects by that name);
+2. the recipe's quantizer on each model (:data:`QUANTIZERS`), then the metadata (``autoglm.*``) into
+   every model's ``metadata_props``;
+3. ORT format, the reduced-build operator config and the mobile usability check (ort_format.py);
+4. ``genai_config.json`` for onnxruntime-genai (genai.py);
+5. the report: quantization counts, ORT-format outcome, usability, sizes, each model's I/O, and what
+   onnxruntime-genai runs (``report.genai``, which reads the tokenizer files the driver copied).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from core.artifact import Artifact
+from core.recipes import RecipeName
+from targets.ort.files import load_model, model_files, save_model, set_metadata
+from targets.ort.genai import GENAI_CONFIG, genai_config, genai_usage
+from targets.ort.graphs import export_onnx, graph_io
+from targets.ort.ort_format import OPS_CONFIG, USABILITY_TXT, write_ort_files, write_usability
+from targets.ort.programs import onnx_programs
+from targets.ort.quantize_int4 import check_block_size, quantize_int4
+from targets.ort.quantize_int8 import quantize_weights
+from targets.ort.session import OrtSession
+from targets.ort.spec import SPEC
+from targets.ort.static import calibration_feeds, quantize_static_model
+from targets.spec import BuildJob, Built
+
+Feeds = dict[str, list[dict[str, np.ndarray]]]
+# (job, method, raw exported .onnx, final .onnx path, calibration feeds) -> the method's quantization report
+Quantizer = Callable[[BuildJob, str, Path, Path, Feeds], dict[str, Any] | None]
+
+
+def _as_exported(job: BuildJob, method: str, raw: Path, final: Path, feeds: Feeds) -> None:
+    """fp32: the exported model as it is (re-saved: external data where large)."""
+    save_model(load_model(raw), final)
+
+
+def _int8_weight(job: BuildJob, method: str, raw: Path, final: Path, feeds: Feeds) -> dict[str, int]:
+    model = load_model(raw)
+    counts = quantize_weights(model, gathers=job.spec.scheme.embedding_bits == 8, keep=job.recipe.keep_float)
+    save_model(model, final)
+    return counts
+
+
+def _int4_weight(job: BuildJob, method: str, raw: Path, final: Path, feeds: Feeds) -> dict[str, Any]:
+    model, counts = quantize_int4(load_model(raw), job.recipe.group_size, job.recipe.keep_float,
+                                  int8_embeddings=job.spec.scheme.embedding_bits == 8)
+    save_model(model, final)
+    return counts
+
+
+def _int8_static(job: BuildJob, method: str, raw: Path, final: Path, feeds: Feeds) -> dict[str, int]:
+    quantize_static_model(raw, final, feeds[method], job.work, keep=job.recipe.keep_float,
+                          int8_embeddings=job.spec.scheme.embedding_bits == 8)
+    return {"calibration_samples": len(feeds[method])}
+
+
+QUANTIZERS: dict[RecipeName, Quantizer] = {
+    RecipeName.FP32: _as_exported,
+    RecipeName.INT8_WEIGHT: _int8_weight,
+    RecipeName.INT8_STATIC: _int8_static,
+    RecipeName.INT4_WEIGHT: _int4_weight,
+}
+
+
+class OrtTarget:
+    spec = SPEC
+
+    def build(self, job: BuildJob, staging: Path) -> Built:
+        """Every method as .onnx (quantized per the recipe) and .ort in ``staging``, plus the ops config, the
+        usability log and genai_config.json. Everything the user can get wrong is checked before the first export."""
+        config = job.components.config
+        methods = list(graph_io(config))
+        scheme = job.spec.scheme
+        quantize = QUANTIZERS[job.recipe.name]
+        if scheme.weight_bits == 4:
+            check_block_size(job.recipe.group_size)
+        feeds: Feeds = {}
+        if scheme.activations == "static":
+            feeds = calibration_feeds(job.calibration, job.components, methods, job.progress)
+        meta = dict(job.metadata)
+        if scheme.groupwise:
+            meta["group_size"] = job.recipe.group_size
+        props = {f"autoglm.{k}": v for k, v in meta.items()}
+        steps, done = len(methods) * 2 + 2, 0
+        files: dict[str, str] = {}
+        quantization: dict[str, Any] = {}
+        for m in methods:
+            job.progress("onnx export", done, steps)
+            raw = job.work / f"{m}.onnx"
+            export_onnx(job.components, m, raw)
+            done += 1
+            job.progress("onnx export", done, steps)
+            final = staging / f"{m}.onnx"
+            counts = quantize(job, m, raw, final, feeds)
+            if counts is not None:
+                quantization[m] = counts
+            set_metadata(final, {"autoglm.method": m, **props})
+            files[m] = final.name
+            done += 1
+            gc.collect()  # the previous model's protobuf before the next export (GiBs at 9B widths)
+        job.progress("onnx export", done, steps)
+        ort_format = write_ort_files(staging, files)
+        job.progress("onnx export", done + 1, steps)
+        usability = write_usability(staging, files)
+        (staging / GENAI_CONFIG).write_text(json.dumps(genai_config(config, files), indent=4) + "\n")
+        listed = _listed(staging, files)
+        io_ = graph_io(config)
+        report = {
+            "quantization": quantization,
+            "mobile_usability": usability,
+            "ort_format": ort_format,
+            "onnx_bytes": sum(p.stat().st_size for m in methods for p in model_files(staging / files[m])),
+            "ort_bytes": sum((staging / f"{m}.ort").stat().st_size for m in methods if (staging / f"{m}.ort").is_file()),
+            "models": {m: {"onnx": files[m], "ort": f"{m}.ort", "inputs": io_[m][0], "outputs": io_[m][1]} for m in methods},
+            "ops_config": OPS_CONFIG,
+            "genai_config": GENAI_CONFIG,
+            "genai": genai_usage(config, job.tokenizer_files),
+        }
+        job.progress("onnx export", steps, steps)
+        every_ort = all((staging / f"{m}.ort").is_file() for m in methods)
+        return Built(files=listed, programs=onnx_programs(staging, methods), report=report, metadata=meta,
+                     check_variant="ort" if every_ort else "onnx")
+
+    def open(self, artifact: Artifact, variant: str | None = None) -> OrtSession:
+        """The artifact's .onnx files (``variant`` None or "onnx") or its .ort files ("ort": what a phone runs)."""
+        return OrtSession(artifact, variant or "onnx")
+
+
+def _listed(root: Path, files: dict[str, str]) -> list[str]:
+    """artifact.json's files, in the order they have always been listed: per method its .onnx, external data
+    and .ort, then the ops config, the usability log and genai_config.json (the driver adds the tokenizer's)."""
+    listed: list[str] = []
+    for m, name in files.items():
+        listed += [p.name for p in model_files(root / name)]
+        if (root / f"{m}.ort").is_file():
+            listed.append(f"{m}.ort")
+    return listed + [OPS_CONFIG, USABILITY_TXT, GENAI_CONFIG]
