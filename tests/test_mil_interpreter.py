@@ -1,4 +1,4 @@
-"""The NumPy MIL interpreter (targets/mil_interpreter.py) against numpy / torch.
+"""The NumPy MIL interpreter (targets/coreml/mil/) against numpy / torch.
 
 Every case is a small MIL function built with coremltools' builder, saved as a
 real .mlpackage and read back by ``MILProgram.load``: all fp32 cases are the
@@ -22,6 +22,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import Function, Program, types
 
 from core.errors import ArtifactError, BadInputError, UnsupportedOpError
+from targets.coreml import compat
 from targets.coreml.mil import PROVENANCE, SUPPORTED_OPS, MILProgram
 
 IOS18 = ct.target.iOS18
@@ -547,7 +548,7 @@ def test_quantized_weights_match_dequantized_math(work, mode, granularity, dtype
     p = MILProgram.load(path)
     assert "constexpr_blockwise_shift_scale" in p.op_types()
     # the stored int8 data, scale (and offset), read with coremltools' own MIL loader
-    ops = [op for op in q._mil_program.functions["main"].operations if op.op_type == "constexpr_blockwise_shift_scale"]
+    ops = [op for op in compat.mil_program(q).functions["main"].operations if op.op_type == "constexpr_blockwise_shift_scale"]
     assert len(ops) == 1
     data, scale = ops[0].data.val.astype(np.float32), ops[0].scale.val.astype(np.float32)
     offset = ops[0].offset.val.astype(np.float32) if ops[0].offset is not None else np.zeros_like(scale)
@@ -580,13 +581,13 @@ def test_int4_per_block_and_odd_count_per_channel_weights_from_the_blob(work):
     block = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=16,
                                         weight_threshold=0)
     channel = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_channel", weight_threshold=0)
-    consts = {op.outputs[0].val.shape: op.name for op in model._mil_program.functions["main"].operations
+    consts = {op.outputs[0].val.shape: op.name for op in compat.mil_program(model).functions["main"].operations
               if op.op_type == "const" and getattr(op.outputs[0].val, "ndim", 0) == 2}
     cfg = cto.OptimizationConfig(op_name_configs={consts[(48, 64)]: block, consts[(48, 32)]: block, consts[(5, 7)]: channel})
     q = cto.linear_quantize_weights(model, cfg)
     path = work / "int4_mixed.mlpackage"
     q.save(str(path))
-    ops = [op for op in q._mil_program.functions["main"].operations if op.op_type == "constexpr_blockwise_shift_scale"]
+    ops = [op for op in compat.mil_program(q).functions["main"].operations if op.op_type == "constexpr_blockwise_shift_scale"]
     assert len(ops) == 3 and {types.builtin_to_string(op.data.dtype) for op in ops} == {"int4"}
     deq = {}
     for op in ops:
@@ -622,7 +623,7 @@ def test_palettized_weights_match_lut_math(work, nbits, granularity):
     q.save(str(path))
     p = MILProgram.load(path)
     assert "constexpr_lut_to_dense" in p.op_types()
-    (op,) = [o for o in q._mil_program.functions["main"].operations if o.op_type == "constexpr_lut_to_dense"]
+    (op,) = [o for o in compat.mil_program(q).functions["main"].operations if o.op_type == "constexpr_lut_to_dense"]
     idx, lut = op.indices.val.astype(np.int64), op.lut.val
     assert idx.max() < 2 ** nbits
     rows_per_lut = 16 // lut.shape[0]
@@ -820,11 +821,9 @@ def small_pkg(work) -> Path:
 
 
 def test_unknown_op_fails_at_load_naming_it(small_pkg, work):
-    from coremltools.proto import Model_pb2
-
     pkg = _copy(small_pkg, work / "unknown_op.mlpackage")
     model_file = pkg / "Data" / "com.apple.CoreML" / "model.mlmodel"
-    spec = Model_pb2.Model()
+    spec = compat.model_pb2().Model()
     spec.ParseFromString(model_file.read_bytes())
     block = spec.mlProgram.functions["main"].block_specializations["CoreML8"]
     op = next(o for o in block.operations if o.type == "reduce_sum")

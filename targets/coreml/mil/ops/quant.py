@@ -1,0 +1,96 @@
+"""Quantization: quantize / dequantize and the constexpr weight decompressions (blockwise, affine, cast,
+sparse, palettized).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from targets.coreml.mil.dtypes import DTYPE_BY_NAME
+from targets.coreml.mil.ops.base import f32, int_of, norm_axis, register, variant_error
+
+
+# quantization
+def _per_axis(param: Any, x: np.ndarray, axis: Any) -> np.ndarray:
+    p = np.asarray(param)
+    if p.ndim == 0 or p.ndim == x.ndim:
+        return p
+    if axis is None:
+        raise ValueError("a vector scale / zero_point needs an axis")
+    ax = norm_axis(int_of(axis), x.ndim)
+    return p.reshape([-1 if i == ax else 1 for i in range(x.ndim)])
+
+
+@register("quantize")
+def _quantize(a, n):
+    x = f32(a["input"])
+    scale = f32(_per_axis(a["scale"], x, a.get("axis")))
+    target = np.dtype(DTYPE_BY_NAME[str(a["output_dtype"])])
+    q = np.round(x / scale)
+    if a.get("zero_point") is not None:
+        q = q + _per_axis(a["zero_point"], x, a.get("axis")).astype(np.float32)
+    info = np.iinfo(target)
+    return np.clip(q, info.min, info.max).astype(target)
+
+
+@register("dequantize")
+def _dequantize(a, n):
+    x = np.asarray(a["input"]).astype(np.float32)
+    if a.get("zero_point") is not None:
+        x = x - _per_axis(a["zero_point"], x, a.get("axis")).astype(np.float32)
+    return x * f32(_per_axis(a["scale"], x, a.get("axis")))
+
+
+@register("constexpr_blockwise_shift_scale")
+def _blockwise_shift_scale(a, n):
+    data = np.asarray(a["data"]).astype(np.float32)
+    scale = f32(a["scale"])
+    offset = a.get("offset")
+    offset = None if offset is None else np.asarray(offset).astype(np.float32)
+    for axis, (d, s) in enumerate(zip(data.shape, scale.shape)):
+        if s != d:
+            scale = np.repeat(scale, d // s, axis)
+            if offset is not None:
+                offset = np.repeat(offset, d // s, axis)
+    if offset is not None:
+        data = data - offset
+    return scale * data
+
+
+@register("constexpr_affine_dequantize")
+def _affine_dequantize(a, n):
+    q = np.asarray(a["quantized_data"]).astype(np.float32)
+    axis = a.get("axis", 0)
+    zp = _per_axis(a["zero_point"], q, axis).astype(np.float32)
+    return (q - zp) * f32(_per_axis(a["scale"], q, axis))
+
+
+@register("constexpr_cast")
+def _constexpr_cast(a, n):
+    return np.asarray(a["source_val"]).astype(DTYPE_BY_NAME[str(a["output_dtype"])])
+
+
+@register("constexpr_sparse_to_dense")
+def _sparse_to_dense(a, n):
+    if "shape" in a:
+        raise variant_error(n, "the iOS16 inputs (packed mask + shape)")
+    mask = np.asarray(a["mask"])
+    out = np.zeros(mask.shape, np.asarray(a["nonzero_data"]).dtype)
+    out[mask != 0] = np.asarray(a["nonzero_data"])
+    return out
+
+
+@register("constexpr_lut_to_dense")
+def _lut_to_dense(a, n):
+    if "shape" in a:
+        raise variant_error(n, "the iOS16 inputs (packed indices + shape)")
+    idx = np.asarray(a["indices"]).astype(np.int64)
+    lut = np.asarray(a["lut"])  # [*blocks (rank of indices), palette, vector size]
+    if lut.shape[-1] != 1:
+        raise variant_error(n, "vector palettization (lut vector size > 1)")
+    # each index reads the lut of its block: lut dims tile the index dims blockwise
+    grid = np.indices(idx.shape, sparse=True)
+    block = tuple(g // (size // nb) for g, size, nb in zip(grid, idx.shape, lut.shape[:-2]))
+    return lut[block + (idx, 0)]
