@@ -1,0 +1,77 @@
+"""Lowering the exported methods to XNNPACK, the lowering report, and emission of the program.
+
+The lowering report counts, per method, the XNNPACK subgraphs and the ops left on the portable path;
+an export fails when a linear, matmul or convolution is among the latter (it would run on the slow
+portable kernels).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from core.errors import ExportError
+from targets.executorch.program import STATE
+
+# ops that must never run outside XNNPACK (substring match on the edge op name)
+MUST_DELEGATE = ("linear", ".mm.", "bmm", "addmm", "matmul", "convolution")
+
+
+def lower(programs: dict[str, Any], constants: dict[str, Any]):
+    """Every method lowered together to one edge program manager (XNNPACK partitioner), with the constant methods."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    return to_edge_transform_and_lower(
+        programs,
+        partitioner=[XnnpackPartitioner()],
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        constant_methods=constants,
+    )
+
+
+def lowering_report(edge: Any, methods: list[str]) -> dict[str, Any]:
+    """Per method: nodes delegated to XNNPACK vs left on the portable path, by op."""
+    report: dict[str, Any] = {}
+    for m in methods:
+        graph = edge.exported_program(m).graph
+        left: Counter[str] = Counter()
+        delegates = 0
+        for node in graph.nodes:
+            if node.op != "call_function":
+                continue
+            name = str(getattr(node.target, "__name__", node.target))
+            if "executorch_call_delegate" in name:
+                delegates += 1
+            elif name != "getitem":
+                left[name.split(":")[0]] += 1
+        report[m] = {"xnnpack_subgraphs": delegates, "not_delegated": dict(sorted(left.items()))}
+    return report
+
+
+def check_lowering(report: dict[str, Any]) -> None:
+    """ExportError naming every MUST_DELEGATE op the lowering left on the portable path."""
+    for m, r in report.items():
+        bad = [op for op in r["not_delegated"] if any(k in f".{op}." for k in MUST_DELEGATE)]
+        if bad:
+            raise ExportError(
+                f"{m}: {', '.join(op + ' x' + str(r['not_delegated'][op]) for op in bad)} not delegated to XNNPACK "
+                "(would run on the slow portable kernels)"
+            )
+
+
+def to_executorch(edge: Any):
+    """Emit the program. The decoder's state (KV cache, rope offset, image flag) starts as its initial
+    values (InitializedMutableBufferPass) and lives in memory id 2 (share_mutable_buffers), apart from
+    the activation arena that the Python runtime shares between methods."""
+    from executorch.exir import ExecutorchBackendConfig
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
+
+    return edge.to_executorch(
+        ExecutorchBackendConfig(
+            passes=[InitializedMutableBufferPass([STATE])],
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
+            emit_mutable_buffer_names=True,
+        )
+    )
