@@ -2,14 +2,13 @@
 
 Nothing is added to the folder: the test asserts its listing before and after. Text goes through og's own
 tokenizer (tokenizer.json + tokenizer_config.json with the chat template); an image goes in as the named
-tensors of ``targets.ort.genai_inputs`` (normalised pixels [1,3,S,S], grid, token count), and og runs
+tensors of ``targets.ort.genai.genai_inputs`` (normalised pixels [1,3,S,S], grid, token count), and og runs
 vision_encoder.onnx, the embedding splice and the 3-D positions itself. Expected tokens come from
 ``autoglm-export generate --artifact`` on the same folder.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 
@@ -20,8 +19,9 @@ from typer.testing import CliRunner
 from core.chat import render, user_message
 from core.runner import Prompt, Runner, load_tokenizer
 from core.artifact import read_artifact
-from core.recipes import Recipe
-from targets.ort import GENAI_CONFIG, OrtTarget, genai_inputs
+from core.recipes import RecipeName
+from targets import get_target
+from targets.ort.genai import GENAI_CONFIG, genai_inputs, genai_usage
 
 og = pytest.importorskip("onnxruntime_genai")
 
@@ -31,10 +31,9 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def folder(tiny_components, tmp_path_factory):
-    root = tmp_path_factory.mktemp("genai")
-    with contextlib.chdir(tmp_path_factory.mktemp("genai-cwd")):
-        art = OrtTarget().export(tiny_components, Recipe("fp32"), root / "fp32")
+def folder(exported):
+    """The shared tiny fp32 ORT export (conftest), which og and these tests must leave as it is."""
+    art = exported("ort", RecipeName.FP32)
     listing = sorted(p.name for p in art.dir.iterdir())
     assert listing == sorted(set(art.files) | {"artifact.json"})
     yield art
@@ -53,7 +52,7 @@ def runner(folder):
     from exporter.model.config import ModelConfig
 
     cfg = ModelConfig.from_dict(folder.metadata["model"])
-    return Runner(OrtTarget().load(read_artifact(folder.dir)), cfg, load_tokenizer(cfg))
+    return Runner(get_target("ort").open(read_artifact(folder.dir)), cfg, load_tokenizer(cfg))
 
 
 def _cli_tokens(folder, *args: str) -> list[int]:
@@ -201,7 +200,6 @@ def test_genai_inputs_rejects_wrong_pixels_and_prompts(runner):
 def test_a_model_without_tokenizer_files_says_the_app_tokenizes():
     """A bare preset (the 9B widths without a checkpoint) ships no tokenizer: og.Tokenizer could not open it."""
     from exporter.model import get_preset
-    from targets.ort import genai_usage
 
     cfg = get_preset("autoglm-phone-9b")
     bare = genai_usage(cfg, [])
@@ -212,21 +210,22 @@ def test_a_model_without_tokenizer_files_says_the_app_tokenizes():
     assert bare["image"]["set_inputs"]["num_image_tokens"] == [(grid // cfg.vision.spatial_merge_size) ** 2]
 
 
-def test_og_runs_an_int4_weight_folder_as_our_session_does(tiny_components, tmp_path):
+def test_og_runs_an_int4_weight_folder_as_our_session_does(exported):
     """The int4-weight folder (MatMulNBits decoder, vision and audio) opens in og as exported, and og's greedy
     tokens equal ``generate --artifact`` on it."""
     import onnx
 
     from exporter.model.config import ModelConfig
 
-    with contextlib.chdir(tmp_path):
-        art = OrtTarget().export(tiny_components, Recipe("int4-weight"), tmp_path / "int4")
+    art = exported("ort", RecipeName.INT4_WEIGHT)
+    listing = sorted(p.name for p in art.dir.iterdir())
     graph = onnx.load(art.dir / "text_decoder.onnx", load_external_data=False).graph
     assert sum(n.op_type == "MatMulNBits" for n in graph.node) > 0  # the 4-bit program is what og runs
     cfg = ModelConfig.from_dict(art.metadata["model"])
-    runner = Runner(OrtTarget().load(read_artifact(art.dir)), cfg, load_tokenizer(cfg))
+    runner = Runner(get_target("ort").open(read_artifact(art.dir)), cfg, load_tokenizer(cfg))
     prompt = "Set an alarm for seven."
     expected = _cli_tokens(art, "--prompt", prompt)
     assert expected
     got, _, _ = _og_greedy(og.Model(str(art.dir)), ids=runner.prompt_ids(Prompt(text=prompt)))
     assert _strip_eos(got, list(cfg.tokens.eos_ids)) == expected
+    assert sorted(p.name for p in art.dir.iterdir()) == listing  # og added nothing to the shared folder

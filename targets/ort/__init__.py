@@ -21,10 +21,10 @@ tokenizer files, the export check on the .ort files, artifact.json, the atomic d
 
 from targets.ort.spec import SPEC
 
-__all__ = ["SPEC", "target"]
+__all__ = ["SPEC", "load_target"]
 
 
-def target():
+def load_target():
     """The target with its build/open hooks (imports torch, onnx and onnxruntime)."""
     from targets.ort.target import OrtTarget
 
