@@ -2,7 +2,9 @@
 
 Core ML itself executes only on macOS; here every number comes from
 ``targets.coreml.mil`` running the saved packages (the session's
-provenance says so). Each recipe is exported once per session.
+provenance says so). Each recipe is exported once per session (the shared ``exported`` fixture,
+through targets.lifecycle); what every target shares (artifact.json completeness, parity, bench, the
+gate refusing a program) is tested once for all in tests/test_targets.py.
 """
 
 from __future__ import annotations
@@ -18,18 +20,15 @@ from typer.testing import CliRunner
 from heldout import cos, row_cos
 from core.runner import EagerSession, Prompt, Runner
 from core.artifact import read_artifact
-from core.recipes import Recipe
+from core.recipes import Recipe, RecipeName
 from targets.base import method_outputs
-from targets.coreml import (
-    DECODER_FUNCTIONS,
-    CoreMLTarget,
-    convert_decoder,
-    kept_arrays,
-    quantize_weights_int4,
-    quantize_weights_int8,
-    read_spec,
-    weight_bytes,
-)
+from targets.coreml import compat, load_target
+from targets.coreml.convert import convert_decoder
+from targets.coreml.packaging import read_spec, weight_bytes
+from targets.coreml.session import CoreMLSession
+from targets.coreml.spec import DECODER_FUNCTIONS, SPEC
+from targets.coreml.weights import kept_arrays, quantize_weights_int4, quantize_weights_int8
+from targets.lifecycle import export
 
 pytestmark = pytest.mark.slow
 
@@ -60,38 +59,38 @@ def coreml_calibration(tiny_calibration):
 
 
 @pytest.fixture(scope="session")
-def coreml_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("coreml")
-
-
-@pytest.fixture(scope="session")
-def coreml_artifacts(tiny_components, coreml_root):
-    target = CoreMLTarget()
-    arts = {name: target.export(tiny_components, Recipe(name), coreml_root / name) for name in ("fp16", "int8-weight")}
+def coreml_artifacts(exported):
+    arts = {name: exported("coreml", name) for name in (RecipeName.FP16, RecipeName.INT8_WEIGHT)}
     for art in arts.values():
         _print_report(art)
     return arts
 
 
 @pytest.fixture(scope="session")
-def int8_static_artifact(tiny_components, coreml_calibration, coreml_root):
-    art = CoreMLTarget().export(tiny_components, Recipe("int8-static"), coreml_root / "int8-static", calibration=coreml_calibration)
+def int8_static_artifact(exported):
+    art = exported("coreml", RecipeName.INT8_STATIC)
     _print_report(art)
     return art
 
 
 @pytest.fixture(scope="session")
-def int4_artifact(tiny_components, coreml_root):
-    art = CoreMLTarget().export(tiny_components, Recipe("int4-weight"), coreml_root / "int4-weight")
+def int4_artifact(exported):
+    art = exported("coreml", RecipeName.INT4_WEIGHT)
     _print_report(art)
     return art
+
+
+def _export(components, recipe: str, out: Path, calibration=None):
+    """An export of our own (the shared fixture's are not to be modified), through the one lifecycle."""
+    components.text_decoder.cache.reset()
+    return export(load_target(), components, Recipe(recipe), out, calibration=calibration)
 
 
 # --- what the saved packages hold -----------------------------------------------------------
 
 
 def test_every_package_is_an_ios18_ml_program_and_the_artifact_lists_them(coreml_artifacts):
-    art = coreml_artifacts["fp16"]
+    art = coreml_artifacts[RecipeName.FP16]
     assert set(art.files) == {f"{m}.mlpackage" for m in METHODS} | {"tokenizer.json", "tokenizer_config.json"}
     assert {p.name for p in art.dir.iterdir()} == set(art.files) | {"artifact.json"}
     for m in METHODS:
@@ -101,7 +100,7 @@ def test_every_package_is_an_ios18_ml_program_and_the_artifact_lists_them(coreml
 
 
 def test_decoder_is_one_package_with_prefill_and_decode_sharing_state(coreml_artifacts, tiny_components):
-    spec = read_spec(coreml_artifacts["fp16"].dir / "text_decoder.mlpackage")
+    spec = read_spec(coreml_artifacts[RecipeName.FP16].dir / "text_decoder.mlpackage")
     t = tiny_components.config.text
     max_seq = tiny_components.config.shape.max_seq_len
     functions = {fn.name: fn for fn in spec.description.functions}
@@ -121,7 +120,7 @@ def test_decoder_is_one_package_with_prefill_and_decode_sharing_state(coreml_art
     assert ranges[1].lowerBound == 1 and ranges[1].upperBound == max_seq
     assert list(embeds["decode"].shape) == [1, 1, t.hidden_size]
     # the cache is written in place: every function updates every state
-    for name, ops in _spec_ops(coreml_artifacts["fp16"].dir / "text_decoder.mlpackage").items():
+    for name, ops in _spec_ops(coreml_artifacts[RecipeName.FP16].dir / "text_decoder.mlpackage").items():
         written = [op.inputs["input"].arguments[0].name for op in ops if op.type == "write_state"]
         assert sorted(written) == sorted(expected_states), name
 
@@ -146,7 +145,7 @@ def _as_declared(entries: list[dict]) -> list[tuple]:
     return out
 
 
-@pytest.mark.parametrize("recipe", ["fp16", "int8-weight"])
+@pytest.mark.parametrize("recipe", [RecipeName.FP16, RecipeName.INT8_WEIGHT])
 def test_artifact_json_programs_are_the_saved_packages_io(coreml_artifacts, tiny_components, recipe):
     import coremltools as ct
 
@@ -197,7 +196,7 @@ def test_artifact_json_programs_are_the_saved_packages_io(coreml_artifacts, tiny
     assert art.info["runner_interface"]["token_embedding"]["inputs"]["tokens"] == ["int64", [1, "T"]]
 
 
-@pytest.mark.parametrize("recipe", ["fp16", "int8-weight"])
+@pytest.mark.parametrize("recipe", [RecipeName.FP16, RecipeName.INT8_WEIGHT])
 def test_decoder_functions_share_one_copy_of_the_weights(coreml_artifacts, recipe):
     art = coreml_artifacts[recipe]
     pkg = art.info["report"]["packages"]["text_decoder"]
@@ -207,12 +206,12 @@ def test_decoder_functions_share_one_copy_of_the_weights(coreml_artifacts, recip
 
 
 def test_metadata_in_every_package_and_artifact_json(coreml_artifacts, tiny_components):
-    art = coreml_artifacts["int8-weight"]
+    art = coreml_artifacts[RecipeName.INT8_WEIGHT]
     cfg = tiny_components.config
     for m in METHODS:
         user = read_spec(art.dir / f"{m}.mlpackage").description.metadata.userDefined
         assert user["autoglm.method"] == m
-        assert user["autoglm.recipe"] == "int8-weight"
+        assert user["autoglm.recipe"] == RecipeName.INT8_WEIGHT
         assert json.loads(user["autoglm.max_seq_len"]) == cfg.shape.max_seq_len == art.metadata["max_seq_len"]
         assert json.loads(user["autoglm.vocab_size"]) == cfg.text.vocab_size
         assert json.loads(user["autoglm.eos_ids"]) == list(cfg.tokens.eos_ids)
@@ -230,10 +229,10 @@ def _int8_weight_ops(path: Path) -> list:
     return [op for ops in _spec_ops(path).values() for op in ops if op.type == "constexpr_blockwise_shift_scale"]
 
 
-@pytest.mark.parametrize("recipe", ["int8-weight", "int8-static"])
+@pytest.mark.parametrize("recipe", [RecipeName.INT8_WEIGHT, RecipeName.INT8_STATIC])
 def test_int8_recipes_store_int8_weights_including_the_embedding_table(coreml_artifacts, int8_static_artifact, recipe):
-    art = coreml_artifacts["int8-weight"] if recipe == "int8-weight" else int8_static_artifact
-    fp16 = coreml_artifacts["fp16"]
+    art = coreml_artifacts[RecipeName.INT8_WEIGHT] if recipe == RecipeName.INT8_WEIGHT else int8_static_artifact
+    fp16 = coreml_artifacts[RecipeName.FP16]
     for m in METHODS:
         assert _int8_weight_ops(art.dir / f"{m}.mlpackage"), m
         assert not _int8_weight_ops(fp16.dir / f"{m}.mlpackage"), m
@@ -283,14 +282,14 @@ def test_int4_weight_stores_4bit_per_block_linears_and_an_int8_embedding_table(i
 
 
 def test_int4_weight_is_smaller_than_int8_weight(coreml_artifacts, int4_artifact):
-    packages = {r: a.info["report"]["packages"] for r, a in (("int8-weight", coreml_artifacts["int8-weight"]),
-                                                              ("int4-weight", int4_artifact))}
+    packages = {r: a.info["report"]["packages"]
+                for r, a in ((RecipeName.INT8_WEIGHT, coreml_artifacts[RecipeName.INT8_WEIGHT]), (RecipeName.INT4_WEIGHT, int4_artifact))}
     # the decoder is linears plus two small rope tables; its weight blob shrinks close to half
-    int8, int4 = (packages[r]["text_decoder"]["weight_bytes"] for r in ("int8-weight", "int4-weight"))
+    int8, int4 = (packages[r]["text_decoder"]["weight_bytes"] for r in (RecipeName.INT8_WEIGHT, RecipeName.INT4_WEIGHT))
     assert int4 <= 0.65 * int8, (int4, int8)
     for m in ("vision_encoder", "audio_encoder"):
-        assert packages["int4-weight"][m]["weight_bytes"] < packages["int8-weight"][m]["weight_bytes"], m
-    pkg = packages["int4-weight"]["text_decoder"]
+        assert packages[RecipeName.INT4_WEIGHT][m]["weight_bytes"] < packages[RecipeName.INT8_WEIGHT][m]["weight_bytes"], m
+    pkg = packages[RecipeName.INT4_WEIGHT]["text_decoder"]
     assert pkg["weight_bytes"] <= 1.05 * pkg["weight_bytes_per_function"]["prefill"]  # prefill/decode still share
 
 
@@ -325,12 +324,12 @@ def test_int4_export_check_rejects_a_broken_4bit_program(int4_artifact, tiny_com
 
     from core.errors import ExportError
     from targets.base import export_gate
-    from targets.coreml import GATE, CoreMLSession
 
     broken = tmp_path / "broken"
     shutil.copytree(int4_artifact.dir, broken)
-    recipe = Recipe("int4-weight")
-    export_gate("coreml", recipe, CoreMLSession(read_artifact(broken)), tiny_components, GATE)  # the precondition
+    recipe = Recipe(RecipeName.INT4_WEIGHT)
+    gate = SPEC.recipe(recipe.name).gate
+    export_gate("coreml", recipe, CoreMLSession(read_artifact(broken)), tiny_components, gate)  # the precondition
     corrupted = 0
     for pkg in broken.glob("*.mlpackage"):
         path = pkg / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
@@ -348,25 +347,23 @@ def test_int4_export_check_rejects_a_broken_4bit_program(int4_artifact, tiny_com
         path.write_bytes(bytes(buf))
     assert corrupted >= 2 * 6 + 1
     with pytest.raises(ExportError, match="int4-weight program rejected by the export check: text_decoder"):
-        export_gate("coreml", recipe, CoreMLSession(read_artifact(broken)), tiny_components, GATE)
+        export_gate("coreml", recipe, CoreMLSession(read_artifact(broken)), tiny_components, gate)
 
 
 def test_int4_keep_float_and_per_channel(tiny_components):
     from coremltools.converters.mil.mil import types
-
-    from targets.coreml import _all_ops, _program
 
     decode = convert_decoder(tiny_components, "decode")
     keep = ("text.lm_head", "text.layers.1.mlp")
     model, kept = quantize_weights_int4(decode, kept_arrays(tiny_components.model, keep), 32)
     assert kept["float_weights_kept"] == 3 and kept["int4_weights"] == 2 * 6 + 1 - 3
     lm_head = tiny_components.model.text.lm_head.weight.detach().numpy().astype(np.float16)
-    consts = [op for f in _program(model).functions.values() for op in _all_ops(f) if op.op_type == "const"]
+    consts = [op for op in compat.model_ops(model) if op.op_type == "const"]
     assert any(isinstance(op.outputs[0].val, np.ndarray) and np.array_equal(op.outputs[0].val, lm_head) for op in consts)
     # --group-size 0: one scale per output channel
     model, counts = quantize_weights_int4(decode, set(), 0)
     assert counts["int4_weights"] == 2 * 6 + 1
-    scales = [op.scale.val for f in _program(model).functions.values() for op in _all_ops(f)
+    scales = [op.scale.val for op in compat.model_ops(model)
               if op.op_type == "constexpr_blockwise_shift_scale" and types.builtin_to_string(op.data.dtype) == "int4"]
     assert len(scales) == 2 * 6 + 1 and all(s.shape[1] == 1 for s in scales)
 
@@ -380,18 +377,14 @@ def test_int8_static_quantizes_activations(int8_static_artifact):
 
 
 def test_keep_float_leaves_the_named_layers_weights_in_float(tiny_components):
-    import coremltools as ct  # noqa: F401  (the converted model is inspected in memory)
-
     decode = convert_decoder(tiny_components, "decode")
     _, all_int8 = quantize_weights_int8(decode, set())
     keep = ("text.lm_head", "text.layers.1.mlp")
     model, kept = quantize_weights_int8(decode, kept_arrays(tiny_components.model, keep))
     assert kept["float_weights_kept"] == 3  # lm_head, gate_up_proj, down_proj
     assert kept["int8_weights"] == all_int8["int8_weights"] - 3
-    from targets.coreml import _all_ops, _program
-
     lm_head = tiny_components.model.text.lm_head.weight.detach().numpy().astype(np.float16)
-    consts = [op for f in _program(model).functions.values() for op in _all_ops(f) if op.op_type == "const"]
+    consts = [op for op in compat.model_ops(model) if op.op_type == "const"]
     assert any(isinstance(op.outputs[0].val, np.ndarray) and op.outputs[0].val.shape == lm_head.shape
                and np.array_equal(op.outputs[0].val, lm_head) for op in consts)
 
@@ -399,7 +392,7 @@ def test_keep_float_leaves_the_named_layers_weights_in_float(tiny_components):
 def test_int8_activations_are_linear_inputs_only_and_keep_float_leaves_the_named_layers_float(
     tiny_components, coreml_calibration, tmp_path
 ):
-    from targets.coreml import _all_ops, _program, quantize_activations_int8
+    from targets.coreml.activations import quantize_activations_int8
 
     decode = convert_decoder(tiny_components, "decode")
     keep = kept_arrays(tiny_components.model, ("text.lm_head",))
@@ -407,15 +400,14 @@ def test_int8_activations_are_linear_inputs_only_and_keep_float_leaves_the_named
     assert report["calibration_samples"] > 0 and report["activation_quantize_ops"] > 0
     vocab = tiny_components.config.text.vocab_size
     fed_by_dequantize = {}
-    for f in _program(model).functions.values():
-        for op in _all_ops(f):
-            if op.op_type == "linear":
-                is_head = op.inputs["weight"].val is not None and op.inputs["weight"].val.shape[0] == vocab
-                producer = op.inputs["x"].op
-                fed_by_dequantize[is_head] = fed_by_dequantize.get(is_head, []) + [producer is not None and producer.op_type == "dequantize"]
+    for op in compat.model_ops(model):
+        if op.op_type == "linear":
+            is_head = op.inputs["weight"].val is not None and op.inputs["weight"].val.shape[0] == vocab
+            producer = op.inputs["x"].op
+            fed_by_dequantize[is_head] = fed_by_dequantize.get(is_head, []) + [producer is not None and producer.op_type == "dequantize"]
     assert fed_by_dequantize[True] == [False]  # lm_head kept float
     assert fed_by_dequantize[False] and all(fed_by_dequantize[False])  # every other linear takes int8 activations
-    ops = [op for f in _program(model).functions.values() for op in _all_ops(f)]
+    ops = list(compat.model_ops(model))
     adds = [op for op in ops if op.op_type == "add"]
     assert adds  # the residual stream
     # adds (the residual stream) stay float, and nothing quantizes a linear's output
@@ -430,8 +422,8 @@ def _tree_hashes(root: Path) -> dict[str, str]:
 
 
 def test_two_exports_are_byte_identical(coreml_artifacts, tiny_components, tmp_path):
-    again = CoreMLTarget().export(tiny_components, Recipe("fp16"), tmp_path / "again")
-    first = coreml_artifacts["fp16"]
+    again = _export(tiny_components, RecipeName.FP16, tmp_path / "again")
+    first = coreml_artifacts[RecipeName.FP16]
     assert _tree_hashes(again.dir) == _tree_hashes(first.dir)
     assert again.info["files"] == first.info["files"]
 
@@ -450,15 +442,15 @@ def reference_outputs(tiny_components, eager_run):
 
 
 def _session(art):
-    session = CoreMLTarget().load(art)
+    session = load_target().open(art)
     assert "emulat" in session.provenance.lower() and art.recipe in session.provenance
     return session
 
 
-@pytest.mark.parametrize("recipe, floor", [("fp16", 0.999), ("int8-weight", 0.999), ("int8-static", 0.97)])
+@pytest.mark.parametrize("recipe, floor", [(RecipeName.FP16, 0.999), (RecipeName.INT8_WEIGHT, 0.999), (RecipeName.INT8_STATIC, 0.97)])
 def test_each_method_through_the_interpreter_matches_eager(coreml_artifacts, int8_static_artifact, eager_run,
                                                            reference_outputs, recipe, floor):
-    art = int8_static_artifact if recipe == "int8-static" else coreml_artifacts[recipe]
+    art = int8_static_artifact if recipe == RecipeName.INT8_STATIC else coreml_artifacts[recipe]
     got = _method_outputs(_session(art), eager_run)
     for m in METHODS:
         ref = reference_outputs[m]
@@ -468,7 +460,7 @@ def test_each_method_through_the_interpreter_matches_eager(coreml_artifacts, int
     assert row_cos(got["text_decoder"], reference_outputs["text_decoder"]) >= floor
 
 
-@pytest.mark.parametrize("recipe, floor", [("fp16", 0.999), ("int8-weight", 0.999)])
+@pytest.mark.parametrize("recipe, floor", [(RecipeName.FP16, 0.999), (RecipeName.INT8_WEIGHT, 0.999)])
 def test_export_records_its_own_check_against_eager_in_the_report(coreml_artifacts, recipe, floor):
     check = coreml_artifacts[recipe].info["report"]["export_check"]
     assert check["measured"] and "emulat" in check["how"].lower()
@@ -481,14 +473,14 @@ def test_fp16_greedy_16_tokens_with_image_and_audio_equal_eager(coreml_artifacts
     prompt = Prompt(text=media["prompt"], image=media["image"], audio=media["audio"])
     cfg = tiny_components.config
     expected = Runner(EagerSession(tiny_components), cfg, tiny_tokenizer).generate(prompt, max_new_tokens=16, stop_at_eos=False)
-    got = Runner(_session(coreml_artifacts["fp16"]), cfg, tiny_tokenizer).generate(prompt, max_new_tokens=16, stop_at_eos=False)
+    got = Runner(_session(coreml_artifacts[RecipeName.FP16]), cfg, tiny_tokenizer).generate(prompt, max_new_tokens=16, stop_at_eos=False)
     assert len(got.tokens) == 16 and got.tokens == expected.tokens
 
 
 def test_reset_forgets_the_cache_and_positions_past_the_cache_fail(coreml_artifacts, tiny_components):
     from core.errors import RuntimeFailure
 
-    session = CoreMLTarget().load(coreml_artifacts["fp16"])
+    session = load_target().open(coreml_artifacts[RecipeName.FP16])
     h = tiny_components.config.text.hidden_size
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((1, 3, h)).astype(np.float32)
@@ -506,46 +498,19 @@ def test_reset_forgets_the_cache_and_positions_past_the_cache_fail(coreml_artifa
 # --- the command line and bad input -----------------------------------------------------------
 
 
-def _one_error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
-
-
-def test_unknown_recipe_is_one_line_exit_2_and_writes_nothing(tmp_path):
-    from cli import app
-
-    result = CliRunner().invoke(app, ["export", "--target", "coreml", "--recipe", "fp32", "--out", str(tmp_path / "art")])
-    assert result.exit_code == 2, result.output
-    assert "recipe 'fp32' is not supported by target 'coreml'" in _one_error_line(result)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_unwritable_out_is_one_line_exit_2_and_leaves_no_package(tmp_path):
-    from cli import app
-
-    blocker = tmp_path / "taken"
-    blocker.write_text("a file, not a directory")
-    out = blocker / "art"
-    result = CliRunner().invoke(app, ["export", "--target", "coreml", "--recipe", "fp16", "--out", str(out)])
-    assert result.exit_code == 2, result.output
-    assert str(out) in _one_error_line(result)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and not list(tmp_path.rglob("*.mlpackage"))
-
-
 def test_int8_static_without_samples_for_a_method_fails_before_writing(tiny_components, coreml_calibration, tmp_path):
     from core.errors import BadInputError
 
     partial = {"token_embedding": coreml_calibration["token_embedding"][:2]}
     with pytest.raises(BadInputError, match="no samples for method 'vision_encoder'"):
-        CoreMLTarget().export(tiny_components, Recipe("int8-static"), tmp_path / "x", calibration=partial)
+        _export(tiny_components, RecipeName.INT8_STATIC, tmp_path / "x", calibration=partial)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_generate_runs_the_coreml_artifact(coreml_artifacts, tiny_components, tiny_tokenizer):
     from cli import app
 
-    art = coreml_artifacts["fp16"]
+    art = coreml_artifacts[RecipeName.FP16]
     result = CliRunner().invoke(app, ["generate", "--artifact", str(art.dir), "--prompt", "Open the camera.", "--max-new-tokens", "8"])
     assert result.exit_code == 0, result.output
     expected = Runner(EagerSession(tiny_components), tiny_components.config, tiny_tokenizer).generate(
@@ -561,10 +526,10 @@ def test_loading_an_artifact_with_a_missing_package_is_an_artifact_error(coreml_
     from core.errors import ArtifactError
 
     broken = tmp_path / "broken"
-    shutil.copytree(coreml_artifacts["fp16"].dir, broken)
+    shutil.copytree(coreml_artifacts[RecipeName.FP16].dir, broken)
     shutil.rmtree(broken / "vision_encoder.mlpackage")
     with pytest.raises(ArtifactError, match="vision_encoder"):
-        CoreMLTarget().load(read_artifact(broken))
+        load_target().open(read_artifact(broken))
 
 
 def test_llama_family_decoder_converts_and_matches_eager():
@@ -606,7 +571,7 @@ def test_fp16_rmsnorm_survives_massive_activations():
     import torch
 
     from exporter.model.decoder import RMSNorm
-    from targets.coreml import Fp16SafeRMSNorm
+    from targets.coreml.adapt import Fp16SafeRMSNorm
 
     torch.manual_seed(0)
     norm = RMSNorm(576, 1e-5)
