@@ -896,3 +896,26 @@ def test_every_model_op_is_supported():
     tested = set().union(*(c.ops for c in CASES)) | {"const", "constexpr_blockwise_shift_scale", "read_state",
                                                      "write_state", "coreml_update_state"}
     assert model_ops <= tested, model_ops - tested
+
+
+# --- the coremltools internals ------------------------------------------------------------------
+
+
+def test_coremltools_internals_are_reached_only_through_compat():
+    """targets/coreml/compat.py is the one module that touches coremltools' private paths (protos, pymil, milproto,
+    ``_``-prefixed names), and it was read from the coremltools installed here."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent / "targets" / "coreml"
+    private = re.compile(r"coremltools\.proto|milproto|(\.|import\s+|,\s*)_[A-Za-z]\w*|converters\.mil\.mil|libcoremlpython")
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "compat.py":
+            continue
+        for no, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if ("coremltools" in code and private.search(code) and not code.strip().startswith(('"', "'", "``"))
+                    or "_mil_program" in code):
+                offenders.append(f"{path.relative_to(root)}:{no}: {line.strip()}")
+    assert not offenders, offenders
+    assert ct.__version__ == compat.COREMLTOOLS_VERSION_READ, "re-read the paths in targets/coreml/compat.py for this coremltools"

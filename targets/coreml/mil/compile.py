@@ -13,6 +13,7 @@ from targets.coreml.mil.values import Weights, decode_value, value_type
 
 
 def compile_function(fname: str, fn: Any, weights: Weights, ranges: dict) -> Function:
+    """One proto function as the interpreter runs it: typed inputs, states and outputs, folded constants, steps."""
     f = Function(fname)
     for inp in fn.inputs:
         t = value_type(inp.type)

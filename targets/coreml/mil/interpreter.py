@@ -16,6 +16,8 @@ from targets.coreml.mil.values import TensorType
 
 
 def feed(name: str, value: Any, t: TensorType, ranges: list | None, fname: str) -> np.ndarray:
+    """A caller's input checked against the function's declaration (rank, fixed dims, flexible ranges, kind)
+    and converted to its run-time representation; Core ML refuses the same inputs."""
     arr = np.asarray(value)
     if arr.ndim != len(t.shape):
         raise BadInputError(f"input '{name}' of function '{fname}' has rank {arr.ndim}, expected {len(t.shape)} ({fmt(t.shape)})")
@@ -48,6 +50,7 @@ def _resolve(kind: str, payload: Any, env: dict) -> Any:
 
 
 def execute(node: Node, env: dict) -> None:
+    """Run one op on ``env``'s values; each output cast to its declared dtype and checked against its declared shape."""
     a = {param: _resolve(kind, payload, env) for param, kind, payload in node.args}
     result = node.impl(a, node)
     if len(node.outputs) == 1:
@@ -65,6 +68,7 @@ def execute(node: Node, env: dict) -> None:
 
 
 def run_block(block: Block, env: dict) -> None:
+    """Every step of ``block`` in order; any failure but a typed one becomes a RuntimeFailure naming the op."""
     for node in block.steps:
         try:
             if node.type == "cond":
