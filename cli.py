@@ -20,9 +20,11 @@ import typer
 from typer._click.exceptions import UsageError  # typer 0.29 vendors click; its usage errors are this class
 
 from core.errors import AutoglmExportError, BadInputError
-from targets import TARGETS, recipes_help
+from core.recipes import RecipeName
+from targets import recipes_help, target_names
 
-TargetName = enum.Enum("TargetName", {name: name for name in TARGETS}, type=str)
+# choices from the registries: Typer lists them in --help and refuses any other value (exit 2)
+TargetName = enum.Enum("TargetName", {name: name for name in target_names()}, type=str)
 
 app = typer.Typer(
     name="autoglm-export",
@@ -234,7 +236,7 @@ def generate(
 @handled
 def export(
     target: Annotated[TargetName, typer.Option("--target", help="The runtime to export for.")],
-    recipe: Annotated[str, typer.Option("--recipe", help=f"Precision recipe, per target: {recipes_help()}.")],
+    recipe: Annotated[RecipeName, typer.Option("--recipe", help=f"Precision recipe, per target: {recipes_help()}.")],
     out: Annotated[Path, typer.Option("--out", help="Output artifact directory.")],
     preset: Preset = None,
     checkpoint: Checkpoint = None,
@@ -268,7 +270,7 @@ def export(
     preset, checkpoint = _source(preset, checkpoint)
     keep = tuple(k.strip() for k in keep_float.split(",") if k.strip()) if keep_float else ()
     art = pipeline.export(
-        target.value, recipe, out, preset, checkpoint, layers, calibration, keep, group_size, Progress(), parity_target,
+        target.value, recipe.value, out, preset, checkpoint, layers, calibration, keep, group_size, Progress(), parity_target,
         prune_heads, skip_layers,
     )
     for name, meta in sorted(art.info.get("files", {}).items()):

@@ -3,7 +3,7 @@
 Eager PyTorch fake quantization, on the calibration samples recorded by
 :func:`calibration.stats.calibrate`: a layer's weights are quantized per
 output channel, symmetric int8, and its input as the export recipe will
-quantize it (the ``scheme``, :func:`scheme_for`):
+quantize it (the ``scheme``: the target spec's :class:`core.recipes.QuantScheme` for the recipe):
 
 * ``w8a8`` (int8-static on every target): per tensor, symmetric int8, with the
   range from the calibration statistics (absmax);
@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from core.recipes import QuantScheme
+
 Progress = Callable[[str, int, int], None]
 MAX_CALLS = 24  # recorded calls replayed per method (decoder: whole prompts, in order)
 # what each scheme simulates (the sensitivity report's metric line)
@@ -44,15 +46,9 @@ SCHEMES = {
 }
 
 
-def scheme_for(target: str | None, recipe: str) -> str:
-    """What a target's recipe does to a linear's input: ``w8a8``, ``w8`` or ``w8da8`` (see the module doc)."""
-    if recipe == "int8-static":
-        return "w8a8"
-    if target == "executorch" and recipe in ("int8-weight", "8da4w"):
-        return "w8da8"  # Int8DynamicActivationIntxWeightConfig: dynamic per-token int8 inputs
-    if recipe == "int8-weight":
-        return "w8"
-    return "w8a8"
+def simulates(scheme: QuantScheme) -> bool:
+    """Whether the search can simulate ``scheme`` (a target spec's: int8 weights, any input handling)."""
+    return scheme.simulation in SCHEMES
 
 
 def _linears(components: Any) -> dict[str, tuple[str, Any]]:
@@ -183,24 +179,28 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / d) if d > 0 else float(np.array_equal(a, b))
 
 
-def _check_scheme(scheme: str) -> str:
+def _check_scheme(scheme: QuantScheme | str) -> str:
+    """The simulation name of ``scheme`` (a target spec's QuantScheme, or its name)."""
+    if isinstance(scheme, QuantScheme):
+        scheme = scheme.simulation
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
     return scheme
 
 
-def _cache_suffix(scheme: str) -> str:
-    return "" if _check_scheme(scheme) == "w8a8" else f"-{scheme}"  # w8a8 keeps the name it was cached under
+def _cache_suffix(scheme: QuantScheme | str) -> str:
+    scheme = _check_scheme(scheme)
+    return "" if scheme == "w8a8" else f"-{scheme}"  # w8a8 keeps the name it was cached under
 
 
-def _quantizing(layers: Iterable[tuple[str, Any]], calib: Any, scheme: str):
-    _check_scheme(scheme)
+def _quantizing(layers: Iterable[tuple[str, Any]], calib: Any, scheme: QuantScheme | str):
+    scheme = _check_scheme(scheme)
     # no input range: fake_quantized leaves the input float
     return fake_quantized(layers, calib.activation_stats if scheme == "w8a8" else {}, dynamic_inputs=scheme == "w8da8")
 
 
 def layer_sensitivity(
-    components: Any, calib: Any, progress: Progress | None = None, scheme: str = "w8a8"
+    components: Any, calib: Any, progress: Progress | None = None, scheme: QuantScheme | str = "w8a8"
 ) -> list[tuple[str, float]]:
     """(module name, SQNR dB of its method's output with only that layer int8) for every nn.Linear, worst first."""
     layers = _linears(components)
@@ -222,7 +222,7 @@ def layer_sensitivity(
 
 
 def quantized_cosine(
-    components: Any, calib: Any, keep_float: Iterable[str] = (), scheme: str = "w8a8"
+    components: Any, calib: Any, keep_float: Iterable[str] = (), scheme: QuantScheme | str = "w8a8"
 ) -> dict[str, float]:
     """Per method: worst-call cosine (:func:`worst_cosine`, parity's metric) of the output with every
     nn.Linear not in keep_float int8-fake-quantized, vs float."""
@@ -247,7 +247,7 @@ def choose_keep_float(
     ranking: list[tuple[str, float]],
     target_cos: float,
     progress: Progress | None = None,
-    scheme: str = "w8a8",
+    scheme: QuantScheme | str = "w8a8",
 ) -> tuple[str, ...]:
     """The smallest prefix of ``ranking`` (most sensitive first) kept in float so every method's cosine >= target.
 
@@ -289,7 +289,7 @@ SENSITIVITY_VERSION = 1
 
 
 def cached_layer_sensitivity(
-    components: Any, calib: Any, cache_dir: Path | None = None, progress: Progress | None = None, scheme: str = "w8a8"
+    components: Any, calib: Any, cache_dir: Path | None = None, progress: Progress | None = None, scheme: QuantScheme | str = "w8a8"
 ):
     """``layer_sensitivity``, cached beside the calibration cache by the calibration key (and the scheme).
 
@@ -331,8 +331,9 @@ def parse_parity_target(spec: str) -> float:
     return v
 
 
-def write_sensitivity_report(ranking: list[tuple[str, float]], out_dir: Path, scheme: str = "w8a8") -> list[str]:
+def write_sensitivity_report(ranking: list[tuple[str, float]], out_dir: Path, scheme: QuantScheme | str = "w8a8") -> list[str]:
     """``out_dir/sensitivity.json`` and ``out_dir/sensitivity.txt`` (ranked, worst first); returns summary lines."""
+    scheme = _check_scheme(scheme)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [

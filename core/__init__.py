@@ -6,3 +6,5 @@ host runner (chat.py, runner.py), preprocessing (preprocess.py), the shipped dat
 four exportable methods (components.py) and the comparison metrics (metrics.py).
 Imports point down only: core imports the model, never calibration, targets or the application.
 """
+
+__version__ = "0.1.0"

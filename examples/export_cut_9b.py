@@ -10,6 +10,7 @@ from pathlib import Path
 from exporter.model import build, get_preset
 from core.components import build_components
 from targets import get_target
+from targets.lifecycle import export
 from core.recipes import Recipe
 target, recipe, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 t = time.time()
@@ -19,7 +20,7 @@ calib = None
 if recipe == "int8-static":
     from calibration.stats import record_builtin_inputs
     calib = record_builtin_inputs(comps, limit=4)
-art = get_target(target).export(comps, Recipe(recipe), out, calibration=calib)
+art = export(get_target(target), comps, Recipe(recipe), out, calibration=calib)
 rep = art.info["report"]
 size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and not p.name.startswith("tokenizer"))
 check = rep.get("export_check") or {}

@@ -1,3 +1,4 @@
-"""autoglm-export: multimodal GLM-4.1V on-device export toolchain."""
+"""autoglm-export's application layer: export, parity, build, bench, serve and the model loaders.
 
-__version__ = "0.1.0"
+Imports nothing: importing the model package (exporter.model) must not pull in the layers above it.
+"""

@@ -111,7 +111,7 @@ def _worker(artifact_dir: Path, which: str, prompt_len: int, steps: int, repeats
             return EagerSession(build_components(_reference_model(art, config)))
         from targets import get_target
 
-        return get_target(art.target).load(art)
+        return get_target(art.target).open(art)
 
     runtime = "PyTorch eager fp32" if which == "eager" else art.target
     # the first load pays the runtime's Python imports (ExecuTorch's bindings import its compiler, seconds);

@@ -21,10 +21,14 @@ Config schema (every key optional; no file = :data:`DEFAULT_CONFIG`)::
     recipe = "int8-static"
     keep_float = []            # module names left in float
     group_size = 32
+    parity_target = "cos=0.999"  # keep the most sensitive layers float until this holds (int8 recipes)
+    prune_heads = 0.25         # remove this fraction of attention heads (calibrated importance)
+    skip_layers = 2            # remove this many decoder layers (calibrated block influence)
     thresholds = { "text_decoder.cosine" = 0.98 }  # this artifact only
     name = "executorch-int8-static"                # directory name (default target-recipe)
 
-Relative paths are relative to the config file. Output: ``OUT/<name>/`` per
+Each artifact is exported by :func:`exporter.export.export_model`, the function the ``export`` command
+uses, so an entry takes the same options. Relative paths are relative to the config file. Output: ``OUT/<name>/`` per
 artifact (with ``parity/`` reports inside) and ``OUT/manifest.json``.
 
 Atomicity: each artifact is exported and checked inside ``OUT/.staging-<name>-*``
@@ -52,6 +56,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.errors import ConfigError, OutputError, ParityFailure
+from core.recipes import GROUPED_RECIPES
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = "autoglm-export/build-manifest"
@@ -94,19 +99,10 @@ target = "coreml"
 recipe = "int8-static"
 """
 
-# Files a backend does not yet write reproducibly (seen: two clean builds of the same config, same host).
-# They are hashed like every other file ("sha256"), but left out of "sha256_reproducible", which is the
-# hash two builds must share. Remove an entry once its target writes the file deterministically.
-KNOWN_NONDETERMINISTIC: dict[str, dict[str, str]] = {
-    "ort": {
-        "*.ort": "onnxruntime's ORT-format converter serializes the optimized graph's flatbuffer tables in a "
-        "varying order (same size, same .onnx input; the .onnx files are byte-identical)",
-    },
-}
-
 _TOP_KEYS = {"model", "calibration", "parity", "artifact"}
 _MODEL_KEYS = {"preset", "checkpoint", "layers"}
-_ARTIFACT_KEYS = {"target", "recipe", "keep_float", "group_size", "thresholds", "name"}
+_ARTIFACT_KEYS = {"target", "recipe", "keep_float", "group_size", "thresholds", "name", "parity_target", "prune_heads", "skip_layers"}
+_EXPORT_KEYS = ("target", "recipe", "keep_float", "group_size", "parity_target", "prune_heads", "skip_layers")
 _PARITY_KEYS = {"steps", "inputs", "thresholds", "recipe"}
 
 
@@ -207,6 +203,15 @@ def _normalise(raw: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
         gs = a.get("group_size", 32)
         if not isinstance(gs, int) or gs < 0:
             raise bad(f"[[artifact]] #{i}: group_size must be a non-negative integer")
+        pt = a.get("parity_target")
+        if pt is not None and not isinstance(pt, str):
+            raise bad(f"[[artifact]] #{i}: parity_target must be a string such as \"cos=0.999\"")
+        ph = a.get("prune_heads")
+        if ph is not None and (isinstance(ph, bool) or not isinstance(ph, (int, float))):
+            raise bad(f"[[artifact]] #{i}: prune_heads must be a number (the fraction of heads to remove)")
+        sl = a.get("skip_layers")
+        if sl is not None and (isinstance(sl, bool) or not isinstance(sl, int)):
+            raise bad(f"[[artifact]] #{i}: skip_layers must be an integer (decoder layers to remove)")
         name = a.get("name") or f"{a['target']}-{a['recipe']}"
         if name in names:
             raise bad(f"[[artifact]] #{i}: duplicate artifact name '{name}' (set name = ... to tell them apart)")
@@ -223,6 +228,9 @@ def _normalise(raw: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
                 "recipe": str(a["recipe"]),
                 "keep_float": list(kf),
                 "group_size": gs,
+                "parity_target": pt,
+                "prune_heads": None if ph is None else float(ph),
+                "skip_layers": sl,
                 "thresholds": merged,
             }
         )
@@ -254,11 +262,11 @@ def _sha(obj: Any) -> str:
 
 
 def code_digest() -> str:
-    """sha256 over this package's own source (exporter/, targets/, calibration/, cli.py): an artifact
+    """sha256 over this package's own source (core/, exporter/, targets/, calibration/, cli.py): an artifact
     exported by other code is not up to date, even at the same version number."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    files = [root / "cli.py"] + [p for d in ("exporter", "targets", "calibration") for p in (root / d).rglob("*.py")]
+    files = [root / "cli.py"] + [p for d in ("core", "exporter", "targets", "calibration") for p in (root / d).rglob("*.py")]
     for p in sorted(f for f in files if f.is_file()):
         h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
@@ -305,33 +313,32 @@ def build(config_path: Path | None, out: Path, progress: Progress | None = None)
 
     Raises ParityFailure (after writing every artifact and the manifest) when any artifact fails parity.
     """
-    from exporter import __version__
-    from exporter import parity as parity_mod
-    from targets import get_target
     from core.artifact import check_output_dir, runtime_versions
-    from core.recipes import Recipe
-    from targets.base import check_recipe
+    from core import __version__
+    from exporter import export as ex
+    from exporter import parity as parity_mod
+    from exporter.reference import resolve_config
 
     progress = progress or (lambda stage, done, total: None)
     cfg = load_config(config_path)
     out = Path(out)
 
-    # every check that can run before the work does, before --out is created: targets, recipes, the
-    # calibration and parity manifests (every bad line), and --out itself
-    targets = {}
+    # every check that can run before the work does, before --out is created: targets, recipes and their
+    # options (as the export command checks them), the calibration and parity manifests (every bad line)
+    m = cfg["model"]
+    model_config = resolve_config(m["preset"], m["checkpoint"], m["layers"])  # unknown preset, bad checkpoint, bad layers
+    plans = {}
     for a in cfg["artifacts"]:
-        if a["target"] not in targets:
-            targets[a["target"]] = get_target(a["target"])
-        check_recipe(a["target"], Recipe(a["recipe"]), targets[a["target"]].recipes)
+        plans[a["name"]] = ex.plan(
+            a["target"], a["recipe"], out / a["name"], cfg["calibration"]["manifest"], tuple(a["keep_float"]),
+            a["group_size"] if a["recipe"] in GROUPED_RECIPES else None, a["parity_target"], a["prune_heads"],
+            a["skip_layers"], model_config, check_out=False, shared_calibration=True,
+        )
     from calibration.manifest import read_manifest
 
-    for key, path in (("calibration.manifest", cfg["calibration"]["manifest"]), ("parity.inputs", cfg["parity"]["inputs"])):
+    for path in (cfg["calibration"]["manifest"], cfg["parity"]["inputs"]):
         if path:
             read_manifest(Path(path))
-    from exporter.pipeline import resolve_config
-
-    m = cfg["model"]
-    resolve_config(m["preset"], m["checkpoint"], m["layers"])  # unknown preset, bad checkpoint config, bad --layers
     if out.is_dir() and all(p.name.startswith(STAGING_PREFIX) for p in out.iterdir()):
         _remove_stale_staging(out)  # a build killed before its first manifest left only staging dirs
     check_output_dir(out, marker=MANIFEST_NAME, what="an autoglm-export build")
@@ -359,9 +366,9 @@ def build(config_path: Path | None, out: Path, progress: Progress | None = None)
     for a in cfg["artifacts"]:
         export_key = _sha(
             {
-                "artifact": {k: a[k] for k in ("target", "recipe", "keep_float", "group_size")},
+                "artifact": {k: a[k] for k in _EXPORT_KEYS},
                 "source": source,
-                "calibration": calib_digest if a["recipe"] == "int8-static" else None,
+                "calibration": calib_digest if plans[a["name"]].needs_calibration or a["prune_heads"] or a["skip_layers"] else None,
                 "package": __version__,
                 "code": code,
                 "versions": versions,
@@ -423,35 +430,22 @@ def build(config_path: Path | None, out: Path, progress: Progress | None = None)
         return manifest_path
 
     with _terminate_as_exception():
-        from core.components import build_components
-        from exporter.pipeline import calibration_data, load_reference, source_of
+        from exporter.reference import load_reference, source_of
 
         progress("load reference", 0, 1)
-        m = cfg["model"]
         model = load_reference(preset=m["preset"], checkpoint=m["checkpoint"], layers=m["layers"])
-        comps = build_components(model)
         progress("load reference", 1, 1)
-        calib = None
-        if any(a["recipe"] == "int8-static" for a, _, _ in todo):
-            calib = calibration_data(comps, cfg["calibration"]["manifest"], progress)  # calibrate once
         record = source_of(m["preset"], m["checkpoint"], m["layers"])
+        calibration_cache: dict[Any, Any] = {}  # calibrated once, shared by every artifact of the model
 
         for i, (a, export_key, parity_key) in enumerate(todo):
             progress(f"artifact {a['name']}", i, len(todo))
             staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{a['name']}-", dir=out))
             try:
-                recipe = Recipe(a["recipe"], keep_float=tuple(a["keep_float"]), group_size=a["group_size"])
-                comps.text_decoder.cache.reset()
                 t0 = time.perf_counter()
-                art = targets[a["target"]].export(
-                    comps,
-                    recipe,
-                    staging / a["name"],
-                    calibration=calib if recipe.needs_calibration else None,
-                    progress=progress,
-                )
+                art = ex.export_model(model, plans[a["name"]], record, progress, out=staging / a["name"],
+                                      calibration_cache=calibration_cache)
                 export_s = time.perf_counter() - t0
-                _record_source(art.dir, record)
                 report = check_parity(a, art.dir, art.dir / "parity")
                 entry = _entry(a, art.dir, export_key, parity_key, report, export_s)
                 final = out / a["name"]
@@ -474,14 +468,15 @@ def _entry(
     for name in sorted(files):
         h.update(name.encode())
         h.update(files[name]["sha256"].encode())
-    import fnmatch
+    from targets import target_spec
 
-    skip = KNOWN_NONDETERMINISTIC.get(a["target"], {})
+    spec = target_spec(a["target"])
     h2 = hashlib.sha256()
-    excluded = []
+    excluded = {}
     for name in sorted(files):
-        if any(fnmatch.fnmatch(name, pat) for pat in skip):
-            excluded.append(name)
+        why = spec.nondeterministic(name)
+        if why:
+            excluded[name] = why
             continue
         h2.update(name.encode())
         h2.update(files[name]["sha256"].encode())
@@ -492,12 +487,15 @@ def _entry(
         "recipe": a["recipe"],
         "keep_float": a["keep_float"],
         "group_size": a["group_size"],
+        "parity_target": a["parity_target"],
+        "prune_heads": a["prune_heads"],
+        "skip_layers": a["skip_layers"],
         "files": files,
         # sha256 over the artifact files' own hashes (artifact.json and parity/ hold timings and are excluded)
         "sha256": h.hexdigest(),
         # the same over the files this target writes reproducibly: two builds of one config must agree on it
         "sha256_reproducible": h2.hexdigest(),
-        "not_reproducible": {n: next(why for pat, why in skip.items() if fnmatch.fnmatch(n, pat)) for n in excluded},
+        "not_reproducible": excluded,
         "size_bytes": sum(f["bytes"] for f in files.values()),
         "runner_interface": info.get("runner_interface", info.get("methods", {})),
         "programs": info.get("programs", {}),  # each method's real inputs/outputs, read back from the saved program
@@ -552,14 +550,6 @@ def _read_previous(path: Path) -> dict[str, dict[str, Any]]:
     if data.get("schema") != MANIFEST_SCHEMA or data.get("schema_version") != MANIFEST_SCHEMA_VERSION:
         return {}
     return {e["name"]: e for e in data.get("artifacts", []) if "name" in e}
-
-
-def _record_source(adir: Path, source: dict[str, Any]) -> None:
-    """metadata.source in artifact.json: parity rebuilds the reference from it."""
-    path = adir / "artifact.json"
-    info = json.loads(path.read_text())
-    info.setdefault("metadata", {})["source"] = source
-    _write_atomic(path, json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
 def _replace_dir(src: Path, dest: Path) -> None:

@@ -415,7 +415,7 @@ def run_parity(
     tokenizer = load_tokenizer(config, tok_path)
 
     reference = EagerSession(build_components(_reference_model(art, config)))
-    session = get_target(art.target).load(art)
+    session = get_target(art.target).open(art)
     artifact_info = {
         "dir": str(art.dir),
         "target": art.target,
@@ -482,7 +482,7 @@ def make_report(
 
 
 def _reference_model(art: Any, config: Any):
-    from exporter.pipeline import load_reference
+    from exporter.reference import load_reference
 
     source = art.metadata.get("source")
     if not source:

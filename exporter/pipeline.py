@@ -11,95 +11,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.errors import ArtifactError, BadInputError, ConfigError
-from exporter.model.config import ModelConfig, get_preset
+from exporter.model.config import ModelConfig
+from exporter.reference import load_reference, resolve_config, source_of  # the reference model (parity, build load it too)
 
 Progress = Callable[[str, int, int], None]
-
-
-# --- the reference model ------------------------------------------------------------
-
-
-def resolve_config(preset: str | None = "tiny", checkpoint: str | Path | None = None, layers: int | None = None) -> ModelConfig:
-    """The config of a preset or a checkpoint, without touching weights."""
-    if checkpoint:
-        kind, path = _checkpoint_kind(checkpoint)
-        if kind == "gguf":
-            from exporter.gguf import gguf_file_config
-
-            cfg = gguf_file_config(path)
-        elif kind == "hf-text":
-            from exporter.hf_text import text_config
-
-            cfg = text_config(path)
-        else:
-            from exporter.checkpoint import config_from_checkpoint
-
-            cfg = config_from_checkpoint(path)
-        return cfg.with_layers(layers) if layers is not None else cfg
-    if preset == GGUF_PRESET:
-        from exporter.gguf import gguf_file_config, smollm2_path
-
-        cfg = gguf_file_config(smollm2_path())
-        return cfg.with_layers(layers) if layers is not None else cfg
-    return get_preset(preset or "tiny", layers)
-
-
-# a preset whose weights are real, trained ones: SmolLM2-135M-Instruct's GGUF (text only, Llama switches)
-GGUF_PRESET = "smollm2-135m"
-
-
-def _checkpoint_kind(checkpoint: str | Path) -> tuple[str, Path]:
-    """("glm4v" | "hf-text" | "gguf", path): a Glm4v directory, a Llama/Qwen2 directory, or a .gguf file."""
-    from core.errors import CheckpointError
-    from exporter.hf_text import FAMILIES, model_type
-
-    path = Path(checkpoint)
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint directory not found")
-    if path.is_file():
-        if path.suffix == ".gguf":
-            return "gguf", path
-        raise CheckpointError(f"{path}: not a directory (expected a checkpoint directory with config.json, or a .gguf file)")
-    return ("hf-text" if model_type(path) in FAMILIES else "glm4v"), path
-
-
-def load_reference(preset: str | None = "tiny", checkpoint: str | Path | None = None, layers: int | None = None):
-    """The eager reference model (MultimodalModel) from a preset or a local checkpoint (dir or .gguf)."""
-    if checkpoint:
-        if layers is not None:
-            raise ConfigError("--layers applies to presets; a checkpoint is loaded whole")
-        kind, path = _checkpoint_kind(checkpoint)
-        if kind == "gguf":
-            from exporter.gguf import load_gguf_llama
-
-            return load_gguf_llama(path)
-        if kind == "hf-text":
-            from exporter.hf_text import load
-
-            return load(path)
-        from exporter.checkpoint import load_checkpoint
-
-        return load_checkpoint(path)
-    if preset == GGUF_PRESET:
-        from exporter.gguf import load_gguf_llama, smollm2_path
-
-        if layers is not None:
-            raise ConfigError(f"--layers does not apply to the {GGUF_PRESET} preset (real weights are loaded whole)")
-        return load_gguf_llama(smollm2_path())
-    from exporter.model import build
-
-    return build(get_preset(preset or "tiny", layers))
-
-
-def source_of(preset: str | None, checkpoint: str | Path | None, layers: int | None) -> dict[str, Any]:
-    """Where the weights came from, recorded in every artifact so parity can rebuild the reference."""
-    if checkpoint:
-        return {"checkpoint": str(Path(checkpoint).resolve())}
-    return {"preset": preset or "tiny", "layers": layers}
-
-
-def reference_from_source(source: dict[str, Any]):
-    return load_reference(preset=source.get("preset"), checkpoint=source.get("checkpoint"), layers=source.get("layers"))
 
 
 # --- info -----------------------------------------------------------------------------
@@ -200,10 +115,8 @@ def open_artifact(path: str | Path) -> Loaded:
     except (KeyError, TypeError, ConfigError) as e:
         raise ArtifactError(f"{art.dir / 'artifact.json'}: metadata.model is not a model config: {e}") from None
     target = get_target(art.target)
-    if path.is_file() and path.suffix == ".ort":  # an ORT-format file picks the .ort models of the artifact
-        session = target.load(art, model_format="ort")
-    else:
-        session = target.load(art)
+    # an ORT-format file picks the .ort models of the artifact
+    session = target.open(art, "ort" if path.is_file() and path.suffix == ".ort" else None)
     return Loaded(session, config, load_tok(art.dir / "tokenizer.json"), f"{art.target}/{art.recipe} ({session.provenance})")
 
 
@@ -268,171 +181,35 @@ def export(
 
     ``prune_heads`` / ``skip_layers`` shrink the model first (exporter/compress.py), by the head importance and
     block influence of ``calibration`` (a calibrate --head-importance dir) or of the built-in calibration set.
-
-    ``parity_target`` (e.g. "cos=0.999") keeps the most INT8-sensitive layers in float,
-    the smallest such set found greedily by calibration.sensitivity.
+    ``parity_target`` (e.g. "cos=0.999") keeps the most INT8-sensitive layers in float, the smallest such set
+    found greedily by calibration.sensitivity. The same :func:`exporter.export.export_model` builds every
+    artifact of ``build``.
     """
-    from core.components import build_components
-    from exporter.model.upcast import float32_weights
-    from targets import get_target
-    from core.artifact import check_output_dir, no_progress
-    from core.recipes import Recipe
-    from targets.base import check_recipe
+    from exporter import export as ex
 
-    progress = progress or no_progress
-    tgt = get_target(target)  # unknown target -> exit 2 before any model work
-    grouped = recipe in GROUPED_RECIPES
-    if group_size is not None and not grouped:
-        raise BadInputError(f"--group-size applies to {', '.join(GROUPED_RECIPES)}, not '{recipe}'")
-    if group_size is not None and group_size != 0 and (group_size < 16 or group_size & (group_size - 1)):
-        raise BadInputError(f"--group-size {group_size}: must be a power of two >= 16 (e.g. 32, 64, 128), or 0 for per channel")
-    rec = Recipe(recipe, keep_float=tuple(keep_float), group_size=32 if group_size is None else group_size)
-    check_recipe(target, rec, tgt.recipes)
-    if keep_float and not rec.is_quantized:
-        raise BadInputError(f"--keep-float applies to quantized recipes; '{recipe}' keeps everything in float already")
-    out = Path(out)
-    check_output_dir(out)  # the user's data is never replaced; refused before any model work
-    if calibration is not None and not Path(calibration).exists():
-        raise BadInputError(f"--calibration {calibration}: not found")
-    if calibration is not None and not (rec.needs_calibration or parity_target or prune_heads or skip_layers):
-        raise BadInputError(f"--calibration applies to int8-static, --parity-target, --prune-heads and --skip-layers, not '{recipe}' alone")
-    target_cos = None
-    if parity_target:
-        from calibration.sensitivity import parse_parity_target
-
-        target_cos = parse_parity_target(parity_target)
-        if not rec.is_quantized or recipe == "int4-weight":
-            # the keep-float search simulates int8 schemes only (calibration/sensitivity.scheme_for)
-            raise BadInputError(f"--parity-target applies to int8 recipes, not '{recipe}'")
-    if calibration is not None and Path(calibration).is_file():
-        from calibration.manifest import read_manifest
-
-        read_manifest(Path(calibration))  # every bad line, before the model is loaded
-    if prune_heads is not None or skip_layers is not None:
-        from exporter.compress import check_settings
-
-        check_settings(resolve_config(preset, checkpoint, layers), prune_heads, skip_layers)
+    config = resolve_config(preset, checkpoint, layers) if (prune_heads is not None or skip_layers is not None) else None
+    job = ex.plan(target, recipe, out, calibration, keep_float, group_size, parity_target, prune_heads, skip_layers, config)
     model = load_reference(preset, checkpoint, layers)
-    float32_weights(model)  # a large bf16 checkpoint is kept mapped for eager use; exporters trace fp32 modules
-    compression: dict[str, Any] = {}
-    if prune_heads or skip_layers:
-        model, compression = _compress(model, calibration, prune_heads, skip_layers, progress)
-    check_keep_float(model, rec.keep_float)
-    if grouped:
-        check_group_size(model, rec.group_size)
-    comps = build_components(model)
-    calib = None
-    if rec.needs_calibration or target_cos is not None:
-        calib = calibration_data(comps, calibration, progress)
-    if target_cos is not None:
-        from calibration.sensitivity import cached_layer_sensitivity, choose_keep_float, scheme_for
-
-        scheme = scheme_for(target, recipe)
-        ranking = cached_layer_sensitivity(comps, calib, progress=progress, scheme=scheme)
-        keep = choose_keep_float(comps, calib, ranking, target_cos, progress=progress, scheme=scheme)
-        rec = Recipe(recipe, keep_float=tuple(dict.fromkeys(tuple(keep_float) + tuple(keep))), group_size=rec.group_size)
-    artifact = tgt.export(comps, rec, out, calibration=calib, progress=progress)
-    _record_source(artifact, source_of(preset, checkpoint, layers), compression)
-    return artifact
-
-
-def _compress(model, calibration, prune_heads, skip_layers, progress):
-    from calibration import importance
-    from exporter import compress
-    from core.components import build_components
-    from core.runner import load_tokenizer
-
-    t = model.config.text
-    scores = None
-    if calibration is not None and Path(calibration).is_dir():
-        scores = importance.load(Path(calibration), t.num_layers, t.num_heads)
-    if scores is None:
-        comps = build_components(model)
-        scores = importance.measure(comps, importance.builtin_prompts(), load_tokenizer(model.config), progress=progress)
-    model, record = compress.apply(model, scores, prune_heads, skip_layers)
-    return model, {**record, "scores": scores}
-
-
-# recipes whose weights are quantized in groups along the input dimension (--group-size)
-GROUPED_RECIPES = ("8da4w", "int4-weight")
-
-
-def check_keep_float(model, names: tuple[str, ...]) -> None:
-    """Every --keep-float name is a module of the model holding at least one linear or conv."""
-    from torch import nn
-
-    modules = dict(model.named_modules())
-    for name in names:
-        mod = modules.get(name)
-        if mod is None:
-            near = sorted(n for n in modules if n and name.split(".")[-1] in n)[:3]
-            hint = f"; e.g. {', '.join(near)}" if near else "; names are as in `model.named_modules()`, e.g. text.layers.0.mlp.down_proj"
-            raise BadInputError(f"--keep-float '{name}': no such module in '{model.config.name}'{hint}")
-        if not any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in mod.modules()):
-            raise BadInputError(f"--keep-float '{name}': holds no linear or conv layer, so nothing would be kept")
-
-
-def check_group_size(model, group_size: int) -> None:
-    """Groups must tile every decoder linear's input, or those layers would silently stay float."""
-    from torch import nn
-
-    if group_size == 0:
-        return
-    for name, mod in model.text.named_modules():
-        if isinstance(mod, nn.Linear) and mod.in_features % group_size:
-            raise BadInputError(
-                f"--group-size {group_size}: does not divide text.{name}'s {mod.in_features} inputs; "
-                "pick a divisor of the hidden and intermediate sizes"
-            )
-
-
-def _record_source(artifact, source: dict[str, Any], compression: dict[str, Any] | None = None) -> None:
-    """Add where the weights came from (parity rebuilds the reference from it) and what compression removed."""
-    import json
-
-    from core.artifact import ARTIFACT_JSON
-
-    path = artifact.dir / ARTIFACT_JSON
-    info = json.loads(path.read_text())
-    info.setdefault("metadata", {})["source"] = source
-    if compression:
-        info["metadata"]["compression"] = compression
-    path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    artifact.info = info
-
-
-def calibration_data(components, calibration: str | Path | None, progress: Progress | None = None):
-    """CalibrationData for int8-static: a calibrate --out DIR, a manifest .jsonl, or the built-in set."""
-    from core.runner import load_tokenizer
-
-    from calibration import stats
-
-    tokenizer = load_tokenizer(components.config)
-    path = Path(calibration) if calibration else None
-    if path is not None and not path.exists():
-        raise BadInputError(f"--calibration {path}: not found")
-    if path is not None and path.is_dir():
-        data = stats.load_calibration(path)
-        stats.check_compatible(data, components, path)
-        return data
-    return stats.calibrate(components, path, tokenizer, progress=progress)
+    return ex.export_model(model, job, source_of(preset, checkpoint, layers), progress)
 
 
 # --- calibrate, parity, build, bench ----------------------------------------------------------
 
 
-def _module(name: str):
-    """Import a pipeline stage; a missing stage is reported, never faked."""
-    import importlib
+def sensitivity_scheme(target: str | None, recipe: str):
+    """The QuantScheme ``calibrate --sensitivity`` simulates: ``recipe`` as ``target`` implements it
+    (ONNX Runtime's when none is named, else the first target offering it)."""
+    from calibration.sensitivity import simulates
+    from targets import TARGETS, target_spec
 
-    from core.errors import TargetNotAvailableError
-
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name == name:
-            raise TargetNotAvailableError(f"'{name}' is not available in this build") from None
-        raise
+    if target is not None and target not in TARGETS:
+        raise BadInputError(f"--sensitivity-target '{target}': expected one of {', '.join(TARGETS)}")
+    for name in [target] if target else sorted(TARGETS, key=lambda t: t != "ort"):
+        spec = target_spec(name)
+        if recipe in spec.recipe_names and simulates(spec.recipe(recipe).scheme):
+            return spec.recipe(recipe).scheme
+    raise BadInputError(f"--sensitivity-recipe '{recipe}': the sensitivity search simulates int8 recipes "
+                        f"(int8-static, int8-weight){' on ' + target if target else ''}")
 
 
 def calibrate(
@@ -449,16 +226,11 @@ def calibrate(
 ) -> list[str]:
     from core.components import build_components
     from core.runner import load_tokenizer
-    from targets import TARGETS
+    from calibration import manifest as manifest_mod
+    from calibration import stats
     from core.artifact import check_output_dir
 
-    if sensitivity_recipe not in ("int8-static", "int8-weight"):
-        raise BadInputError(f"--sensitivity-recipe '{sensitivity_recipe}': expected int8-static or int8-weight")
-    if sensitivity_target is not None and sensitivity_target not in TARGETS:
-        raise BadInputError(f"--sensitivity-target '{sensitivity_target}': expected one of {', '.join(TARGETS)}")
-
-    stats = _module("calibration.stats")
-    manifest_mod = _module("calibration.manifest")
+    scheme = sensitivity_scheme(sensitivity_target, sensitivity_recipe) if sensitivity else None
     check_output_dir(Path(out), marker="calibration.json", what="a calibration result")
     if manifest is not None:
         manifest_mod.read_manifest(Path(manifest))  # every bad line reported before any model work
@@ -472,8 +244,8 @@ def calibrate(
         prompts = [x.to_prompt() for x in manifest_mod.read_manifest(Path(manifest))] if manifest else importance.builtin_prompts()
         lines += importance.save(importance.measure(comps, prompts, load_tokenizer(model.config), progress=progress), Path(out))
     if sensitivity:
-        sens = _module("calibration.sensitivity")
-        scheme = sens.scheme_for(sensitivity_target, sensitivity_recipe)
+        from calibration import sensitivity as sens
+
         ranking = sens.cached_layer_sensitivity(comps, data, progress=progress, scheme=scheme)
         lines += sens.write_sensitivity_report(ranking, Path(out), scheme=scheme)
     return lines
@@ -501,7 +273,8 @@ def parity(
     progress: Progress | None = None,
 ) -> tuple[list[str], dict]:
     """Run parity; returns (summary lines, report). Call check_parity(report) after showing the lines."""
-    par = _module("exporter.parity")
+    from exporter import parity as par
+
     report = par.run_parity(
         Path(artifact_dir),
         inputs=Path(inputs) if inputs else None,
@@ -515,14 +288,18 @@ def parity(
 
 def check_parity(report: dict) -> None:
     """Raise ParityFailure naming the failed method(s) and metric(s)."""
-    _module("exporter.parity").check(report)
+    from exporter import parity as par
+
+    par.check(report)
 
 
 def build(config: str | Path | None, out: str | Path, progress: Progress | None = None) -> Path:
     if config is not None and not Path(config).is_file():
         kind = "is a directory; give the .toml file" if Path(config).is_dir() else "file not found"
         raise BadInputError(f"build config {config}: {kind}")
-    return _module("exporter.build").build(Path(config) if config else None, Path(out), progress=progress)
+    from exporter import build as builder
+
+    return builder.build(Path(config) if config else None, Path(out), progress=progress)
 
 
 def bench(artifact_dir: str | Path, json_out: str | Path | None = None, progress: Progress | None = None) -> str:
@@ -530,6 +307,7 @@ def bench(artifact_dir: str | Path, json_out: str | Path | None = None, progress
         raise BadInputError(f"--json {json_out}: is a directory; give a file name")
     if json_out is not None and not Path(json_out).absolute().parent.is_dir():
         raise BadInputError(f"--json {json_out}: its folder does not exist")
-    b = _module("exporter.bench")
+    from exporter import bench as b
+
     result = b.run_bench(Path(artifact_dir), Path(json_out) if json_out else None, progress=progress)
     return b.format_table(result)

@@ -32,7 +32,7 @@ def check_recipe(target: str, recipe: Recipe, supported: tuple[str, ...]) -> Non
 
 def artifact_metadata(config: Any, recipe: Recipe) -> dict[str, Any]:
     """Metadata every target stores (artifact.json, and in-format where the format has a place)."""
-    from exporter import __version__
+    from core import __version__
 
     t = config.tokens
     return {

@@ -4,7 +4,7 @@ A target is one package under ``targets/`` holding:
 
 * ``SPEC``: a :class:`TargetSpec` (importing it must not import the runtime: ``--help`` and the
   checks before any model work read it), and
-* ``target()``: returns an object with :class:`Target`'s two hooks.
+* ``load_target()``: imports the runtime and returns an object with :class:`Target`'s two hooks.
 
 Everything else of an export (recipe and ``--out`` checks, timing, the tokenizer files, metadata,
 the export-time check against eager, artifact.json, the atomic directory) is done once, for every

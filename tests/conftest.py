@@ -84,7 +84,8 @@ def exported(tiny_components, tiny_calibration, tmp_path_factory):
             rec = Recipe(recipe)
             tiny_components.text_decoder.cache.reset()
             cache[key] = export(get_target(target), tiny_components, rec, root / f"{target}-{recipe}",
-                                calibration=tiny_calibration if rec.needs_calibration else None)
+                                calibration=tiny_calibration if rec.needs_calibration else None,
+                                source={"preset": "tiny", "layers": None})  # as `export --preset tiny` records it
         return cache[key]
 
     return get

@@ -25,23 +25,8 @@ def test_decoder_weight_elements_counts_layers_norm_and_head():
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory, tiny_components):
-    from core.errors import TargetNotAvailableError
-    from exporter.pipeline import _record_source, source_of
-    from targets import get_target
-    from core.recipes import Recipe
-
-    for name in ("ort", "executorch"):
-        try:
-            target = get_target(name)
-            break
-        except TargetNotAvailableError:
-            continue
-    else:
-        pytest.skip("neither the ort nor the executorch target is in this build yet")
-    art = target.export(tiny_components, Recipe("fp32"), tmp_path_factory.mktemp("bench") / f"{name}-fp32")
-    _record_source(art, source_of("tiny", None, None))
-    return art
+def artifact(exported):
+    return exported("ort", "fp32")
 
 
 @pytest.mark.slow

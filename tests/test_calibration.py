@@ -212,12 +212,16 @@ def test_mixed_precision_fallback_meets_target(outlier_model, calib, ranking):
 def test_int8_weight_search_simulates_weights_only(outlier_model, calib, ranking, tmp_path):
     """int8-weight keeps activations float (ORT, Core ML): its search quantizes weights alone, so it needs no more float layers."""
     from calibration.sensitivity import (
-        choose_keep_float, layer_sensitivity, quantized_cosine, scheme_for, write_sensitivity_report,
+        choose_keep_float, layer_sensitivity, quantized_cosine, write_sensitivity_report,
     )
+    from targets import target_spec
 
     data = calib[0]
-    assert [scheme_for(t, "int8-weight") for t in ("ort", "coreml", "executorch")] == ["w8", "w8", "w8da8"]
-    assert {scheme_for(t, "int8-static") for t in ("ort", "coreml", "executorch")} == {"w8a8"}
+    # the search simulates each target's recipe through the scheme its spec declares (the one it builds with)
+    sim = {t: {r: target_spec(t).recipe(r).scheme.simulation for r in ("int8-weight", "int8-static")}
+           for t in ("ort", "coreml", "executorch")}
+    assert [sim[t]["int8-weight"] for t in ("ort", "coreml", "executorch")] == ["w8", "w8", "w8da8"]
+    assert {sim[t]["int8-static"] for t in sim} == {"w8a8"}
     w8 = layer_sensitivity(outlier_model, data, scheme="w8")
     assert w8[0][0] == OUTLIER_LAYER  # its outliers are in the weights
     # inputs left float: less error than weight + static input quantization (per layer up to cancellation)

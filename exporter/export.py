@@ -1,0 +1,205 @@
+"""One export, as the ``export`` command and every ``build`` entry do it.
+
+:func:`plan` runs every check that needs no model (target, recipe, options, ``--out``, the calibration
+manifest's lines) and returns an :class:`ExportPlan`; :func:`export_model` then takes a loaded reference
+model through compression (head pruning / layer skipping), the keep-float search of ``--parity-target``
+and the target's lifecycle (targets/lifecycle.py). ``build`` loads the model once and calls
+:func:`export_model` per artifact with a shared calibration cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.artifact import Artifact, Progress, check_output_dir, no_progress
+from core.errors import BadInputError
+from core.recipes import Recipe, recipe_name
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    target: str
+    recipe: Recipe
+    out: Path
+    calibration: Path | None = None  # a calibrate --out DIR, a manifest .jsonl, or None (the built-in set)
+    parity_target: float | None = None  # cosine the keep-float search must reach
+    prune_heads: float | None = None
+    skip_layers: int | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.recipe.needs_calibration or self.parity_target is not None
+
+
+def plan(
+    target: str,
+    recipe: str,
+    out: str | Path,
+    calibration: str | Path | None = None,
+    keep_float: tuple[str, ...] = (),
+    group_size: int | None = None,
+    parity_target: str | None = None,
+    prune_heads: float | None = None,
+    skip_layers: int | None = None,
+    config: Any | None = None,
+    check_out: bool = True,
+    shared_calibration: bool = False,
+) -> ExportPlan:
+    """Every check of an export's options before any model work; ``config`` (a ModelConfig) adds the
+    checks against the model's shape (compression settings). ``shared_calibration``: ``calibration`` is a
+    build's set for all its artifacts, dropped where this one needs none (instead of refused)."""
+    from targets import target_spec
+
+    spec = target_spec(target)  # unknown target -> exit 2 before any model work
+    rspec = spec.recipe(recipe)  # not offered by this target -> exit 2, naming what it offers
+    definition = recipe_name(recipe)
+    rec = Recipe(definition, keep_float=tuple(keep_float), group_size=32 if group_size is None else group_size)
+    if group_size is not None and not rec.grouped:
+        from core.recipes import GROUPED_RECIPES
+
+        raise BadInputError(f"--group-size applies to {', '.join(GROUPED_RECIPES)}, not '{recipe}'")
+    if group_size is not None and group_size != 0 and (group_size < 16 or group_size & (group_size - 1)):
+        raise BadInputError(f"--group-size {group_size}: must be a power of two >= 16 (e.g. 32, 64, 128), or 0 for per channel")
+    spec.check(rec)
+    if keep_float and not rec.is_quantized:
+        raise BadInputError(f"--keep-float applies to quantized recipes; '{recipe}' keeps everything in float already")
+    out = Path(out)
+    if check_out:
+        check_output_dir(out)  # the user's data is never replaced; refused before any model work
+    if calibration is not None and not Path(calibration).exists():
+        raise BadInputError(f"--calibration {calibration}: not found")
+    if calibration is not None and not (rec.needs_calibration or parity_target or prune_heads or skip_layers):
+        if shared_calibration:
+            calibration = None
+        else:
+            raise BadInputError(f"--calibration applies to int8-static, --parity-target, --prune-heads and --skip-layers, not '{recipe}' alone")
+    target_cos = None
+    if parity_target:
+        from calibration.sensitivity import parse_parity_target, simulates
+
+        target_cos = parse_parity_target(parity_target)
+        if not simulates(rspec.scheme):
+            raise BadInputError(f"--parity-target applies to int8 recipes, not '{recipe}'")
+    if calibration is not None and Path(calibration).is_file():
+        from calibration.manifest import read_manifest
+
+        read_manifest(Path(calibration))  # every bad line, before the model is loaded
+    if (prune_heads is not None or skip_layers is not None) and config is not None:
+        from exporter.compress import check_settings
+
+        check_settings(config, prune_heads, skip_layers)
+    return ExportPlan(target, rec, out, Path(calibration) if calibration is not None else None, target_cos,
+                      prune_heads, skip_layers)
+
+
+def export_model(
+    model: Any,
+    plan: ExportPlan,
+    source: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    out: Path | None = None,
+    calibration_cache: dict[Any, Any] | None = None,
+) -> Artifact:
+    """Export ``model`` (the eager reference) as ``plan`` says into ``out`` (default ``plan.out``).
+
+    ``calibration_cache`` shares calibration data between exports of the same (uncompressed) model.
+    """
+    from core.components import build_components
+    from exporter.model.upcast import float32_weights
+    from targets import get_target, target_spec
+    from targets.lifecycle import export
+
+    progress = progress or no_progress
+    target = get_target(plan.target)
+    rec = plan.recipe
+    float32_weights(model)  # a large bf16 checkpoint is kept mapped for eager use; exporters trace fp32 modules
+    compression: dict[str, Any] = {}
+    if plan.prune_heads or plan.skip_layers:
+        model, compression = _compress(model, plan.calibration, plan.prune_heads, plan.skip_layers, progress)
+    check_keep_float(model, rec.keep_float)
+    if rec.grouped:
+        check_group_size(model, rec.group_size)
+    comps = build_components(model)
+    comps.text_decoder.cache.reset()
+    calib = None
+    if plan.needs_calibration:
+        key = (str(plan.calibration), id(model)) if not compression else None
+        if calibration_cache is not None and key in calibration_cache:
+            calib = calibration_cache[key]
+        else:
+            calib = calibration_data(comps, plan.calibration, progress)
+            if calibration_cache is not None and key is not None:
+                calibration_cache[key] = calib
+    if plan.parity_target is not None:
+        from calibration.sensitivity import cached_layer_sensitivity, choose_keep_float
+
+        scheme = target_spec(plan.target).recipe(rec.name).scheme
+        ranking = cached_layer_sensitivity(comps, calib, progress=progress, scheme=scheme)
+        keep = choose_keep_float(comps, calib, ranking, plan.parity_target, progress=progress, scheme=scheme)
+        rec = Recipe(rec.name, keep_float=tuple(dict.fromkeys(rec.keep_float + tuple(keep))), group_size=rec.group_size)
+    return export(target, comps, rec, out or plan.out, calibration=calib if rec.needs_calibration else None,
+                  progress=progress, source=source, compression=compression or None)
+
+
+def _compress(model, calibration, prune_heads, skip_layers, progress):
+    from calibration import importance
+    from core.components import build_components
+    from core.runner import load_tokenizer
+    from exporter import compress
+
+    t = model.config.text
+    scores = None
+    if calibration is not None and Path(calibration).is_dir():
+        scores = importance.load(Path(calibration), t.num_layers, t.num_heads)
+    if scores is None:
+        comps = build_components(model)
+        scores = importance.measure(comps, importance.builtin_prompts(), load_tokenizer(model.config), progress=progress)
+    model, record = compress.apply(model, scores, prune_heads, skip_layers)
+    return model, {**record, "scores": scores}
+
+
+def check_keep_float(model, names: tuple[str, ...]) -> None:
+    """Every --keep-float name is a module of the model holding at least one linear or conv."""
+    from torch import nn
+
+    modules = dict(model.named_modules())
+    for name in names:
+        mod = modules.get(name)
+        if mod is None:
+            near = sorted(n for n in modules if n and name.split(".")[-1] in n)[:3]
+            hint = f"; e.g. {', '.join(near)}" if near else "; names are as in `model.named_modules()`, e.g. text.layers.0.mlp.down_proj"
+            raise BadInputError(f"--keep-float '{name}': no such module in '{model.config.name}'{hint}")
+        if not any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in mod.modules()):
+            raise BadInputError(f"--keep-float '{name}': holds no linear or conv layer, so nothing would be kept")
+
+
+def check_group_size(model, group_size: int) -> None:
+    """Groups must tile every decoder linear's input, or those layers would silently stay float."""
+    from torch import nn
+
+    if group_size == 0:
+        return
+    for name, mod in model.text.named_modules():
+        if isinstance(mod, nn.Linear) and mod.in_features % group_size:
+            raise BadInputError(
+                f"--group-size {group_size}: does not divide text.{name}'s {mod.in_features} inputs; "
+                "pick a divisor of the hidden and intermediate sizes"
+            )
+
+
+def calibration_data(components, calibration: str | Path | None, progress: Progress | None = None):
+    """CalibrationData: a calibrate --out DIR, a manifest .jsonl, or the built-in set."""
+    from calibration import stats
+    from core.runner import load_tokenizer
+
+    path = Path(calibration) if calibration else None
+    if path is not None and not path.exists():
+        raise BadInputError(f"--calibration {path}: not found")
+    if path is not None and path.is_dir():
+        data = stats.load_calibration(path)
+        stats.check_compatible(data, components, path)
+        return data
+    return stats.calibrate(components, path, load_tokenizer(components.config), progress=progress)
+
