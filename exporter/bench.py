@@ -105,10 +105,10 @@ def _worker(artifact_dir: Path, which: str, prompt_len: int, steps: int, repeats
     def load() -> Any:
         if which == "eager":
             from core.components import build_components
-            from exporter.parity import _reference_model
+            from exporter.parity.run import reference_model
             from core.runner import EagerSession
 
-            return EagerSession(build_components(_reference_model(art, config)))
+            return EagerSession(build_components(reference_model(art, config)))
         from targets import get_target
 
         return get_target(art.target).open(art)

@@ -6,13 +6,13 @@ import json
 import math
 import re
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from exporter import parity
+from exporter.parity.inputs import refuse_calibration_set
 from heldout import heldout_subset
 from core.errors import ConfigError, ParityFailure
 
@@ -115,9 +115,9 @@ def test_calibration_items_are_refused(tmp_path):
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text(json.dumps(first) + "\n")
     with pytest.raises(BadInputError, match="calibration set"):
-        parity._refuse_calibration_set(parity.read_inputs(mixed), mixed)
+        refuse_calibration_set(parity.read_inputs(mixed), mixed)
     with pytest.raises(BadInputError, match="calibration manifest"):
-        parity._refuse_calibration_set(parity.read_inputs(calib), calib)
+        refuse_calibration_set(parity.read_inputs(calib), calib)
 
 
 def test_reports_written_junit_parses_and_html_is_self_contained(reports, tmp_path):
