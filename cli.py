@@ -297,7 +297,7 @@ def calibrate(
             help="What --sensitivity simulates: int8-static (int8 weights + static int8 inputs) or int8-weight (int8 weights; "
             "inputs as --sensitivity-target's int8-weight leaves them).",
         ),
-    ] = "int8-static",
+    ] = RecipeName.INT8_STATIC.value,
     sensitivity_target: Annotated[
         Optional[str],
         typer.Option(

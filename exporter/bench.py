@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from core.recipes import FLOAT32, QuantScheme
 from core.errors import RuntimeFailure
 
 BENCH_SCHEMA = "autoglm-export/bench"
@@ -30,7 +31,13 @@ BENCH_SCHEMA_VERSION = 1
 Progress = Callable[[str, int, int], None]
 
 # bytes per decoder weight element, by recipe (scales and zero points not counted)
-WEIGHT_BYTES = {"fp32": 4.0, "fp16": 2.0, "int8-weight": 1.0, "int8-static": 1.0, "8da4w": 0.5, "int4-weight": 0.5}
+
+
+def weight_bytes(scheme: QuantScheme) -> float:
+    """Bytes a decode step reads per decoder weight under ``scheme`` (the target spec's, for the recipe)."""
+    if scheme.weight_bits is not None:
+        return scheme.weight_bits / 8
+    return 2.0 if scheme.float_dtype == "float16" else 4.0
 
 
 def measure_bandwidth(mib: int = 256, repeats: int = 5) -> float:
@@ -230,10 +237,13 @@ def run_bench(
     max_seq = config.shape.max_seq_len
     prompt_len = prompt_len or min(128, max_seq // 2)
     steps = max(1, min(steps, max_seq - prompt_len - 1))
-    jobs = [(a, "artifact", a.recipe, f"{a.target} {a.recipe}") for a in arts] + [(arts[0], "eager", "fp32", "eager fp32")]
+    from targets import target_spec
+
+    jobs = [(a, "artifact", target_spec(a.target).recipe(a.recipe).scheme, f"{a.target} {a.recipe}") for a in arts]
+    jobs.append((arts[0], "eager", FLOAT32, "eager fp32"))
     elements = decoder_weight_elements(config)
     runs = []
-    for i, (a, which, recipe, label) in enumerate(jobs):
+    for i, (a, which, scheme, label) in enumerate(jobs):
         if progress:
             progress("bench", i, len(jobs))
         r = _run_worker(a.dir, which, prompt_len, steps, repeats)
@@ -241,7 +251,7 @@ def run_bench(
             label=label,
             artifact=str(a.dir) if which == "artifact" else None,
             artifact_bytes=sum(f["bytes"] for f in a.info.get("files", {}).values()) if which == "artifact" else None,
-            weight_bytes_per_token=int(elements * WEIGHT_BYTES.get(recipe, 4.0)),
+            weight_bytes_per_token=int(elements * weight_bytes(scheme)),
             emulated="emulat" in r["provenance"].lower(),
         )
         runs.append(r)

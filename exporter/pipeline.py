@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.errors import ArtifactError, BadInputError, ConfigError
+from core.recipes import RecipeName
 from exporter.model.config import ModelConfig
 from exporter.reference import load_reference, resolve_config, source_of  # the reference model (parity, build load it too)
 
@@ -220,7 +221,7 @@ def calibrate(
     checkpoint: str | Path | None = None,
     layers: int | None = None,
     progress: Progress | None = None,
-    sensitivity_recipe: str = "int8-static",
+    sensitivity_recipe: str = RecipeName.INT8_STATIC,
     sensitivity_target: str | None = None,
     head_importance: bool = False,
 ) -> list[str]:
