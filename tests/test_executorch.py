@@ -1,6 +1,10 @@
 """ExecuTorch target: the real ExecuTorch runtime (and its stock MultimodalRunner) on the tiny preset.
 
-One export per recipe per session (lowering takes tens of seconds on 2 cores).
+What only this target does: one .pte whose text_decoder keeps its own M-RoPE state (it recognises an
+image prefill by the <|begin_of_image|> row), the stock runner's layout and constant methods, XNNPACK
+lowering checks, int8 byte embeddings, PT2E on linears only. Every recipe is exported once per session
+by conftest's ``exported`` fixture (through targets.lifecycle, as the CLI does); what every target
+shares (export, artifact.json, gate, parity) is tests/test_targets.py's.
 """
 
 from __future__ import annotations
@@ -17,51 +21,29 @@ import torch
 from typer.testing import CliRunner
 
 from core.errors import ExportError
+from core.recipes import Recipe, RecipeName
 from core.runner import EagerSession, Prompt, Runner
-from core.recipes import Recipe
-from targets.base import method_calls
-from targets.executorch import PTE, ExecuTorchTarget, check_lowering, lower, lowering_report
 from heldout import cos
+from targets import get_target
+from targets.base import method_calls
+from targets.executorch.lower import check_lowering, lower, lowering_report
+from targets.executorch.spec import PTE, SPEC
+from targets.lifecycle import export
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ("fp32", "int8-weight", "8da4w", "int8-static")
-
-
-def _export_recipes(root: str, recipes: tuple[str, ...]) -> list[str]:
-    """Export ``recipes`` of the tiny preset in this (child) process."""
-    from core.components import build_components
-    from exporter.model import build, get_preset
-
-    components = build_components(build(get_preset("tiny")))  # deterministic weights: the same model
-    return [str(ExecuTorchTarget().export(components, Recipe(r), Path(root) / r).dir) for r in recipes]
-
-
-@pytest.fixture(scope="session")
-def et_artifacts(tiny_components, tiny_calibration, tmp_path_factory):
-    """All four recipes; lowering is single-threaded Python, so a child process lowers the three
-    calibration-free recipes while this one does int8-static (CI has 2 cores)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from core.artifact import read_artifact
-
-    root = tmp_path_factory.mktemp("executorch")
-    others = tuple(r for r in RECIPES if r != "int8-static")
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        child = pool.submit(_export_recipes, str(root), others)
-        static = ExecuTorchTarget().export(tiny_components, Recipe("int8-static"), root / "int8-static",
-                                           calibration=tiny_calibration)
-        done = {r: read_artifact(Path(d)) for r, d in zip(others, child.result())}
-    return {**done, "int8-static": static}
+RECIPES = SPEC.recipe_names
 
 
 @pytest.fixture(scope="module")
-def media():
-    from core.dataset import sample_inputs
+def et_artifacts(exported):
+    """Every recipe's tiny export (conftest: built once per session, shared with the conformance suite)."""
+    return {r: exported("executorch", r) for r in RECIPES}
 
-    return sample_inputs()  # held-out: never seen by calibration
+
+def _open(art):
+    return get_target("executorch").open(art)
 
 
 def _per_method(session, components, tokenizer, prompt: Prompt, steps: int = 6) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
@@ -78,10 +60,9 @@ def _per_method(session, components, tokenizer, prompt: Prompt, steps: int = 6) 
 @pytest.fixture(scope="module")
 def method_metrics(et_artifacts, tiny_components, tiny_tokenizer, media):
     prompt = Prompt(text=media["prompt"], image=media["image"], audio=media["audio"])
-    target = ExecuTorchTarget()
     metrics = {}
     for r, art in et_artifacts.items():
-        pairs = _per_method(target.load(art), tiny_components, tiny_tokenizer, prompt)
+        pairs = _per_method(_open(art), tiny_components, tiny_tokenizer, prompt)
         metrics[r] = {
             m: {
                 "max_abs": max(float(np.abs(a - e).max()) for e, a in ps),
@@ -100,7 +81,7 @@ def method_metrics(et_artifacts, tiny_components, tiny_tokenizer, media):
 def test_one_pte_with_four_methods_and_runner_metadata(et_artifacts, tiny_components):
     from executorch.runtime import Runtime
 
-    art = et_artifacts["fp32"]
+    art = et_artifacts[RecipeName.FP32]
     assert art.files[0] == PTE and (art.dir / "tokenizer.json").is_file()
     program = Runtime.get().load_program(art.dir / PTE)
     names = set(program.method_names)
@@ -114,10 +95,7 @@ def test_one_pte_with_four_methods_and_runner_metadata(et_artifacts, tiny_compon
     assert const["use_kv_cache"] == [True] and const["enable_dynamic_shape"] == [True]
     assert const["get_image_size"] == [cfg.shape.image_size] and const["get_audio_frames"] == [cfg.shape.audio_frames]
     assert const["get_image_token_id"] == [cfg.tokens.image_token_id]
-    assert const["get_recipe"] == ["fp32"]
-    info = json.loads((art.dir / "artifact.json").read_text())
-    assert info["export"]["wall_s"] > 0 and info["export"]["peak_rss_mb"] > 0
-    assert [i["name"] for i in info["programs"]["text_decoder"]["inputs"]] == ["embeds", "cache_position"]
+    assert const["get_recipe"] == [RecipeName.FP32]
 
 
 _RUNTIME_DTYPES = {"Float": "float32", "Long": "int64", "Byte": "uint8", "Half": "float16", "Char": "int8", "Int": "int32"}
@@ -164,34 +142,62 @@ def test_artifact_json_programs_are_what_the_saved_pte_takes(et_artifacts, tiny_
 
 
 def test_fp32_every_method_equals_eager(method_metrics):
-    for m, v in method_metrics["fp32"].items():
+    for m, v in method_metrics[RecipeName.FP32].items():
         assert v["max_abs"] <= 1e-4, (m, v)
 
 
 def test_fp32_greedy_generation_with_image_and_audio_equals_eager(et_artifacts, tiny_components, tiny_tokenizer, media):
     prompt = Prompt(text=media["prompt"], image=media["image"], audio=media["audio"])
-    ours = Runner(ExecuTorchTarget().load(et_artifacts["fp32"]), tiny_components.config, tiny_tokenizer)
+    ours = Runner(_open(et_artifacts[RecipeName.FP32]), tiny_components.config, tiny_tokenizer)
     eager = Runner(EagerSession(tiny_components), tiny_components.config, tiny_tokenizer)
     a = ours.generate(prompt, max_new_tokens=16, stop_at_eos=False)
     e = eager.generate(prompt, max_new_tokens=16, stop_at_eos=False)
     assert len(e.tokens) == 16 and a.tokens == e.tokens
 
 
-@pytest.mark.parametrize("recipe, floor", [("int8-weight", 0.999), ("8da4w", 0.97), ("int8-static", 0.97)])
+@pytest.mark.parametrize("recipe, floor", [(RecipeName.INT8_WEIGHT, 0.999), (RecipeName.W4_DA8, 0.97),
+                                           (RecipeName.INT8_STATIC, 0.97)])
 def test_quantized_recipes_meet_cosine_per_method(method_metrics, recipe, floor):
     for m, v in method_metrics[recipe].items():
         assert v["cosine"] >= floor, (recipe, m, v)
 
 
 def test_int8_static_is_at_most_035x_fp32_with_int8_embedding(et_artifacts):
-    fp32 = (et_artifacts["fp32"].dir / PTE).stat().st_size
-    q = et_artifacts["int8-static"]
+    fp32 = (et_artifacts[RecipeName.FP32].dir / PTE).stat().st_size
+    q = et_artifacts[RecipeName.INT8_STATIC]
     size = (q.dir / PTE).stat().st_size
     print(f"\nint8-static {size} B / fp32 {fp32} B = {size / fp32:.3f}x")
     assert size <= 0.35 * fp32
     quant = q.info["report"]["quantization"]
     assert quant["token_embedding"]["embeddings_int8"] == 1
     assert quant["text_decoder"]["calibration_calls"] > 0
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_the_build_quantizes_what_the_recipes_scheme_says(et_artifacts, recipe):
+    """SPEC's QuantScheme is what the sensitivity simulation reads: the program must do exactly that."""
+    scheme = SPEC.recipe(recipe).scheme
+    art = et_artifacts[recipe]
+    quant, kernels = art.info["report"]["quantization"], art.info["report"]["kernels"]
+    assert art.info["metadata"]["group_size"] == (Recipe(recipe).group_size if scheme.groupwise else None)
+    if not scheme.quantized:
+        assert quant == {} and "quantized_ops_lib" not in kernels
+        return
+    assert set(quant) == set(art.info["programs"])
+    assert quant["token_embedding"]["embeddings_int8"] == (1 if scheme.embedding_bits == 8 else 0)
+    assert ("quantized_ops_lib" in kernels) == (scheme.embedding_bits == 8)
+    for m, q in quant.items():
+        if scheme.activations == "static":  # PT2E: observers fed with recorded calls
+            assert q["calibration_calls"] > 0 and "quantized_linears" not in q, (m, q)
+        else:  # torchao dynamic-activation linears
+            assert "calibration_calls" not in q and q["quantized_linears"] > 0, (m, q)
+
+
+def test_int4_weights_are_smaller_than_int8_weights(et_artifacts):
+    """8da4w's scheme has 4-bit weights and int8-weight's 8-bit: the programs' sizes must say so."""
+    size = {r: (a.dir / PTE).stat().st_size for r, a in et_artifacts.items()}
+    assert SPEC.recipe(RecipeName.W4_DA8).scheme.weight_bits == 4 and SPEC.recipe(RecipeName.INT8_WEIGHT).scheme.weight_bits == 8
+    assert size[RecipeName.W4_DA8] < 0.85 * size[RecipeName.INT8_WEIGHT] < 0.85 * size[RecipeName.FP32], size
 
 
 def test_no_linear_or_matmul_left_outside_xnnpack(et_artifacts):
@@ -215,7 +221,7 @@ def test_lowering_check_fails_when_a_linear_stays_on_the_portable_path():
 def test_int8_static_quantizes_linears_not_the_residual_stream_and_honours_keep_float():
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from targets.executorch import xnnpack_static_quantizer
+    from targets.executorch.quantize import xnnpack_static_quantizer
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -250,7 +256,7 @@ def test_int8_static_quantizes_linears_not_the_residual_stream_and_honours_keep_
 
 _STOCK = r"""
 import os, sys, json, numpy as np, torch
-from targets.executorch import load_quantized_kernels
+from targets.executorch.session import load_quantized_kernels
 load_quantized_kernels()
 from executorch.extension.llm.runner import (GenerationConfig, MultimodalRunner, make_audio_input,
                                              make_image_input, make_text_input, make_token_input)
@@ -328,8 +334,8 @@ def _assert_stock_equals(text: bytes, stats: dict, segments, result, tokenizer) 
 def test_stock_multimodal_runner_matches_our_runner(et_artifacts, tiny_components, tiny_tokenizer, media, tmp_path, kind):
     prompt = Prompt(text=media["prompt"], image=media["image"] if "image" in kind else None,
                     audio=media["audio"] if "audio" in kind else None)
-    art = et_artifacts["fp32"]
-    ours = Runner(ExecuTorchTarget().load(art), tiny_components.config, tiny_tokenizer)
+    art = et_artifacts[RecipeName.FP32]
+    ours = Runner(_open(art), tiny_components.config, tiny_tokenizer)
     segments = ours.segments(prompt)
     result = ours.generate(prompt, max_new_tokens=16)
     text, stats = _stock_generate(art, segments, tmp_path, 16)
@@ -369,7 +375,8 @@ def grid_prompts(tiny_components, tiny_tokenizer):
 
 
 # two of the four recipe x input-kind pairs (each is 2 stock-runner generations): CI time
-@pytest.mark.parametrize("recipe, as_text", [("fp32", False), ("int8-static", True)], ids=["fp32-token-input", "int8-static-text-input"])
+@pytest.mark.parametrize("recipe, as_text", [(RecipeName.FP32, False), (RecipeName.INT8_STATIC, True)],
+                         ids=["fp32-token-input", "int8-static-text-input"])
 def test_stock_runner_gives_image_prompts_grid_positions(et_artifacts, tiny_components, tiny_tokenizer, grid_prompts,
                                                          tmp_path, recipe, as_text):
     """ExecuTorch's stock MultimodalRunner as it ships (its C++ Module does not share memory between methods)
@@ -381,7 +388,7 @@ def test_stock_runner_gives_image_prompts_grid_positions(et_artifacts, tiny_comp
     for i, (prompt, grid, flat) in enumerate(grid_prompts):
         label, ours = pipeline.generate(prompt.text, image=prompt.image, artifact=art.dir / PTE, max_new_tokens=16)
         assert "ExecuTorch" in label
-        if recipe == "fp32":
+        if recipe == RecipeName.FP32:
             assert ours.tokens == grid.tokens and ours.stopped_by_eos == grid.stopped_by_eos
         assert ours.tokens != flat.tokens
         segments = Runner(EagerSession(tiny_components), tiny_components.config, tiny_tokenizer).segments(prompt)
@@ -392,7 +399,7 @@ def test_stock_runner_gives_image_prompts_grid_positions(et_artifacts, tiny_comp
 
 def test_program_decoder_recognises_the_image_from_the_int8_begin_of_image_row(tiny_components):
     """The marker row check admits the byte-quantized row of <|begin_of_image|> and rejects every other token."""
-    from targets.executorch import MARKER_TOL, ByteEmbedding, image_start_row, nearest_other_row
+    from targets.executorch.program import MARKER_TOL, ByteEmbedding, image_start_row, nearest_other_row
 
     cfg = tiny_components.config
     row = image_start_row(tiny_components)
@@ -417,13 +424,13 @@ def test_model_without_vision_exports_and_generates_like_eager(tmp_path):
 
     cfg = dataclasses.replace(get_preset("tiny"), vision=None, audio=None, fusion=False)
     components = build_components(build(cfg))
-    art = ExecuTorchTarget().export(components, Recipe("fp32"), tmp_path / "text-only")
+    art = export(get_target("executorch"), components, Recipe(RecipeName.FP32), tmp_path / "text-only")
     assert "image_marker" not in art.info["report"]
     assert {m: [t["name"] for t in p["inputs"]] for m, p in art.info["programs"].items()} == {
         "token_embedding": ["tokens"], "text_decoder": ["embeds", "cache_position"]}
     tokenizer = load_tokenizer(cfg)
     prompt = Prompt(text="Tell me a story about the sea.")
-    ours = Runner(ExecuTorchTarget().load(art), cfg, tokenizer).generate(prompt, max_new_tokens=12, stop_at_eos=False)
+    ours = Runner(_open(art), cfg, tokenizer).generate(prompt, max_new_tokens=12, stop_at_eos=False)
     eager = Runner(EagerSession(components), cfg, tokenizer).generate(prompt, max_new_tokens=12, stop_at_eos=False)
     assert len(eager.tokens) == 12 and ours.tokens == eager.tokens
 
@@ -437,7 +444,7 @@ def test_export_refuses_a_model_where_another_token_passes_for_begin_of_image(tm
     with torch.no_grad():
         emb[100] = emb[components.config.tokens.image_start_id] * 1.01
     with pytest.raises(ExportError, match="could not tell"):
-        ExecuTorchTarget().export(components, Recipe("fp32"), tmp_path / "out")
+        export(get_target("executorch"), components, Recipe(RecipeName.FP32), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -447,41 +454,8 @@ def test_export_refuses_a_model_where_another_token_passes_for_begin_of_image(tm
 def test_cli_generate_runs_the_pte(et_artifacts, media):
     from cli import app
 
-    res = CliRunner().invoke(app, ["generate", "--artifact", str(et_artifacts["int8-static"].dir / PTE), "--prompt",
+    res = CliRunner().invoke(app, ["generate", "--artifact", str(et_artifacts[RecipeName.INT8_STATIC].dir / PTE), "--prompt",
                                    media["prompt"], "--image", str(media["image"]), "--audio", str(media["audio"]),
                                    "--max-new-tokens", "8"])
     assert res.exit_code == 0, res.output
     assert "ExecuTorch" in res.output
-
-
-@pytest.mark.parametrize(
-    "args, match",
-    [
-        (["--recipe", "fp16"], "recipe 'fp16' is not supported by target 'executorch'"),
-        (["--recipe", "int8-wieght"], "int8-wieght"),
-        (["--recipe", "fp32", "--checkpoint", "{ckpt}"], "config.json"),
-    ],
-)
-def test_cli_bad_inputs_exit_2_without_partial_files(tmp_path, args, match):
-    from cli import app
-
-    ckpt = tmp_path / "ckpt"  # a checkpoint that fails to load: its config.json is not JSON
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text("{not json")
-    args = [a.replace("{ckpt}", str(ckpt)) for a in args]
-    out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["export", "--target", "executorch", "--out", str(out), *args])
-    assert res.exit_code == 2, res.output
-    assert match in res.output
-    assert len([ln for ln in res.output.strip().splitlines() if ln.strip()]) == 1, res.output
-    assert not out.exists()
-
-
-def test_cli_unwritable_output_dir_exits_2(tmp_path):
-    from cli import app
-
-    blocker = tmp_path / "file"
-    blocker.write_text("not a directory")
-    res = CliRunner().invoke(app, ["export", "--target", "executorch", "--out", str(blocker / "x")])
-    assert res.exit_code == 2, res.output
-    assert blocker.read_text() == "not a directory"
