@@ -39,7 +39,8 @@ app = typer.Typer(
 def _usage_error_line(self, file=None) -> None:
     """A command-line usage error (unknown option, bad choice, missing value) as one ``error:`` line."""
     where = f" (see `{self.ctx.command_path} --help`)" if getattr(self, "ctx", None) is not None else ""
-    typer.echo(f"error: {self.format_message().replace('Value error, ', '')}{where}", err=True)
+    message = " ".join(self.format_message().replace("Value error, ", "").split())  # choices come on many lines
+    typer.echo(f"error: {message}{where}", err=True)
 
 
 UsageError.show = _usage_error_line
