@@ -324,13 +324,15 @@ def _static_model(components, calibration, method: str, tmp_path: Path, keep: tu
     export_onnx(components, method, raw)
     with contextlib.chdir(cwd):
         quantize_static_model(raw, dst, feeds[method], work, keep=keep)
-    # onnxruntime's symbolic shape inference drops sym_shape_infer_temp.onnx into the cwd when it gives up
+    # onnxruntime's symbolic shape inference drops sym_shape_infer_temp.onnx + <uuid>.data into the cwd when it
+    # gives up (it does on tiny's decoder: "Incomplete symbolic shape inference")
     assert not list(cwd.iterdir()), f"quantization left files in the working directory: {sorted(p.name for p in cwd.iterdir())}"
     return onnx.load(dst).graph
 
 
 def test_int8_static_keep_float_layer_reads_float_input_its_quantized_sibling_shares(tiny_components, tiny_calibration, tmp_path):
-    """q, k and v read one tensor; onnxruntime's QDQ would hand its int8-rounded copy to a kept-float v too."""
+    """q, k and v read one tensor; onnxruntime's QDQ would hand its int8-rounded copy to a kept-float v too.
+    (And the decoder's quantization leaves nothing in the working directory: see _static_model.)"""
     keep = "text.layers.0.self_attn.v_proj"
     graph = _static_model(tiny_components, tiny_calibration, "text_decoder", tmp_path, keep=(keep,))
     prod = _producers(graph)
@@ -339,16 +341,6 @@ def test_int8_static_keep_float_layer_reads_float_input_its_quantized_sibling_sh
     assert q.input[0] in prod and prod[q.input[0]].op_type == "DequantizeLinear"
     assert not any(i in prod and prod[i].op_type == "DequantizeLinear" for i in v.input)
     assert prod[prod[q.input[0]].input[0]].input[0] == v.input[0]  # the same tensor, before its QuantizeLinear
-
-
-def test_int8_static_embedding_leaves_nothing_in_the_working_directory(tiny_components, tiny_calibration, tmp_path):
-    """The embedding's splice is where onnxruntime's symbolic shape inference gives up (and saves its partial model
-    into the current directory); the fallback still yields the int8 embedding table."""
-    t = tiny_components.config.text
-    graph = _static_model(tiny_components, tiny_calibration, "token_embedding", tmp_path)
-    model = onnx.helper.make_model(graph)
-    onnx.save(model, tmp_path / "check.onnx")
-    assert _embedding_table_is_int8(tmp_path / "check.onnx", t.vocab_size, t.hidden_size)
 
 
 def test_int8_weight_is_int8_weights_with_float_activations(ort_artifacts):

@@ -108,8 +108,8 @@ def quantize_static_model(src: Path, dst: Path, feeds: list[dict[str, np.ndarray
         try:
             quant_pre_process(str(src), str(pre), **ext)
         except Exception:
-            # onnxruntime's symbolic shape inference gives up on some graphs (the embedding's
-            # splice); ONNX shape inference + ORT optimisation still run
+            # onnxruntime's symbolic shape inference gives up on some graphs (tiny's decoder: "Incomplete
+            # symbolic shape inference"); ONNX shape inference + ORT optimisation still run
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, **ext)
     model = load_model(pre, with_data=False)
     keep = tuple(keep)
