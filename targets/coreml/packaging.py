@@ -45,6 +45,13 @@ def combine_decoder(prefill: Path, decode: Path, dest: Path) -> None:
 
 def finalize_package(path: Path, metadata: dict[str, Any], method: str) -> None:
     """User-defined metadata in, deterministic bytes out (spec serialisation and Manifest.json ids)."""
+    _write_metadata(path, metadata, method)
+    _stable_manifest_ids(path)
+
+
+def _write_metadata(path: Path, metadata: dict[str, Any], method: str) -> None:
+    """The package's user-defined metadata (``autoglm.*``, JSON text), version and description; the spec
+    re-serialised deterministically, without coremltools' conversion date."""
     spec_path = path / "Data" / "com.apple.CoreML" / "model.mlmodel"
     spec = compat.model_pb2().Model()
     spec.ParseFromString(spec_path.read_bytes())
@@ -59,6 +66,9 @@ def finalize_package(path: Path, metadata: dict[str, Any], method: str) -> None:
     spec_path.write_bytes(spec.SerializeToString(deterministic=True))
     spec_path.chmod(0o644)
 
+
+def _stable_manifest_ids(path: Path) -> None:
+    """Manifest.json's item identifiers (random UUIDs from coremltools) derived from each item's path."""
     manifest_path = path / "Manifest.json"
     manifest = json.loads(manifest_path.read_text())
     entries = manifest.get("itemInfoEntries", {})
