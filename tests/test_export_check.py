@@ -27,11 +27,14 @@ def test_executorch_rejects_the_lowering_path_that_returns_wrong_numbers(small, 
     from torchao.quantization.granularity import PerAxis
     from torchao.quantization.quant_api import IntxWeightOnlyConfig
 
-    import targets.executorch as et
+    from targets import get_target
+    from targets.executorch import quantize
+    from targets.lifecycle import export
 
-    monkeypatch.setattr(et, "_torchao_config", lambda recipe: IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)))
+    monkeypatch.setattr(quantize, "torchao_config",
+                        lambda scheme, group_size: IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)))
     # the wrong numbers show first in the program's own token_embedding row for <|begin_of_image|> (the text_decoder's
     # image marker check), else in the export check proper: either way the program is refused and nothing is written
     with pytest.raises(ExportError, match="int8-weight program rejected by the export check|would not recognise an image prefill"):
-        et.ExecuTorchTarget().export(small, Recipe("int8-weight"), tmp_path / "bad")
+        export(get_target("executorch"), small, Recipe("int8-weight"), tmp_path / "bad")
     assert list(tmp_path.iterdir()) == []
