@@ -13,18 +13,9 @@ from typing import Any
 import numpy as np
 
 from core.artifact import METHODS
-from core.errors import ArtifactError, ExportError, UnknownRecipeError
-from core.recipes import ALL_RECIPES, Recipe
+from core.errors import ArtifactError, ExportError
+from core.recipes import Recipe
 from targets.spec import Gate
-
-
-def check_recipe(target: str, recipe: Recipe, supported: tuple[str, ...]) -> None:
-    if recipe.name not in supported:
-        known = "" if recipe.name in ALL_RECIPES else f" (known recipes: {', '.join(ALL_RECIPES)})"
-        raise UnknownRecipeError(
-            f"recipe '{recipe.name}' is not supported by target '{target}'; "
-            f"it supports: {', '.join(supported)}{known}"
-        )
 
 
 # --- what every artifact carries -------------------------------------------------
