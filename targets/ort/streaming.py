@@ -1,0 +1,357 @@
+"""Streaming export of the text decoder: the graph once without its weights, then each weight from the checkpoint.
+
+Why: the whole-model path (targets/ort/graphs.py ``export_onnx``, then the recipe's quantizer on the loaded
+model) holds the decoder's float weights several times over (the fp32 copy torch.onnx traces, the
+transposed initializers its optimizer folds, the ModelProto the quantizer loads): ~33 GB per copy at
+GLM-4.1V-9B widths. Here:
+
+1. every >= 2-D parameter of the decoder becomes a zero-byte stand-in (a 0-stride expanded fp32 zero of the
+   same shape) while torch.onnx exports the graph, unoptimized;
+2. each ``Transpose`` of such a weight (how torch.onnx writes ``linear``) is folded by hand into an
+   initializer named as the Transpose's output, the name onnxscript's optimizer gives it when it folds the
+   real thing; the optimizer then runs as in the whole path and finds nothing large to fold;
+3. the weights are taken out of the graph (a small protobuf is left) and streamed in node order: for each
+   node reading weights, the weights come from the model (the checkpoint's memory-mapped bf16, upcast to
+   fp32 one tensor at a time, the mapping's pages dropped after), a one-node model goes through the
+   recipe's own quantizer (quantize_int4 / quantize_weights: the same code, so the same nodes, names and
+   numbers as the whole path), and the quantized initializers are appended to ``<model>.onnx.data``.
+
+Peak memory: the model as mapped, the graph protobuf, and one weight's fp32 copy plus its quantized form.
+Models whose weights end up under :data:`~targets.ort.files.EXTERNAL_DATA_BYTES` get them inline, as
+``save_model`` does. int8-static is not streamed (its calibration quantizes the whole loaded model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.errors import ExportError
+from exporter.model.upcast import _BASE as _UPCAST_BASE  # Float32Linear -> nn.Linear, ... (read only)
+from targets.ort.files import EXTERNAL_DATA_BYTES
+from targets.ort.graphs import _graph, graph_io, name_by_module
+from targets.ort.quiet import quiet
+
+# the decoder is streamed when its weights, in fp32, would exceed this (the whole path below it, as always)
+STREAM_ABOVE_BYTES = EXTERNAL_DATA_BYTES
+# tensors of at least ALIGN bytes start at a multiple of ALIGN in the data file (onnxruntime can map them)
+ALIGN = 4096
+
+# a one-node model (ModelProto) -> (the model quantized, counts to sum over all nodes)
+MiniQuantizer = Callable[[Any], tuple[Any, dict[str, int]]]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one streamed initializer comes from: a model tensor, transposed or not (as the graph reads it)."""
+
+    tensor: torch.Tensor
+    transpose: bool
+
+    def array(self) -> np.ndarray:
+        """The initializer's fp32 value (one tensor's copy; a bf16 mapped tensor is upcast here)."""
+        t = self.tensor.detach().float()
+        if self.transpose:
+            t = t.T
+        return np.ascontiguousarray(t.numpy())
+
+
+def float_bytes(module: nn.Module) -> int:
+    """The module's parameters' size in fp32 (tied tensors once)."""
+    seen = {id(p): p.numel() for p in module.parameters()}
+    return 4 * sum(seen.values())
+
+
+@contextlib.contextmanager
+def swapped_parameters(module: nn.Module, stand_in: Callable[[nn.Parameter], torch.Tensor | None]) -> Iterator[dict[str, torch.Tensor]]:
+    """Replace parameters by ``stand_in(p)`` (None: keep ``p``) and upcasting modules by their torch base
+    class for the duration; yields {parameter name in ``module``: original tensor} of those replaced.
+
+    Tied parameters stay tied (one stand-in per tensor); everything is put back on exit, so the eager
+    model (kept in the checkpoint's dtype, exporter/model/upcast.py) runs as before afterwards.
+    """
+    swaps: list[tuple[nn.Module, str, nn.Parameter]] = []
+    stands: dict[int, nn.Parameter | None] = {}
+    originals: dict[str, torch.Tensor] = {}
+    classes = [(m, type(m)) for m in module.modules() if type(m) in _UPCAST_BASE]
+    try:
+        for prefix, m in module.named_modules(remove_duplicate=False):
+            for name, p in list(m.named_parameters(recurse=False)):
+                if id(p) not in stands:
+                    new = stand_in(p)
+                    stands[id(p)] = None if new is None else nn.Parameter(new, requires_grad=False)
+                if stands[id(p)] is None:
+                    continue
+                originals[f"{prefix}.{name}" if prefix else name] = p.detach()
+                swaps.append((m, name, p))
+                setattr(m, name, stands[id(p)])
+        for m, cls in classes:
+            m.__class__ = _UPCAST_BASE[cls]
+        yield originals
+    finally:
+        for m, cls in classes:
+            m.__class__ = cls
+        for m, name, p in reversed(swaps):
+            setattr(m, name, p)
+
+
+def _half_to_float(p: nn.Parameter) -> torch.Tensor | None:
+    return p.detach().float() if p.dtype in (torch.bfloat16, torch.float16) else None
+
+
+def _zero_stand_in(p: nn.Parameter) -> torch.Tensor | None:
+    """>= 2-D weights: an fp32 zero expanded to the shape (no memory); vectors: fp32 values (small)."""
+    if p.dim() >= 2:
+        return torch.zeros((), dtype=torch.float32).expand(p.shape)
+    return _half_to_float(p)
+
+
+def float32_module(module: nn.Module):
+    """The non-streamed methods (vision, embedding) traced in fp32: their half weights as fp32 copies for the
+    duration of one export only (the eager model keeps its mapped bf16)."""
+    return swapped_parameters(module, _half_to_float)
+
+
+# --- 1-2: the graph without weights ---------------------------------------------------------------------
+
+
+def _fold_weight_transposes(graph: Any, stand_ins: dict[str, torch.Tensor]) -> dict[str, Source]:
+    """Fold Transpose(weight) into an initializer named as the Transpose output; {initializer: Source}.
+
+    The folded initializers hold an ``ir.LazyTensor`` of the real values: nothing reads them here (the
+    optimizer skips large constants; the weights are taken out before serialization), and anything that
+    did would get the right numbers.
+    """
+    import onnx_ir as ir
+
+    sources: dict[str, Source] = {}
+    for name, tensor in stand_ins.items():
+        value = graph.initializers.get(name)
+        if value is None:
+            continue  # not read by this graph (e.g. the embedding table in the decoder)
+        users = list(value.uses())
+        node = users[0].node if len(users) == 1 else None
+        perm = node.attributes.get("perm") if node is not None and node.op_type == "Transpose" else None
+        if node is not None and perm is not None and list(perm.as_ints()) == [1, 0] and tensor.dim() == 2:
+            out = node.outputs[0]
+            src = Source(tensor, transpose=True)
+            lazy = _lazy(src, out.name)
+            folded = ir.Value(name=out.name, shape=lazy.shape, type=ir.TensorType(ir.DataType.FLOAT), const_value=lazy)
+            out.replace_all_uses_with(folded)
+            graph.remove(node, safe=False)
+            del graph.initializers[name]
+            out.name = None
+            graph.register_initializer(folded)
+            sources[folded.name] = src
+        else:
+            src = Source(tensor, transpose=False)
+            value.const_value = _lazy(src, name)
+            sources[name] = src
+    return sources
+
+
+def _lazy(src: Source, name: str):
+    import onnx_ir as ir
+
+    shape = tuple(src.tensor.shape[::-1]) if src.transpose else tuple(src.tensor.shape)
+    return ir.LazyTensor(lambda: ir.Tensor(src.array()), dtype=ir.DataType.FLOAT, shape=ir.Shape(shape), name=name)
+
+
+def export_graph(components: Any, method: str) -> tuple[Any, dict[str, Source]]:
+    """torch.onnx export of ``method`` with zero-byte weights: (the ModelProto without the streamed
+    weights, {initializer name: Source})."""
+    import onnx_ir as ir
+
+    module, args, shapes = _graph(components, method)
+    inputs, outputs = graph_io(components.config)[method]
+    with swapped_parameters(module, _zero_stand_in) as originals:
+        stand_ins = _real_tensors(module, originals)
+        try:
+            with torch.no_grad(), quiet():
+                program = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=shapes, input_names=inputs,
+                                            output_names=outputs, optimize=False, verbose=False)
+                sources = _fold_weight_transposes(program.model.graph, stand_ins)
+                program.optimize()
+        except Exception as e:  # torch.onnx raises its own error types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"torch.onnx export of {method} failed: {first}") from e
+    name_by_module(program.model.graph, module, components.model)
+    graph = program.model.graph
+    for name in sources:
+        if name not in graph.initializers:
+            raise ExportError(f"streamed export of {method}: weight {name} was folded into something else")
+        del graph.initializers[name]  # the nodes keep reading the name; the streaming pass adds it back
+    return ir.serde.serialize_model(program.model), sources
+
+
+def _real_tensors(module: nn.Module, originals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{name torch.onnx gives the initializer: the real tensor} for the stand-ins (names as in
+    ``named_parameters``; tied names all map to the one tensor)."""
+    return {name: t for name, t in originals.items() if t.dim() >= 2}
+
+
+# --- 3: the weights, one at a time -----------------------------------------------------------------------
+
+
+def drop_pages(t: torch.Tensor) -> None:
+    """Hand a memory-mapped tensor's whole pages back to the kernel (MADV_DONTNEED), as the checkpoint
+    loader does after its checks: a page read once otherwise stays in RSS. Only for tensors of a private
+    read-only mapping (untouched pages are re-read from the file); a no-op for anything else."""
+    if not hasattr(mmap, "MADV_DONTNEED") or t.device.type != "cpu" or t.numel() == 0:
+        return
+    storage = t.untyped_storage()
+    if storage.resizable() or storage.nbytes() < 1 << 20:
+        return  # torch-allocated (resizable) or small: not the mapping
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    page = mmap.PAGESIZE
+    first, last = -(-max(lo, start) // page) * page, min(hi, end) // page * page
+    if last > first:
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
+_LIBC: Any = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return _LIBC
+
+
+class _DataFile:
+    """``<model>.onnx.data``, appended to one tensor at a time."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fh = open(path, "wb")
+        self.offset = 0
+
+    def put(self, init: Any) -> None:
+        """Move ``init``'s raw bytes to the file; ``init`` keeps only the reference."""
+        from onnx import TensorProto, numpy_helper
+
+        if not init.HasField("raw_data"):
+            raw = numpy_helper.from_array(numpy_helper.to_array(init), init.name)
+            init.CopyFrom(raw)
+        data = init.raw_data
+        if len(data) >= ALIGN and self.offset % ALIGN:
+            pad = ALIGN - self.offset % ALIGN
+            self.fh.write(b"\0" * pad)
+            self.offset += pad
+        self.fh.write(data)
+        init.ClearField("raw_data")
+        init.data_location = TensorProto.EXTERNAL
+        del init.external_data[:]
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
+            entry = init.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += len(data)
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _inline(model: Any, data: Path) -> None:
+    """Bring every external tensor back into the model and delete the data file (small models)."""
+    from onnx import TensorProto
+
+    with open(data, "rb") as fh:
+        for init in model.graph.initializer:
+            if init.data_location != TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in init.external_data}
+            fh.seek(int(info.get("offset", 0)))
+            init.raw_data = fh.read(int(info["length"]))
+            del init.external_data[:]
+            init.data_location = TensorProto.DEFAULT
+    data.unlink()
+
+
+def _one_node_model(model: Any, node: Any, weights: dict[str, np.ndarray]) -> Any:
+    """``node`` alone in a model with ``weights`` as initializers (what the recipe's quantizer takes)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in node.input if n and n not in weights]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in node.output if n]
+    graph = helper.make_graph([node], "one_node", inputs, outputs, [numpy_helper.from_array(w, n) for n, w in weights.items()])
+    mini = helper.make_model(graph, opset_imports=list(model.opset_import))
+    mini.ir_version = model.ir_version
+    return mini
+
+
+def stream_weights(model: Any, sources: dict[str, Source], quantize: MiniQuantizer, path: Path,
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
+    """Add the streamed weights to ``model`` (the graph from :func:`export_graph`) in node order, each through
+    ``quantize``, and save it at ``path`` (weights in ``<path>.data`` past EXTERNAL_DATA_BYTES). Returns the
+    quantization counts summed over the nodes."""
+    import onnx
+
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in set(node.input):
+            if name in sources:
+                readers[name] = readers.get(name, 0) + 1
+    shared = sorted(n for n, k in readers.items() if k > 1)
+    if shared:
+        raise ExportError(f"streamed export: weights read by several nodes are not streamed: {', '.join(shared[:3])}")
+    data = Path(str(path) + ".data")
+    out = _DataFile(data)
+    nodes: list[Any] = []
+    counts: dict[str, int] = {}
+    opsets = {o.domain: o.version for o in model.opset_import}
+    total, done = len(readers), 0
+    try:
+        for node in list(model.graph.node):
+            names = [n for n in dict.fromkeys(node.input) if n in sources]
+            if not names:
+                nodes.append(node)
+                continue
+            weights = {n: sources[n].array() for n in names}
+            mini = _one_node_model(model, node, weights)
+            del weights
+            mini, got = quantize(mini)
+            for key, value in got.items():
+                counts[key] = counts.get(key, 0) + value
+            for init in mini.graph.initializer:
+                out.put(init)
+                model.graph.initializer.append(init)
+            nodes.extend(mini.graph.node)
+            for o in mini.opset_import:
+                opsets.setdefault(o.domain, o.version)
+            for n in names:
+                drop_pages(sources[n].tensor)
+            del mini
+            done += len(names)
+            if progress is not None:
+                progress(done, total)
+    finally:
+        out.close()
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets.items())
+    if out.offset <= EXTERNAL_DATA_BYTES:
+        _inline(model, data)
+    onnx.save_model(model, str(path))
+    return counts
+
+
+def export_streamed(components: Any, method: str, path: Path, quantize: MiniQuantizer,
+                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """``method`` exported and quantized weight by weight to ``path`` (see the module docstring)."""
+    import gc
+
+    model, sources = export_graph(components, method)
+    gc.collect()
+    return stream_weights(model, sources, quantize, path, progress)
