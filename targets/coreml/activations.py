@@ -172,7 +172,7 @@ def activation_ranges(package: Path, method: str, samples: list[dict[str, Any]],
 
 def _non_float_ops(mlmodel: Any) -> set[str]:
     """Ops computing on integers (index arithmetic such as an embedding's wrap-around add): never quantized."""
-    return {op.name for op in compat.model_ops(mlmodel) if op.outputs and not compat.is_float_var(op.outputs[0])}
+    return {op.name for op in compat.model_ops(mlmodel) if compat.computes_non_float(op)}
 
 
 NOT_ACTIVATION_QUANTIZED = ("add", "avg_pool", "max_pool")  # coremltools' other activation-quantized op types

@@ -4,7 +4,8 @@ The paths below were read from **coremltools 9.0** (the version pinned in /work/
 None of them is public API: a coremltools upgrade may move or change any of them, and this module is
 the one file to read and fix when it does. Nothing else in ``targets.coreml`` (converter, quantizer,
 packaging, the MIL interpreter) imports a ``_``-prefixed name, ``coremltools.proto``, the pymil graph
-or the milproto loader directly.
+or the milproto loader directly (tests/test_mil_interpreter.py checks); the pymil ops handed out here
+are read elsewhere only through ``op_type`` and ``name``.
 
 What is reached, and why:
 
@@ -84,11 +85,11 @@ def model_ops(mlmodel: Any) -> Iterator[Any]:
         yield from block_ops(func)
 
 
-def is_float_var(var: Any) -> bool:
-    """Whether a pymil Var holds fp16 / fp32 values."""
+def computes_non_float(op: Any) -> bool:
+    """Whether a pymil op's (first) output is not fp16 / fp32: integer or bool index arithmetic."""
     from coremltools.converters.mil.mil import types
 
-    return var.dtype in (types.fp16, types.fp32)
+    return bool(op.outputs) and op.outputs[0].dtype not in (types.fp16, types.fp32)
 
 
 def const_value(op: Any) -> Any:
