@@ -445,7 +445,7 @@ def test_export_refuses_a_model_where_another_token_passes_for_begin_of_image(tm
         emb[100] = emb[components.config.tokens.image_start_id] * 1.01
     with pytest.raises(ExportError, match="could not tell"):
         export(get_target("executorch"), components, Recipe(RecipeName.FP32), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []  # neither the output nor the lifecycle's staging / work directories
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------
