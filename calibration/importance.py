@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TYPE_CHECKING
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:  # an annotation only: the model code is not imported for it
+    from core.components import Components
+
 IMPORTANCE_JSON = "head_importance.json"
 
 
-def measure(components: Any, prompts: list[Any], tokenizer: Any, progress: Callable[[str, int, int], None] | None = None,
+def measure(components: Components, prompts: list[Any], tokenizer: Any, progress: Callable[[str, int, int], None] | None = None,
             decode_steps: int = 2) -> dict[str, Any]:
     """{"heads": [[score per query head] per layer], "blocks": [influence per layer], "tokens": n, "num_kv_heads": kv}."""
     from calibration.stats import collect_method_inputs

@@ -30,11 +30,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TYPE_CHECKING
 
 import numpy as np
 
 from core.recipes import QuantScheme
+
+if TYPE_CHECKING:  # an annotation only: the model code is not imported for it
+    from core.components import Components
 
 Progress = Callable[[str, int, int], None]
 MAX_CALLS = 24  # recorded calls replayed per method (decoder: whole prompts, in order)
@@ -51,7 +54,7 @@ def simulates(scheme: QuantScheme) -> bool:
     return scheme.simulation in SCHEMES
 
 
-def _linears(components: Any) -> dict[str, tuple[str, Any]]:
+def _linears(components: Components) -> dict[str, tuple[str, Any]]:
     """name (as in model.named_modules()) -> (method, nn.Linear), for every method's linears."""
     import torch.nn as nn
 
@@ -77,7 +80,7 @@ def _calls(calib: Any, method: str) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def _replay_calls(components: Any, method: str, calls: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+def _replay_calls(components: Components, method: str, calls: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     """The method's output per recorded call, as [rows, last dim] (the decoder: [T, vocab] logits)."""
     import torch
 
@@ -96,7 +99,7 @@ def _replay_calls(components: Any, method: str, calls: list[dict[str, np.ndarray
     return outs
 
 
-def _replay(components: Any, method: str, calls: list[dict[str, np.ndarray]]) -> np.ndarray:
+def _replay(components: Components, method: str, calls: list[dict[str, np.ndarray]]) -> np.ndarray:
     outs = _replay_calls(components, method, calls)
     return np.concatenate([o.reshape(-1) for o in outs]) if outs else np.zeros(0, np.float32)
 
@@ -200,7 +203,7 @@ def _quantizing(layers: Iterable[tuple[str, Any]], calib: Any, scheme: QuantSche
 
 
 def layer_sensitivity(
-    components: Any, calib: Any, progress: Progress | None = None, scheme: QuantScheme | str = "w8a8"
+    components: Components, calib: Any, progress: Progress | None = None, scheme: QuantScheme | str = "w8a8"
 ) -> list[tuple[str, float]]:
     """(module name, SQNR dB of its method's output with only that layer int8) for every nn.Linear, worst first."""
     layers = _linears(components)
@@ -222,7 +225,7 @@ def layer_sensitivity(
 
 
 def quantized_cosine(
-    components: Any, calib: Any, keep_float: Iterable[str] = (), scheme: QuantScheme | str = "w8a8"
+    components: Components, calib: Any, keep_float: Iterable[str] = (), scheme: QuantScheme | str = "w8a8"
 ) -> dict[str, float]:
     """Per method: worst-call cosine (:func:`worst_cosine`, parity's metric) of the output with every
     nn.Linear not in keep_float int8-fake-quantized, vs float."""
@@ -242,7 +245,7 @@ def quantized_cosine(
 
 
 def choose_keep_float(
-    components: Any,
+    components: Components,
     calib: Any,
     ranking: list[tuple[str, float]],
     target_cos: float,
@@ -289,7 +292,7 @@ SENSITIVITY_VERSION = 1
 
 
 def cached_layer_sensitivity(
-    components: Any, calib: Any, cache_dir: Path | None = None, progress: Progress | None = None, scheme: QuantScheme | str = "w8a8"
+    components: Components, calib: Any, cache_dir: Path | None = None, progress: Progress | None = None, scheme: QuantScheme | str = "w8a8"
 ):
     """``layer_sensitivity``, cached beside the calibration cache by the calibration key (and the scheme).
 

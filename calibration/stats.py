@@ -16,12 +16,15 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TYPE_CHECKING
 
 import numpy as np
 
 from core.errors import BadInputError
 from core.runner import EagerSession, Prompt, Runner
+
+if TYPE_CHECKING:  # an annotation only: the model code is not imported for it
+    from core.components import Components
 
 MethodInputs = dict[str, list[dict[str, Any]]]
 
@@ -29,7 +32,7 @@ MethodInputs = dict[str, list[dict[str, Any]]]
 class RecordingSession(EagerSession):
     """An EagerSession that keeps a copy of every call's inputs."""
 
-    def __init__(self, components: Any, record_past: bool = True):
+    def __init__(self, components: Components, record_past: bool = True):
         super().__init__(components)
         self.calls: MethodInputs = {m: [] for m in self.modules}
         self.record_past = record_past
@@ -48,7 +51,7 @@ class RecordingSession(EagerSession):
 
 
 def collect_method_inputs(
-    components: Any,
+    components: Components,
     prompts: Iterable[Prompt],
     tokenizer: Any,
     decode_steps: int = 4,
@@ -122,7 +125,7 @@ def weights_hash(model: Any) -> str:
     return h.hexdigest()
 
 
-def calibration_key(components: Any, manifest: Path, decode_steps: int) -> str:
+def calibration_key(components: Components, manifest: Path, decode_steps: int) -> str:
     from calibration.manifest import manifest_hash
     from core.preprocess import PREPROCESS_VERSION
 
@@ -285,7 +288,7 @@ def load_calibration(path: Path) -> CalibrationData:
     )
 
 
-def check_compatible(data: CalibrationData, components: Any, where: Path) -> None:
+def check_compatible(data: CalibrationData, components: Components, where: Path) -> None:
     """A calibration result must come from a model of this one's shape: same linears, same widths.
 
     Statistics of other layers (a --layers cut, another model) would leave this model's layers without
@@ -312,7 +315,7 @@ def check_compatible(data: CalibrationData, components: Any, where: Path) -> Non
 
 
 def calibrate(
-    components: Any,
+    components: Components,
     manifest: Path | None,
     tokenizer: Any,
     cache_dir: Path | None = None,
@@ -370,7 +373,7 @@ def spread(items: list[Any], n: int) -> list[Any]:
     return [items[i] for i in sorted(set(idx.tolist()))]
 
 
-def record_builtin_inputs(components: Any, progress: Callable[[str, int, int], None] | None = None, limit: int | None = None):
+def record_builtin_inputs(components: Components, progress: Callable[[str, int, int], None] | None = None, limit: int | None = None):
     """Run the shipped calibration manifest through the reference runner and record each method's inputs."""
     from core.dataset import calibration_manifest
     from calibration.manifest import read_manifest
@@ -382,7 +385,7 @@ def record_builtin_inputs(components: Any, progress: Callable[[str, int, int], N
     return collect_method_inputs(components, prompts, load_tokenizer(components.config), progress=progress)
 
 
-def resolve_method_inputs(calibration: Any, components: Any, progress: Callable[[str, int, int], None] | None = None) -> MethodInputs:
+def resolve_method_inputs(calibration: Any, components: Components, progress: Callable[[str, int, int], None] | None = None) -> MethodInputs:
     """Per-method recorded runner inputs from whatever the pipeline handed a target.
 
     A dict (``collect_method_inputs``), a ``CalibrationData`` (``.method_inputs``),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generator
+from typing import Any, Generator, TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from core.errors import BadInputError
 from exporter.model.config import ModelConfig
 from exporter.model.templates import GLM_CHAT_TEMPLATE
 from core.artifact import Session
+
+if TYPE_CHECKING:  # an annotation only: the model code is not imported for it
+    from core.components import Components
 
 
 @dataclass
@@ -279,7 +282,7 @@ class EagerSession:
 
     provenance = "PyTorch eager (fp32 reference)"
 
-    def __init__(self, components: Any):
+    def __init__(self, components: Components):
         import torch
 
         self._torch = torch

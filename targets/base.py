@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
 
@@ -16,6 +16,9 @@ from core.artifact import METHODS
 from core.errors import ArtifactError, ExportError
 from core.recipes import Recipe
 from targets.spec import Gate
+
+if TYPE_CHECKING:  # an annotation only: the model code is not imported for it
+    from core.components import Components
 
 
 # --- what every artifact carries -------------------------------------------------
@@ -51,7 +54,7 @@ def artifact_metadata(config: Any, recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def method_signatures(components: Any) -> dict[str, dict[str, Any]]:
+def method_signatures(components: Components) -> dict[str, dict[str, Any]]:
     """Input/output names, dtypes and shapes (symbolic 'T' for the dynamic length) per method."""
     cfg = components.config
     h, v = cfg.text.hidden_size, cfg.text.vocab_size
@@ -195,7 +198,7 @@ def export_gate(
     target: str,
     recipe: Recipe,
     session: Any,
-    components: Any,
+    components: Components,
     gate: Gate,
     decode_steps: int = 3,
 ) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from core.artifact import (
     Artifact,
@@ -34,10 +34,13 @@ from core.recipes import Recipe
 from targets.base import artifact_metadata, copy_tokenizer_files, export_gate, method_signatures
 from targets.spec import BuildJob, Target
 
+if TYPE_CHECKING:  # an annotation only: the model code is not imported for it
+    from core.components import Components
+
 
 def export(
     target: Target,
-    components: Any,
+    components: Components,
     recipe: Recipe,
     out: str | Path,
     calibration: Any | None = None,

@@ -17,11 +17,14 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TYPE_CHECKING
 
 from core.artifact import Artifact, Progress, Session
 from core.errors import BadInputError, UnknownRecipeError
 from core.recipes import ALL_RECIPES, QuantScheme, Recipe, RecipeName
+
+if TYPE_CHECKING:  # an annotation only: the model code is not imported for it
+    from core.components import Components
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class TargetSpec:
 class BuildJob:
     """What the driver hands a target's ``build`` hook."""
 
-    components: Any  # core.components.Components
+    components: Components  # core.components.Components
     recipe: Recipe
     spec: RecipeSpec
     metadata: dict[str, Any]  # targets.base.artifact_metadata: what a program embeds in its own format
