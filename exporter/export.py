@@ -114,7 +114,8 @@ def export_model(
     progress = progress or no_progress
     target = get_target(plan.target)
     rec = plan.recipe
-    float32_weights(model)  # a large bf16 checkpoint is kept mapped for eager use; exporters trace fp32 modules
+    if not getattr(target, "keeps_stored_weights", False):  # ort upcasts per method and streams the decoder
+        float32_weights(model)  # a large bf16 checkpoint is kept mapped for eager use; exporters trace fp32 modules
     compression: dict[str, Any] = {}
     if plan.prune_heads or plan.skip_layers:
         model, compression = _compress(model, plan.calibration, plan.prune_heads, plan.skip_layers, progress)

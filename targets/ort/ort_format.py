@@ -9,6 +9,7 @@ mobile usability check (which ops the NNAPI / Core ML EPs would take) is recorde
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -83,7 +84,8 @@ def write_ort_files(root: Path, files: dict[str, str]) -> dict[str, str]:
     limit has none. Any other model the converter left without a .ort is an ExportError.
     """
     try:
-        log = convert_to_ort(root)
+        with _set_aside(root, [name for name in files.values() if _over_limit(root / name)]):
+            log = convert_to_ort(root)
     except Exception as e:
         raise ExportError(f"ORT format conversion of {root} failed: {e}") from e
     ops = root / OPS_CONFIG
@@ -105,12 +107,41 @@ def write_ort_files(root: Path, files: dict[str, str]) -> dict[str, str]:
     return outcome
 
 
+def _over_limit(path: Path) -> bool:
+    return sum(p.stat().st_size for p in model_files(path)) >= ORT_FORMAT_LIMIT
+
+
+@contextlib.contextmanager
+def _set_aside(root: Path, names: list[str]):
+    """Move models over the ORT format's limit out of ``root`` while the converter runs: it would load each
+    (GiBs at 9B, its optimizer's copies on top) only to fail on the flatbuffer's size."""
+    aside = root.parent / f".{root.name}.over-ort-limit"
+    moved: list[tuple[Path, Path]] = []
+    try:
+        for name in names:
+            for p in model_files(root / name):
+                aside.mkdir(exist_ok=True)
+                moved.append((p, aside / p.name))
+                p.rename(aside / p.name)
+        yield
+    finally:
+        for src, dst in moved:
+            dst.rename(src)
+        if aside.is_dir():
+            aside.rmdir()
+
+
 def write_usability(root: Path, files: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Run the mobile usability check on every model; its logs go to mobile_usability.txt (staging paths
-    removed), and each method's summary is returned for the report."""
+    removed), and each method's summary is returned for the report. Models over the ORT format's limit
+    (no phone runs them) are not checked: the checker loads and optimizes the whole model in memory."""
     texts, summaries = [], {}
     for m, name in files.items():
-        text, summaries[m] = mobile_usability(root / name)
+        if _over_limit(root / name):
+            why = f"not checked: over the ORT format's {ORT_FORMAT_LIMIT >> 30} GiB limit"
+            text, summaries[m] = why + "\n", {"checked": False, "error": why}
+        else:
+            text, summaries[m] = mobile_usability(root / name)
         texts.append(f"=== {name} ===\n{text.replace(str(root) + os.sep, '')}")
     (root / USABILITY_TXT).write_text("\n".join(texts))
     return summaries

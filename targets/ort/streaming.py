@@ -202,20 +202,38 @@ def _real_tensors(module: nn.Module, originals: dict[str, torch.Tensor]) -> dict
 
 
 def drop_pages(t: torch.Tensor) -> None:
-    """Hand a memory-mapped tensor's whole pages back to the kernel (MADV_DONTNEED), as the checkpoint
-    loader does after its checks: a page read once otherwise stays in RSS. Only for tensors of a private
-    read-only mapping (untouched pages are re-read from the file); a no-op for anything else."""
+    """Hand a checkpoint tensor's whole pages back to the kernel (MADV_DONTNEED), as the checkpoint loader
+    does after its checks: a page of the mapped shards read once otherwise stays in RSS.
+
+    Only for tensors inside a private mapping of a ``.safetensors`` file (/proc/self/maps says which):
+    nothing writes there, so a dropped page is read from the file again if used. On anonymous memory
+    MADV_DONTNEED would zero the tensor, so anything else is left alone.
+    """
     if not hasattr(mmap, "MADV_DONTNEED") or t.device.type != "cpu" or t.numel() == 0:
         return
-    storage = t.untyped_storage()
-    if storage.resizable() or storage.nbytes() < 1 << 20:
-        return  # torch-allocated (resizable) or small: not the mapping
-    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
     lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    span = _file_mapping(lo)
+    if span is None:
+        return
     page = mmap.PAGESIZE
-    first, last = -(-max(lo, start) // page) * page, min(hi, end) // page * page
+    first, last = -(-max(lo, span[0]) // page) * page, min(hi, span[1]) // page * page
     if last > first:
         _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
+def _file_mapping(address: int) -> tuple[int, int] | None:
+    """(start, end) of the private ``.safetensors`` file mapping holding ``address``, or None."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        if start <= address < end:
+            private = len(parts) > 1 and parts[1].endswith("p")
+            return (start, end) if private and len(parts) == 6 and parts[5].endswith(".safetensors") else None
+    return None
 
 
 _LIBC: Any = None

@@ -30,11 +30,12 @@ from targets.ort.genai import GENAI_CONFIG, genai_config, genai_usage
 from targets.ort.graphs import export_onnx, graph_io
 from targets.ort.ort_format import OPS_CONFIG, USABILITY_TXT, write_ort_files, write_usability
 from targets.ort.programs import onnx_programs
-from targets.ort.quantize_int4 import check_block_size, quantize_int4
+from targets.ort.quantize_int4 import INT4_ACCURACY_LEVEL, check_block_size, quantize_int4
 from targets.ort.quantize_int8 import quantize_weights
 from targets.ort.session import OrtSession
 from targets.ort.spec import SPEC
 from targets.ort.static import calibration_feeds, quantize_static_model
+from targets.ort.streaming import STREAM_ABOVE_BYTES, MiniQuantizer, export_streamed, float32_module, float_bytes
 from targets.spec import BuildJob, Built
 
 Feeds = dict[str, list[dict[str, np.ndarray]]]
@@ -75,8 +76,53 @@ QUANTIZERS: dict[RecipeName, Quantizer] = {
 }
 
 
+# the streamed decoder's quantizers: the same functions on a one-node model (targets/ort/streaming.py);
+# int8-static has none (its calibration quantizes the whole loaded model)
+def _stream_as_is(job: BuildJob) -> MiniQuantizer:
+    return lambda mini: (mini, {})
+
+
+def _stream_int8(job: BuildJob) -> MiniQuantizer:
+    def quantize(mini):
+        return mini, quantize_weights(mini, gathers=job.spec.scheme.embedding_bits == 8, keep=job.recipe.keep_float)
+    return quantize
+
+
+def _stream_int4(job: BuildJob) -> MiniQuantizer:
+    def quantize(mini):
+        model, counts = quantize_int4(mini, job.recipe.group_size, job.recipe.keep_float,
+                                      int8_embeddings=job.spec.scheme.embedding_bits == 8)
+        return model, {k: v for k, v in counts.items() if k not in INT4_SETTINGS}
+    return quantize
+
+
+# quantize_int4's counts that are settings, not counts (reported once, not summed over the streamed nodes)
+INT4_SETTINGS = ("block_size", "accuracy_level")
+
+STREAM_QUANTIZERS: dict[RecipeName, Callable[[BuildJob], MiniQuantizer]] = {
+    RecipeName.FP32: _stream_as_is,
+    RecipeName.INT8_WEIGHT: _stream_int8,
+    RecipeName.INT4_WEIGHT: _stream_int4,
+}
+
+
 class OrtTarget:
+    """``stream_above``: the text decoder is exported weight by weight (targets/ort/streaming.py) when its
+    fp32 weights would exceed this many bytes (and the recipe can stream); the other methods, and smaller
+    decoders, take the whole-model path."""
+
     spec = SPEC
+    # the driver may leave a checkpoint's bf16 weights as mapped (exporter/export.py): each method is traced
+    # in fp32 here, one at a time, and the decoder's weights are streamed
+    keeps_stored_weights = True
+
+    def __init__(self, stream_above: int = STREAM_ABOVE_BYTES):
+        self.stream_above = stream_above
+
+    def streams(self, job: BuildJob, method: str) -> bool:
+        """Whether ``method`` is exported weight by weight in this job."""
+        return (method == "text_decoder" and job.recipe.name in STREAM_QUANTIZERS
+                and float_bytes(job.components.model.text) > self.stream_above)
 
     def build(self, job: BuildJob, staging: Path) -> Built:
         """Every method as .onnx (quantized per the recipe) and .ort in ``staging``, plus the ops config, the
@@ -99,12 +145,19 @@ class OrtTarget:
         quantization: dict[str, Any] = {}
         for m in methods:
             job.progress("onnx export", done, steps)
-            raw = job.work / f"{m}.onnx"
-            export_onnx(job.components, m, raw)
-            done += 1
-            job.progress("onnx export", done, steps)
             final = staging / f"{m}.onnx"
-            counts = quantize(job, m, raw, final, feeds)
+            if self.streams(job, m):
+                counts = _export_streamed(job, m, final)
+                done += 1
+            else:
+                raw = job.work / f"{m}.onnx"
+                with float32_module(_traced_module(job.components, m)):
+                    export_onnx(job.components, m, raw)
+                done += 1
+                job.progress("onnx export", done, steps)
+                counts = quantize(job, m, raw, final, feeds)
+                raw.unlink()
+                Path(str(raw) + ".data").unlink(missing_ok=True)
             if counts is not None:
                 quantization[m] = counts
             set_metadata(final, {"autoglm.method": m, **props})
@@ -137,6 +190,25 @@ class OrtTarget:
     def open(self, artifact: Artifact, variant: str | None = None) -> OrtSession:
         """The artifact's .onnx files (``variant`` None or "onnx") or its .ort files ("ort": what a phone runs)."""
         return OrtSession(artifact, variant or "onnx")
+
+
+def _traced_module(components: Any, method: str) -> Any:
+    """The model module ``method``'s graph reads its weights from (what is upcast while it is traced)."""
+    if method == "text_decoder":
+        return components.model.text
+    return components.methods()[method]
+
+
+def _export_streamed(job: BuildJob, method: str, final: Path) -> dict[str, Any]:
+    """``method`` through targets/ort/streaming.py; its report counts as the whole path's, plus how."""
+    def progress(done: int, total: int) -> None:
+        job.progress(f"onnx stream {method}", done, total)
+
+    counts: dict[str, Any] = export_streamed(job.components, method, final, STREAM_QUANTIZERS[job.recipe.name](job), progress)
+    if job.recipe.name == RecipeName.INT4_WEIGHT:
+        counts.update(block_size=job.recipe.group_size, accuracy_level=INT4_ACCURACY_LEVEL)
+    counts["streamed"] = True
+    return counts
 
 
 def _listed(root: Path, files: dict[str, str]) -> list[str]:
