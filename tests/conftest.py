@@ -16,6 +16,26 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+# Test files that share a target's tiny exports (the session fixture `exported`) run on one xdist worker, so each
+# export is built once per suite; every other file is its own group (what --dist loadfile did).
+TARGET_GROUPS = {
+    "test_executorch.py": "executorch", "test_export_check.py": "executorch",
+    "test_ort.py": "ort", "test_genai.py": "ort", "test_bench.py": "ort", "test_parity.py": "ort",
+    "test_coreml.py": "coreml", "test_mil_interpreter.py": "coreml",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks (--dist loadgroup)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        file = item.path.name
+        group = TARGET_GROUPS.get(file, file)
+        if file == "test_targets.py":  # the conformance suite: each target's cases beside that target's files
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            group = next((TARGET_GROUPS.get(f"test_{v}.py", v) for v in params.values() if f"test_{v}.py" in TARGET_GROUPS), file)
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from exporter.model import build, get_preset
