@@ -42,6 +42,11 @@ from targets.ort.quiet import quiet
 
 # the decoder is streamed when its weights, in fp32, would exceed this (the whole path below it, as always)
 STREAM_ABOVE_BYTES = EXTERNAL_DATA_BYTES
+# a weight larger than this in fp32 is quantized in slices along its output channels (one protobuf message
+# holds at most 2 GiB; the 9B's embedding table and lm_head are 2.5 GB)
+SPLIT_BYTES = 512 << 20
+# the axis of the weight along which a node's outputs are independent: MatMul B [K, N], Gather table [V, H]
+CHANNEL_AXIS = {"MatMul": 1, "Gather": 0}
 # tensors of at least ALIGN bytes start at a multiple of ALIGN in the data file (onnxruntime can map them)
 ALIGN = 4096
 
@@ -255,26 +260,23 @@ class _DataFile:
         self.fh = open(path, "wb")
         self.offset = 0
 
-    def put(self, init: Any) -> None:
-        """Move ``init``'s raw bytes to the file; ``init`` keeps only the reference."""
-        from onnx import TensorProto, numpy_helper
+    def put(self, name: str, array: np.ndarray) -> Any:
+        """Append ``array``'s bytes; returns the initializer (a TensorProto) that refers to them."""
+        from onnx import TensorProto, helper
 
-        if not init.HasField("raw_data"):
-            raw = numpy_helper.from_array(numpy_helper.to_array(init), init.name)
-            init.CopyFrom(raw)
-        data = init.raw_data
-        if len(data) >= ALIGN and self.offset % ALIGN:
+        data = np.ascontiguousarray(array)
+        if data.nbytes >= ALIGN and self.offset % ALIGN:
             pad = ALIGN - self.offset % ALIGN
             self.fh.write(b"\0" * pad)
             self.offset += pad
-        self.fh.write(data)
-        init.ClearField("raw_data")
+        self.fh.write(memoryview(data.reshape(-1)).cast("B"))
+        init = TensorProto(name=name, dims=list(array.shape), data_type=helper.np_dtype_to_tensor_dtype(data.dtype))
         init.data_location = TensorProto.EXTERNAL
-        del init.external_data[:]
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(data.nbytes))):
             entry = init.external_data.add()
             entry.key, entry.value = key, value
-        self.offset += len(data)
+        self.offset += data.nbytes
+        return init
 
     def close(self) -> None:
         self.fh.close()
@@ -308,6 +310,66 @@ def _one_node_model(model: Any, node: Any, weights: dict[str, np.ndarray]) -> An
     return mini
 
 
+def _arrays(mini: Any) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    return {init.name: numpy_helper.to_array(init) for init in mini.graph.initializer}
+
+
+def _quantize_node(model: Any, node: Any, sources: dict[str, Source], quantize: MiniQuantizer):
+    """(the quantized one-node model, its initializers as arrays, counts) for ``node`` and its weights.
+
+    A weight over :data:`SPLIT_BYTES` (the 9B's embedding table and lm_head: 2.5 GB in fp32, past
+    protobuf's 2 GiB per message) goes through the quantizer in slices along its output channels
+    (:data:`CHANNEL_AXIS`), where every quantizer here is independent per channel (per-row int8, per-column
+    int8 and 4-bit blocks): each output initializer is the slices' results joined along the axis that has
+    the slice's size, and a MatMulNBits ``N`` attribute takes the whole width.
+    """
+    weights = {n: src.array() for n, src in sources.items()}
+    big = [n for n, w in weights.items() if w.nbytes > SPLIT_BYTES]
+    if not big:
+        mini, counts = quantize(_one_node_model(model, node, weights))
+        return mini, _arrays(mini), counts
+    if len(weights) != 1 or node.op_type not in CHANNEL_AXIS:
+        raise ExportError(f"streamed export: {node.name} ({node.op_type}) reads a weight over "
+                          f"{SPLIT_BYTES >> 20} MiB that cannot be cut along its output channels")
+    (name, w), = weights.items()
+    axis = CHANNEL_AXIS[node.op_type]
+    width = w.shape[axis]
+    step = -(-width // -(-w.nbytes // SPLIT_BYTES))
+    first, counts = None, {}
+    parts: dict[str, list[tuple[np.ndarray, int]]] = {}
+    for start in range(0, width, step):
+        chunk = np.ascontiguousarray(w[start : start + step] if axis == 0 else w[:, start : start + step])
+        size = chunk.shape[axis]
+        mini, got = quantize(_one_node_model(model, node, {name: chunk}))
+        del chunk
+        if first is None:
+            first, counts = mini, got
+        for key, array in _arrays(mini).items():
+            parts.setdefault(key, []).append((array, size))
+        del mini
+    del weights, w
+    arrays = {key: _join(key, pieces) for key, pieces in parts.items()}
+    for n in first.graph.node:
+        for attr in n.attribute:
+            if n.op_type == "MatMulNBits" and attr.name == "N":
+                attr.i = width
+    return first, arrays, counts
+
+
+def _join(name: str, pieces: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    """One initializer from its per-slice results: joined along the one axis sized as each slice, or, when
+    every slice gave the same array (a constant such as an axes list), that array."""
+    if all(a.shape == pieces[0][0].shape and np.array_equal(a, pieces[0][0]) for a, _ in pieces[1:]):
+        if not any(size in a.shape for a, size in pieces):
+            return pieces[0][0]
+    axes = {tuple(i for i, d in enumerate(a.shape) if d == size) for a, size in pieces}
+    if len(axes) != 1 or len(next(iter(axes))) != 1:
+        raise ExportError(f"streamed export: cannot tell along which axis to join the slices of {name}")
+    return np.concatenate([a for a, _ in pieces], axis=next(iter(axes))[0])
+
+
 def stream_weights(model: Any, sources: dict[str, Source], quantize: MiniQuantizer, path: Path,
                    progress: Callable[[int, int], None] | None = None) -> dict[str, int]:
     """Add the streamed weights to ``model`` (the graph from :func:`export_graph`) in node order, each through
@@ -335,15 +397,12 @@ def stream_weights(model: Any, sources: dict[str, Source], quantize: MiniQuantiz
             if not names:
                 nodes.append(node)
                 continue
-            weights = {n: sources[n].array() for n in names}
-            mini = _one_node_model(model, node, weights)
-            del weights
-            mini, got = quantize(mini)
+            mini, arrays, got = _quantize_node(model, node, {n: sources[n] for n in names}, quantize)
             for key, value in got.items():
                 counts[key] = counts.get(key, 0) + value
-            for init in mini.graph.initializer:
-                out.put(init)
-                model.graph.initializer.append(init)
+            for name, array in arrays.items():
+                model.graph.initializer.append(out.put(name, array))
+            del arrays
             nodes.extend(mini.graph.node)
             for o in mini.opset_import:
                 opsets.setdefault(o.domain, o.version)

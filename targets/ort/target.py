@@ -99,6 +99,9 @@ def _stream_int4(job: BuildJob) -> MiniQuantizer:
 # quantize_int4's counts that are settings, not counts (reported once, not summed over the streamed nodes)
 INT4_SETTINGS = ("block_size", "accuracy_level")
 
+# the methods whose weights stream (the vision and audio encoders are exported whole: 0.6B at 9B)
+STREAMED_METHODS = ("token_embedding", "text_decoder")
+
 STREAM_QUANTIZERS: dict[RecipeName, Callable[[BuildJob], MiniQuantizer]] = {
     RecipeName.FP32: _stream_as_is,
     RecipeName.INT8_WEIGHT: _stream_int8,
@@ -107,9 +110,9 @@ STREAM_QUANTIZERS: dict[RecipeName, Callable[[BuildJob], MiniQuantizer]] = {
 
 
 class OrtTarget:
-    """``stream_above``: the text decoder is exported weight by weight (targets/ort/streaming.py) when its
-    fp32 weights would exceed this many bytes (and the recipe can stream); the other methods, and smaller
-    decoders, take the whole-model path."""
+    """``stream_above``: the text decoder and the token embedding are exported weight by weight
+    (targets/ort/streaming.py) when their fp32 weights would exceed this many bytes (and the recipe can
+    stream); the other methods, and smaller models, take the whole-model path."""
 
     spec = SPEC
     # the driver may leave a checkpoint's bf16 weights as mapped (exporter/export.py): each method is traced
@@ -121,8 +124,8 @@ class OrtTarget:
 
     def streams(self, job: BuildJob, method: str) -> bool:
         """Whether ``method`` is exported weight by weight in this job."""
-        return (method == "text_decoder" and job.recipe.name in STREAM_QUANTIZERS
-                and float_bytes(job.components.model.text) > self.stream_above)
+        return (method in STREAMED_METHODS and job.recipe.name in STREAM_QUANTIZERS
+                and float_bytes(_traced_module(job.components, method)) > self.stream_above)
 
     def build(self, job: BuildJob, staging: Path) -> Built:
         """Every method as .onnx (quantized per the recipe) and .ort in ``staging``, plus the ops config, the
