@@ -122,6 +122,8 @@ def _graph(components: Any, method: str):
     cfg = components.config
     t = cfg.text
     dtype = next(components.model.parameters()).dtype
+    if dtype in (torch.bfloat16, torch.float16):  # a checkpoint kept in half computes in fp32: so do the graphs
+        dtype = torch.float32
     max_t = cfg.shape.max_seq_len
     seq = Dim("sequence_length", min=1, max=max_t)
     if method == "token_embedding":

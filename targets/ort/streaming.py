@@ -44,7 +44,7 @@ from targets.ort.quiet import quiet
 STREAM_ABOVE_BYTES = EXTERNAL_DATA_BYTES
 # a weight larger than this in fp32 is quantized in slices along its output channels (one protobuf message
 # holds at most 2 GiB; the 9B's embedding table and lm_head are 2.5 GB)
-SPLIT_BYTES = 512 << 20
+SPLIT_BYTES = 256 << 20
 # the axis of the weight along which a node's outputs are independent: MatMul B [K, N], Gather table [V, H]
 CHANNEL_AXIS = {"MatMul": 1, "Gather": 0}
 # tensors of at least ALIGN bytes start at a multiple of ALIGN in the data file (onnxruntime can map them)
@@ -61,9 +61,23 @@ class Source:
     tensor: torch.Tensor
     transpose: bool
 
-    def array(self) -> np.ndarray:
-        """The initializer's fp32 value (one tensor's copy; a bf16 mapped tensor is upcast here)."""
-        t = self.tensor.detach().float()
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The initializer's shape (the tensor's, reversed when transposed)."""
+        return tuple(self.tensor.shape[::-1]) if self.transpose else tuple(self.tensor.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * self.tensor.numel()
+
+    def array(self, axis: int = 0, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The initializer's fp32 value, or its slice [start, stop) along ``axis`` (0 or 1): only that slice
+        is upcast and copied (a bf16 mapped tensor is read here)."""
+        t = self.tensor.detach()
+        if stop is not None or start:
+            cut = axis if not self.transpose else 1 - axis  # the tensor's axis under the initializer's
+            t = t[start:stop] if cut == 0 else t[:, start:stop]
+        t = t.float()
         if self.transpose:
             t = t.T
         return np.ascontiguousarray(t.numpy())
@@ -190,9 +204,10 @@ def export_graph(components: Any, method: str) -> tuple[Any, dict[str, Source]]:
             raise ExportError(f"torch.onnx export of {method} failed: {first}") from e
     name_by_module(program.model.graph, module, components.model)
     graph = program.model.graph
-    for name in sources:
-        if name not in graph.initializers:
-            raise ExportError(f"streamed export of {method}: weight {name} was folded into something else")
+    for name in list(sources):
+        if name not in graph.initializers:  # folded by the optimizer into a small constant (from its real values)
+            del sources[name]
+            continue
         del graph.initializers[name]  # the nodes keep reading the name; the streaming pass adds it back
     return ir.serde.serialize_model(program.model), sources
 
@@ -325,22 +340,19 @@ def _quantize_node(model: Any, node: Any, sources: dict[str, Source], quantize: 
     int8 and 4-bit blocks): each output initializer is the slices' results joined along the axis that has
     the slice's size, and a MatMulNBits ``N`` attribute takes the whole width.
     """
-    weights = {n: src.array() for n, src in sources.items()}
-    big = [n for n, w in weights.items() if w.nbytes > SPLIT_BYTES]
-    if not big:
-        mini, counts = quantize(_one_node_model(model, node, weights))
+    big = [n for n, src in sources.items() if src.nbytes > SPLIT_BYTES]
+    if not big or len(sources) != 1 or node.op_type not in CHANNEL_AXIS or len(sources[big[0]].shape) != 2:
+        # whole (a conv, a node reading several weights: none near protobuf's limit in these models)
+        mini, counts = quantize(_one_node_model(model, node, {n: src.array() for n, src in sources.items()}))
         return mini, _arrays(mini), counts
-    if len(weights) != 1 or node.op_type not in CHANNEL_AXIS:
-        raise ExportError(f"streamed export: {node.name} ({node.op_type}) reads a weight over "
-                          f"{SPLIT_BYTES >> 20} MiB that cannot be cut along its output channels")
-    (name, w), = weights.items()
+    name, src = big[0], sources[big[0]]
     axis = CHANNEL_AXIS[node.op_type]
-    width = w.shape[axis]
-    step = -(-width // -(-w.nbytes // SPLIT_BYTES))
+    width = src.shape[axis]
+    step = -(-width // -(-src.nbytes // SPLIT_BYTES))
     first, counts = None, {}
     parts: dict[str, list[tuple[np.ndarray, int]]] = {}
     for start in range(0, width, step):
-        chunk = np.ascontiguousarray(w[start : start + step] if axis == 0 else w[:, start : start + step])
+        chunk = src.array(axis, start, start + step)
         size = chunk.shape[axis]
         mini, got = quantize(_one_node_model(model, node, {name: chunk}))
         del chunk
@@ -349,7 +361,6 @@ def _quantize_node(model: Any, node: Any, sources: dict[str, Source], quantize: 
         for key, array in _arrays(mini).items():
             parts.setdefault(key, []).append((array, size))
         del mini
-    del weights, w
     arrays = {key: _join(key, pieces) for key, pieces in parts.items()}
     for n in first.graph.node:
         for attr in n.attribute:
