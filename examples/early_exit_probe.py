@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,7 +97,9 @@ def measure(preset: str, every: int, steps: int) -> Lens:
     components = build_components(model)
     runner = Runner(EagerSession(components), config, load_tokenizer(config))
     confs, top1s, finals, greedy = [], [], [], []
-    for text in heldout_texts():
+    texts = heldout_texts()
+    for i, text in enumerate(texts):
+        print(f"prompt {i + 1}/{len(texts)}", file=sys.stderr, flush=True)
         c, t, f, g = lens_for_prompt(runner, components, text, steps, layers)
         confs.append(c)
         top1s.append(t)
