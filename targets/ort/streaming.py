@@ -256,6 +256,32 @@ def _file_mapping(address: int) -> tuple[int, int] | None:
     return None
 
 
+def release_pages_after_use(model: nn.Module) -> int:
+    """Drop the mapped checkpoint pages of each module's own weights after every forward; returns how many
+    modules got the hook.
+
+    The eager reference of the export check (and anything else run on the model afterwards) upcasts a
+    mapped bf16 module per call (exporter/model/upcast.py); the pages it read would stay in RSS, and a 9B
+    pass would leave all 20 GB of the shards resident. Dropped, they are re-read (from the page cache,
+    usually) on the next call. Models with no file-mapped weights get no hook.
+    """
+    count = 0
+    for m in model.modules():
+        mapped = [p for p in m.parameters(recurse=False) if p.numel() and _file_mapping(p.data_ptr()) is not None]
+        if mapped and not getattr(m, "_autoglm_releases_pages", False):
+            m.register_forward_hook(_drop_after_forward)
+            m._autoglm_releases_pages = True
+            count += 1
+    return count
+
+
+def _drop_after_forward(module: nn.Module, args: Any, output: Any) -> None:
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return  # traced (fake tensors, stand-ins): nothing mapped to drop
+    for p in module.parameters(recurse=False):
+        drop_pages(p)
+
+
 _LIBC: Any = None
 
 
@@ -323,6 +349,16 @@ def _one_node_model(model: Any, node: Any, weights: dict[str, np.ndarray]) -> An
     mini = helper.make_model(graph, opset_imports=list(model.opset_import))
     mini.ir_version = model.ir_version
     return mini
+
+
+def _detached(node: Any) -> Any:
+    """A copy of ``node`` that owns its memory: protobuf keeps a whole message (here a one-node model with its
+    fp32 weights) alive while any of its sub-messages is referenced."""
+    from onnx import NodeProto
+
+    copy = NodeProto()
+    copy.CopyFrom(node)
+    return copy
 
 
 def _arrays(mini: Any) -> dict[str, np.ndarray]:
@@ -414,7 +450,7 @@ def stream_weights(model: Any, sources: dict[str, Source], quantize: MiniQuantiz
             for name, array in arrays.items():
                 model.graph.initializer.append(out.put(name, array))
             del arrays
-            nodes.extend(mini.graph.node)
+            nodes.extend(_detached(n) for n in mini.graph.node)  # a kept sub-message would keep the weights alive
             for o in mini.opset_import:
                 opsets.setdefault(o.domain, o.version)
             for n in names:
