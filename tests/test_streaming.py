@@ -1,0 +1,159 @@
+"""The ORT target's streaming export (targets/ort/streaming.py): what the 9B goes through, on small models.
+
+* the streamed artifact equals the whole-model export (same nodes, same tensors, same export check) for
+  every method, with weights cut into slices as the 9B's embedding table and lm_head are;
+* its memory shape: exporting a decoder with twice as many layers raises the export's peak RSS by less
+  than one layer's fp32 weights (the whole-model path, measured the same way, rises by several).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.recipes import Recipe, RecipeName
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tensors(path: Path) -> tuple[dict[str, np.ndarray], list]:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}, list(model.graph.node)
+
+
+@pytest.mark.parametrize("recipe", [RecipeName.INT4_WEIGHT, RecipeName.INT8_WEIGHT])
+def test_streamed_artifact_equals_whole_export(recipe, exported, tiny_components, tmp_path, monkeypatch):
+    import targets.ort.streaming as streaming
+    from targets.lifecycle import export
+    from targets.ort.target import OrtTarget
+
+    monkeypatch.setattr(streaming, "SPLIT_BYTES", 100_000)  # the lm_head and the table go through in slices
+    whole = exported("ort", recipe)
+    tiny_components.text_decoder.cache.reset()
+    streamed = export(OrtTarget(stream_above=0), tiny_components, Recipe(recipe), tmp_path / "streamed")
+    quant = streamed.info["report"]["quantization"]
+    methods = list(whole.info["report"]["models"])
+    assert sorted(methods) == ["audio_encoder", "text_decoder", "token_embedding", "vision_encoder"]
+    assert all(quant[m]["streamed"] for m in methods)
+    for method in methods:
+        a, a_nodes = _tensors(whole.dir / f"{method}.onnx")
+        b, b_nodes = _tensors(streamed.dir / f"{method}.onnx")
+        assert a_nodes == b_nodes, method
+        assert sorted(a) == sorted(b), method
+        for name in a:
+            assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), (method, name)
+        counts = {k: v for k, v in quant[method].items() if k != "streamed"}
+        assert counts == whole.info["report"]["quantization"][method]
+    for method, numbers in whole.info["report"]["export_check"]["methods"].items():
+        assert streamed.info["report"]["export_check"]["methods"][method]["cosine"] == pytest.approx(numbers["cosine"], abs=1e-6)
+
+
+def test_slices_are_joined_along_the_output_channels(tiny_components, tmp_path, monkeypatch):
+    """A weight cut into slices comes back whole: joined along the right axis, MatMulNBits' N the full width."""
+    import onnx
+
+    import targets.ort.streaming as streaming
+    from targets.ort.target import OrtTarget, _stream_int4
+    from targets.spec import BuildJob
+
+    vocab = tiny_components.config.text.vocab_size
+    job = BuildJob(components=tiny_components, recipe=Recipe(RecipeName.INT4_WEIGHT),
+                   spec=OrtTarget.spec.recipe(RecipeName.INT4_WEIGHT), metadata={}, calibration=None,
+                   work=tmp_path, tokenizer_files=[], progress=lambda *a: None)
+    paths = {}
+    for split in (1 << 40, 150_000):
+        monkeypatch.setattr(streaming, "SPLIT_BYTES", split)
+        paths[split] = tmp_path / f"decoder-{split}.onnx"
+        streaming.export_streamed(tiny_components, "text_decoder", paths[split], _stream_int4(job))
+    whole, cut = (onnx.load(str(p)) for p in paths.values())
+    lm_head = [n for n in cut.graph.node if n.name.startswith("text.lm_head/")]
+    assert [a.i for n in lm_head for a in n.attribute if a.name == "N"] == [vocab]
+    a, _ = _tensors(paths[1 << 40])
+    b, _ = _tensors(paths[150_000])
+    assert all(np.array_equal(a[k], b[k]) for k in a) and sorted(a) == sorted(b)
+    assert whole.graph.node == cut.graph.node
+
+
+CHILD = r"""
+import dataclasses, gc, json, sys, types
+from pathlib import Path
+import torch
+from torch import nn
+from exporter.model import get_preset
+from exporter.model.decoder import TextModel
+from exporter.model.upcast import compute_in_float32
+from core.recipes import Recipe, RecipeName
+from targets.ort import streaming
+from targets.ort.files import load_model, save_model
+from targets.ort.graphs import export_onnx
+from targets.ort.quantize_int4 import quantize_int4
+
+layers, mode, out = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+torch.manual_seed(0)
+base = get_preset("tiny")
+text = dataclasses.replace(base.text, hidden_size=1024, intermediate_size=4096, num_heads=8, num_kv_heads=2,
+                           mrope_section=(8, 12, 12), num_layers=layers, vocab_size=2048)
+cfg = base.replace(text=text, vision=dataclasses.replace(base.vision, out_hidden_size=1024))  # only text is built
+
+class Model(nn.Module):  # what the decoder graph reads: model.text
+    def __init__(self):
+        super().__init__()
+        self.text = TextModel(cfg.text)
+
+model = Model().eval()
+with torch.no_grad():
+    model.to(torch.bfloat16)  # held as a kept checkpoint is: bf16, upcast per module
+compute_in_float32(model)
+comps = types.SimpleNamespace(config=cfg, model=model)
+layer_bytes = 4 * sum(p.numel() for p in model.text.layers[0].parameters())
+gc.collect()
+
+def status(key):
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from here
+before = status("VmRSS")
+
+def int4(mini):
+    m, counts = quantize_int4(mini, 32)
+    return m, {}
+
+if mode == "stream":
+    streaming.export_streamed(comps, "text_decoder", out, int4)
+else:
+    raw = out.with_suffix(".raw.onnx")
+    with streaming.float32_module(model.text):
+        export_onnx(comps, "text_decoder", raw)
+    m, _ = quantize_int4(load_model(raw), 32)
+    save_model(m, out)
+print(json.dumps({"before": before, "peak": status("VmHWM"), "layer_bytes": layer_bytes}))
+"""
+
+
+def _export_peak(layers: int, mode: str, tmp_path: Path) -> dict[str, int]:
+    """One export in a fresh process: RSS before the export and the peak during it (VmHWM, reset first)."""
+    out = tmp_path / f"{mode}-{layers}.onnx"
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(layers), mode, str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_twice_the_layers_costs_less_than_one_layer_of_peak_memory(tmp_path):
+    rise = {}
+    for mode in ("stream", "whole"):
+        small, large = (_export_peak(n, mode, tmp_path) for n in (2, 4))
+        rise[mode] = (large["peak"] - large["before"]) - (small["peak"] - small["before"])
+    layer = small["layer_bytes"]  # 58 MB: fp32 weights of one 1024-wide layer with a 4096 MLP
+    assert rise["stream"] < layer, f"streamed: +{rise['stream'] >> 20} MiB for 2 more layers of {layer >> 20} MiB"
+    # the measure sees layers: the whole-model path holds each layer's weights several times over
+    assert rise["whole"] > 2 * layer, f"whole: +{rise['whole'] >> 20} MiB for 2 more layers of {layer >> 20} MiB"
