@@ -111,7 +111,9 @@ def fmt(x, spec: str) -> str:
 
 
 def rows(pdir: Path):
-    for d in sorted((p for p in pdir.iterdir() if p.is_dir()), key=lambda p: (TARGET_ORDER.get(p.name.split("-")[0], 9), p.name)):
+    # the unpruned row first within each target; hidden names are an export's staging dirs
+    dirs = [p for p in pdir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    for d in sorted(dirs, key=lambda p: (TARGET_ORDER.get(p.name.split("-")[0], 9), not p.name.endswith("-none"), p.name)):
         if not (d / "artifact.json").is_file():
             yield d.name, None
             continue
@@ -136,7 +138,7 @@ for preset in presets:
     for name, v in found:
         target = name.split("-")[0]
         if v is None:
-            print(f"| {name} | export failed: see {preset}/{name}.log | | | | | | | |")
+            print(f"| {name} | no artifact (export failed or unfinished): see {preset}/{name}.log | | | | | | | |")
             continue
         art, rep, bench = v
         size = program_bytes(art)
@@ -148,7 +150,7 @@ for preset in presets:
         label = f"{target} {art['recipe']}"
         if rep is None:
             print(f"| {label} | {removed(art['metadata'].get('compression', {}))} | {size / 2**20:.1f} | {ratio} | {tok_s} "
-                  f"| parity failed: see {preset}/{name}.parity.log | | | |")
+                  f"| no parity report: see {preset}/{name}.parity.log | | | |")
             continue
         dec = rep.get("decoder", {})
         change = dec.get("perplexity_change")
