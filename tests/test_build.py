@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter import build as manifest
+from exporter import build as builder
 from heldout import heldout_subset
 from core.errors import ConfigError, ParityFailure, UnknownTargetError
 
@@ -37,7 +37,7 @@ def test_embedded_default_builds_every_shipped_target_with_float_and_int8():
             shipped.add(name)
         except TargetNotAvailableError:
             pass
-    cfg = manifest.load_config(None)
+    cfg = builder.load_config(None)
     pairs = {(a["target"], a["recipe"]) for a in cfg["artifacts"]}
     float_recipe = {"executorch": "fp32", "ort": "fp32", "coreml": "fp16"}
     assert pairs == {(t, r) for t in shipped for r in (float_recipe[t], "int8-static")}
@@ -46,7 +46,7 @@ def test_embedded_default_builds_every_shipped_target_with_float_and_int8():
 
 def test_example_configs_parse():
     for name in ("build.toml", "build-9b.toml"):
-        cfg = manifest.load_config(ROOT / "examples" / name)
+        cfg = builder.load_config(ROOT / "examples" / name)
         assert cfg["artifacts"]
 
 
@@ -64,11 +64,11 @@ def test_example_configs_parse():
 )
 def test_bad_configs_are_rejected_with_the_key(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
-        manifest.load_config(_write(tmp_path, text))
+        builder.load_config(_write(tmp_path, text))
 
 
 def test_thresholds_merge_global_recipe_and_artifact(tmp_path):
-    cfg = manifest.load_config(
+    cfg = builder.load_config(
         _write(
             tmp_path,
             "[parity.thresholds]\n'*.cosine'=0.5\n'text_decoder.cosine'=0.6\n"
@@ -83,7 +83,7 @@ def test_thresholds_merge_global_recipe_and_artifact(tmp_path):
 def test_unknown_target_fails_before_any_model_work(tmp_path):
     cfg = _write(tmp_path, "[[artifact]]\ntarget='tflite'\nrecipe='fp32'\n")
     with pytest.raises(UnknownTargetError, match="tflite"):
-        manifest.build(cfg, tmp_path / "out")
+        builder.build(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # --out is not even created
 
 
@@ -123,8 +123,8 @@ def two_builds(tmp_path_factory):
     target = _fast_target()
     tmp = tmp_path_factory.mktemp("builds")
     cfg = _config(tmp, target)
-    first = manifest.build(cfg, tmp / "one")
-    second = manifest.build(cfg, tmp / "two")
+    first = builder.build(cfg, tmp / "one")
+    second = builder.build(cfg, tmp / "two")
     return cfg, first, second
 
 
@@ -148,7 +148,7 @@ def test_two_clean_builds_are_byte_identical(two_builds):
 def test_manifest_records_what_the_issue_asks(two_builds):
     _, first, _ = two_builds
     data = json.loads(first.read_text())
-    assert data["schema"] == manifest.MANIFEST_SCHEMA and data["schema_version"] == 1 and data["complete"]
+    assert data["schema"] == builder.MANIFEST_SCHEMA and data["schema_version"] == 1 and data["complete"]
     e = data["artifacts"][0]
     for key in ("path", "sha256", "size_bytes", "target", "recipe", "runner_interface", "programs", "runtime_versions", "package_version"):
         assert e[key], key
@@ -161,14 +161,14 @@ def test_manifest_records_what_the_issue_asks(two_builds):
 def test_rerun_skips_up_to_date_and_honours_config_thresholds(two_builds, tmp_path):
     cfg, first, _ = two_builds
     before = (first.parent / "a" / "artifact.json").stat().st_mtime_ns
-    manifest.build(cfg, first.parent)
+    builder.build(cfg, first.parent)
     entry = json.loads(first.read_text())["artifacts"][0]
     assert entry["reused"] is True
     assert (first.parent / "a" / "artifact.json").stat().st_mtime_ns == before
     # only a threshold changed: parity again (no re-export), and the impossible threshold fails naming the method
     strict = _config(tmp_path, entry["target"], extra="thresholds={'text_decoder.max_abs'=-1.0}")
     with pytest.raises(ParityFailure, match="text_decoder.max_abs") as e:
-        manifest.build(strict, first.parent)
+        builder.build(strict, first.parent)
     assert "a:text_decoder.max_abs" in e.value.failures
     assert (first.parent / "a" / "artifact.json").stat().st_mtime_ns == before
     entry = json.loads(first.read_text())["artifacts"][0]
@@ -180,7 +180,7 @@ def test_killed_build_leaves_no_partial_artifact_and_next_build_completes(tmp_pa
     target = _fast_target()
     cfg = _config(tmp_path, target, names=("first", "second"))
     out = tmp_path / "out"
-    code = f"from pathlib import Path; from exporter.manifest import build; build(Path({str(cfg)!r}), Path({str(out)!r}))"
+    code = f"from pathlib import Path; from exporter.build import build; build(Path({str(cfg)!r}), Path({str(out)!r}))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log = tmp_path / "build.log"
     with open(log, "wb") as f:
@@ -205,7 +205,7 @@ def test_killed_build_leaves_no_partial_artifact_and_next_build_completes(tmp_pa
     first_hash = _artifact_hashes(out / "manifest.json")["first"]
     # the next build removes the staging leftovers, keeps "first" and completes "second"
     t0 = time.time()
-    manifest.build(cfg, out)
+    builder.build(cfg, out)
     print(f"rerun {time.time() - t0:.1f}s")
     data = json.loads((out / "manifest.json").read_text())
     assert data["complete"] and [a["name"] for a in data["artifacts"]] == ["first", "second"]
