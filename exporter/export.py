@@ -114,7 +114,7 @@ def export_model(
     progress = progress or no_progress
     target = get_target(plan.target)
     rec = plan.recipe
-    if not getattr(target, "keeps_stored_weights", False):  # ort upcasts per method and streams the decoder
+    if not target.spec.reads_stored_weights:  # e.g. ort upcasts per method and streams large ones
         float32_weights(model)  # a large bf16 checkpoint is kept mapped for eager use; exporters trace fp32 modules
     compression: dict[str, Any] = {}
     if plan.prune_heads or plan.skip_layers:

@@ -57,6 +57,9 @@ class TargetSpec:
     nondeterministic_files: tuple[tuple[str, str], ...] = ()
     # what the app links or passes to run it, for the README and `info`
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # the build reads the checkpoint's stored (bf16) weights itself, upcasting one method or weight at a time, so
+    # the application must not make a whole-model fp32 copy first (the 9B: 41 GB)
+    reads_stored_weights: bool = False
 
     @property
     def recipe_names(self) -> tuple[str, ...]:

@@ -48,4 +48,5 @@ SPEC = TargetSpec(
         "onnxruntime-genai opens the folder as exported (og.Model + og.Tokenizer); images go in as named tensors "
         "(report.genai), audio only through onnxruntime directly",
     ),
+    reads_stored_weights=True,
 )

@@ -115,10 +115,7 @@ class OrtTarget:
     (targets/ort/streaming.py) when their fp32 weights would exceed this many bytes (and the recipe can
     stream); the other methods, and smaller models, take the whole-model path."""
 
-    spec = SPEC
-    # the driver may leave a checkpoint's bf16 weights as mapped (exporter/export.py): each method is traced
-    # in fp32 here, one at a time, and the decoder's weights are streamed
-    keeps_stored_weights = True
+    spec = SPEC  # reads_stored_weights: each method is traced in fp32 here, one at a time, large ones streamed
 
     def __init__(self, stream_above: int = STREAM_ABOVE_BYTES):
         self.stream_above = stream_above
