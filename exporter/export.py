@@ -15,7 +15,7 @@ from typing import Any
 
 from core.artifact import Artifact, Progress, check_output_dir, no_progress
 from core.errors import BadInputError
-from core.recipes import Recipe, recipe_name
+from core.recipes import Recipe
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,7 @@ def plan(
 
     spec = target_spec(target)  # unknown target -> exit 2 before any model work
     rspec = spec.recipe(recipe)  # not offered by this target -> exit 2, naming what it offers
-    definition = recipe_name(recipe)
-    rec = Recipe(definition, keep_float=tuple(keep_float), group_size=32 if group_size is None else group_size)
+    rec = Recipe(rspec.recipe, keep_float=tuple(keep_float), group_size=32 if group_size is None else group_size)
     if group_size is not None and not rec.grouped:
         from core.recipes import GROUPED_RECIPES
 

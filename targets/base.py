@@ -5,10 +5,14 @@ committed. The artifact directory itself and the Session protocol are core (core
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any, TYPE_CHECKING
+from typing import Any, Iterator, TYPE_CHECKING
 
 import numpy as np
 
@@ -17,8 +21,27 @@ from core.errors import ArtifactError, ExportError
 from core.recipes import Recipe
 from targets.spec import Gate
 
+
 if TYPE_CHECKING:  # an annotation only: the model code is not imported for it
     from core.components import Components
+
+
+@contextlib.contextmanager
+def quiet(loggers: tuple[str, ...]) -> Iterator[io.StringIO]:
+    """Silence a converter's chatter: stdout/stderr prints, warnings, and INFO logs of ``loggers`` (set to
+    ERROR, restored after). Yields what was printed, for callers that read a tool's errors back from it."""
+    buf = io.StringIO()
+    found = [logging.getLogger(n) for n in loggers]
+    levels = [lg.level for lg in found]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        warnings.simplefilter("ignore")
+        for lg in found:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield buf
+        finally:
+            for lg, level in zip(found, levels):
+                lg.setLevel(level)
 
 
 # --- what every artifact carries -------------------------------------------------

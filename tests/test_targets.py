@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,6 @@ from core.artifact import read_artifact, verify_artifact
 from core.errors import ExportError
 from core.recipes import Recipe
 from targets import TARGETS, get_target, target_spec
-import os
 from targets.spec import Gate
 
 pytestmark = pytest.mark.slow

@@ -7,12 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from core.metrics import aggregate, compare
-from core.errors import ConfigError, InputFileError, ParityFailure
-
 from core.artifact import Progress
+from core.errors import ConfigError, InputFileError, ParityFailure
+from core.metrics import aggregate, compare
 from exporter.parity.inputs import Item
 from exporter.parity.thresholds import METRICS_MIN
+
 
 def compare_sessions(
     reference: Any,

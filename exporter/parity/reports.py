@@ -186,6 +186,7 @@ def _token_table(p: dict[str, Any]) -> str:
     rows.append(f"<p class='tok'>reference text: {e(repr(p['reference_text'][:200]))}<br>artifact text: {e(repr(p['artifact_text'][:200]))}</p>")
     return "".join(rows)
 
+
 def failure_text(c: dict[str, Any]) -> str:
     v = "non-finite" if c["value"] is None else f"{c['value']:.6g}"
     return f"{c['name']} = {v} (needs {c['op']} {c['threshold']:g})"

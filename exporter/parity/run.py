@@ -6,13 +6,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.errors import BadInputError, ConfigError, ParityFailure
-
 from core.artifact import Progress
+from core.errors import BadInputError, ConfigError, ParityFailure
 from exporter.parity.comparison import compare_sessions, evaluate, for_model
 from exporter.parity.inputs import Item, default_inputs, refuse_calibration_set, read_inputs
 from exporter.parity.reports import failure_text, fmt, fmt_db, write_reports
 from exporter.parity.thresholds import REPORT_SCHEMA, REPORT_SCHEMA_VERSION, thresholds_for
+
 
 def run_parity(
     artifact_dir: Path,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from core.errors import ConfigError
-
 from core.recipes import RECIPES
 
 REPORT_SCHEMA = "autoglm-export/parity-report"

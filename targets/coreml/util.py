@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
-import warnings
-from typing import Iterator
+
+from targets.base import quiet as base_quiet
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[io.StringIO]:
+def quiet() -> contextlib.AbstractContextManager[io.StringIO]:
     """Silence coremltools' progress bars, warnings and INFO logs (conversion prints pages of them)."""
-    buf = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("", "coremltools", "torch.export")]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings(), contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        warnings.simplefilter("ignore")
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        try:
-            yield buf
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
+    return base_quiet(("", "coremltools", "torch.export"))
 
 
 def error_cause(e: BaseException) -> str:

@@ -53,14 +53,19 @@ def conv_pads(a: dict, spatial_in: list[int], kernel: list[int], strides: list[i
     raise ValueError(f"unknown pad_type '{pad_type}'")  # rejected by coremltools itself
 
 
+def conv_geometry(a, d: int) -> tuple[list[int], list[int], int]:
+    """A conv op's strides and dilations (default 1 on each of its ``d`` spatial axes) and groups."""
+    strides = ints_of(a["strides"]) if a.get("strides") is not None else [1] * d
+    dilations = ints_of(a["dilations"]) if a.get("dilations") is not None else [1] * d
+    return strides, dilations, int_of(a.get("groups", 1))
+
+
 @register("conv")
 def _conv(a, n):
     torch = torch_module()
     x, w = f32(a["x"]), f32(a["weight"])
     d = x.ndim - 2
-    strides = ints_of(a["strides"]) if a.get("strides") is not None else [1] * d
-    dilations = ints_of(a["dilations"]) if a.get("dilations") is not None else [1] * d
-    groups = int_of(a.get("groups", 1))
+    strides, dilations, groups = conv_geometry(a, d)
     pads = conv_pads(a, list(x.shape[2:]), list(w.shape[2:]), strides, dilations)
     tx = torch.from_numpy(np.ascontiguousarray(x))
     flat = [p for pair in reversed(pads) for p in pair]
@@ -78,9 +83,7 @@ def _conv_transpose(a, n):
     torch = torch_module()
     x, w = f32(a["x"]), f32(a["weight"])
     d = x.ndim - 2
-    strides = ints_of(a["strides"]) if a.get("strides") is not None else [1] * d
-    dilations = ints_of(a["dilations"]) if a.get("dilations") is not None else [1] * d
-    groups = int_of(a.get("groups", 1))
+    strides, dilations, groups = conv_geometry(a, d)
     pad_type = a.get("pad_type", "valid")
     if pad_type not in ("valid", "custom"):
         raise variant_error(n, f"pad_type '{pad_type}'")
