@@ -80,23 +80,40 @@ def _calls(calib: Any, method: str) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def _replay_calls(components: Components, method: str, calls: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    """The method's output per recorded call, as [rows, last dim] (the decoder: [T, vocab] logits)."""
+def replay(
+    components: Components,
+    method: str,
+    calls: list[dict[str, np.ndarray]],
+    keep: bool = True,
+    progress: Progress | None = None,
+    label: str = "replay",
+) -> list[np.ndarray]:
+    """Run the method over recorded calls (the decoder's KV cache reset at each prompt start); with ``keep``,
+    its output per call as [rows, last dim] (the decoder: [T, vocab] logits). Hooks see every call."""
     import torch
 
     module = components.methods()[method]
     names = components.input_names(method)
     outs = []
     with torch.no_grad():
-        for c in calls:
+        for i, c in enumerate(calls):
             if method == "text_decoder" and int(c["cache_position"][0]) == 0:
                 components.text_decoder.cache.reset()
             args = [torch.from_numpy(np.ascontiguousarray(c[n])) for n in names]
-            out = module(*args).float()
-            outs.append(out.reshape(-1, out.shape[-1]).numpy())
+            out = module(*args)
+            if keep:
+                out = out.float()
+                outs.append(out.reshape(-1, out.shape[-1]).numpy())
+            if progress:
+                progress(label, i + 1, len(calls))
     if method == "text_decoder":
         components.text_decoder.cache.reset()
     return outs
+
+
+def _replay_calls(components: Components, method: str, calls: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """The method's output per recorded call, as [rows, last dim] (the decoder: [T, vocab] logits)."""
+    return replay(components, method, calls)
 
 
 def _replay(components: Components, method: str, calls: list[dict[str, np.ndarray]]) -> np.ndarray:
