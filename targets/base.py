@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, TYPE_CHECKING
 
@@ -184,57 +185,79 @@ def check_tokenizer(config: Any) -> tuple[Any, str]:
 SEGMENT_METHOD = {"text": "token_embedding", "image": "vision_encoder", "audio": "audio_encoder"}
 
 
-def method_calls(session: Any, runner: Any, segments: list[Any], decode_tokens: list[int]) -> dict[str, list[np.ndarray]]:
-    """Each method's output per call on the same inputs, the decoder teacher-forced with ``runner``'s embeddings.
+def method_calls(
+    session: Any,
+    runner: Any,
+    segments: list[Any],
+    decode_tokens: list[int],
+    reference: "HeldOut | None" = None,
+) -> dict[str, list[np.ndarray]]:
+    """Each method's output per call on the same inputs, the decoder teacher-forced with the reference embeddings.
 
     Each segment is embedded through ``session`` right before its prefill (the stock runners' order: an
-    ExecuTorch program's M-RoPE state reads it), then prefilled in one call with ``runner``'s (reference)
-    embedding of it; every token of ``decode_tokens`` is then one T = 1 call with a growing cache.
-    Embeddings come back as [T, H], logits as [T, V].
+    ExecuTorch program's M-RoPE state reads it), then prefilled in one call with the reference embedding
+    of it; every token of ``decode_tokens`` is then one T = 1 call with a growing cache. The reference
+    embeddings come from ``reference`` when given (computed before the program was opened: the export
+    check of a 9B cannot hold the eager model's working set and the program at once), else from
+    ``runner`` (an eager Runner). Embeddings come back as [T, H], logits as [T, V].
     """
     from core.runner import Runner
+
+    def segment_embeds(i: int, seg: Any) -> np.ndarray:
+        return reference.embeds[i] if reference is not None else runner.embed(seg)
+
+    def token_embeds(i: int, tok: int) -> np.ndarray:
+        if reference is not None:
+            return reference.token_embeds[i]
+        return runner.session.run("token_embedding", tokens=np.array([[tok]], np.int64))
 
     mine = Runner(session, runner.config, runner.tokenizer)
     session.reset()
     out: dict[str, list[np.ndarray]] = {}
     start = 0
-    for seg in segments:
+    for i, seg in enumerate(segments):
         e = mine.embed(seg)
         out.setdefault(SEGMENT_METHOD[seg.kind], []).append(e.reshape(-1, e.shape[-1]))
-        out.setdefault("text_decoder", []).append(mine.decode(runner.embed(seg), seg.position_ids, start))
+        out.setdefault("text_decoder", []).append(mine.decode(segment_embeds(i, seg), seg.position_ids, start))
         start += seg.length
     pos = int(segments[-1].position_ids.max()) + 1
-    for tok in decode_tokens:
-        emb = runner.session.run("token_embedding", tokens=np.array([[tok]], np.int64))
-        out["text_decoder"].append(mine.decode(emb, np.full((3, 1), pos, np.int64), start))
+    for i, tok in enumerate(decode_tokens):
+        out["text_decoder"].append(mine.decode(token_embeds(i, tok), np.full((3, 1), pos, np.int64), start))
         start += 1
         pos += 1
     return out
 
 
-def method_outputs(session: Any, runner: Any, segments: list[Any], decode_tokens: list[int]) -> dict[str, np.ndarray]:
+def method_outputs(
+    session: Any, runner: Any, segments: list[Any], decode_tokens: list[int], reference: "HeldOut | None" = None
+) -> dict[str, np.ndarray]:
     """:func:`method_calls`, each method's calls concatenated along positions."""
-    return {m: np.concatenate(v, axis=0) for m, v in method_calls(session, runner, segments, decode_tokens).items()}
+    calls = method_calls(session, runner, segments, decode_tokens, reference)
+    return {m: np.concatenate(v, axis=0) for m, v in calls.items()}
 
 
-def export_gate(
-    target: str,
-    recipe: Recipe,
-    session: Any,
-    components: Components,
-    gate: Gate,
-    decode_steps: int = 3,
-) -> dict[str, Any]:
-    """The export-time parity check every target runs on the program it just wrote, before committing it.
+@dataclass
+class HeldOut:
+    """The export check's held-out sample run through eager: everything the check needs from the reference.
 
-    One held-out prompt with its image and audio (never seen by calibration) goes through eager and
-    through ``session``; each method's outputs over all its calls (prefill per segment, then
-    ``decode_steps`` teacher-forced decode calls) are compared. A method below the recipe's cosine
-    floor, or above its relative-L2 ceiling (None: no ceiling), raises :class:`ExportError`, so the
-    caller's atomic directory is discarded and nothing is written.
+    Computed before the program is opened and kept as arrays, so the eager model's working set (at 9B,
+    the mapped checkpoint pages each layer reads) and the program's weights are never resident together.
     """
+
+    runner: Any  # a Runner on the eager session: config, tokenizer and segmenting only after this point
+    tokenizer_note: str
+    sample: str
+    segments: list[Any]
+    tokens: list[int]
+    embeds: list[np.ndarray]  # per segment, the reference embedding the decoder is teacher-forced with
+    token_embeds: list[np.ndarray]  # per decode token, likewise
+    outputs: dict[str, np.ndarray]  # each method's eager outputs over all its calls
+
+
+def held_out_reference(components: Components, decode_steps: int = 3) -> HeldOut:
+    """One held-out prompt with its image and audio (never seen by calibration) through eager: the
+    segments, ``decode_steps`` greedy tokens, the embeddings and each method's outputs over its calls."""
     from core.dataset import sample_inputs
-    from core.metrics import compare
     from core.runner import EagerSession, Prompt, Runner
 
     cfg = components.config
@@ -246,9 +269,35 @@ def export_gate(
     runner = Runner(eager, cfg, tokenizer)
     segments = runner.segments(prompt)
     tokens = runner.generate(prompt, max_new_tokens=decode_steps, stop_at_eos=False).tokens
-    ref = method_outputs(eager, runner, segments, tokens)
-    got = method_outputs(session, runner, segments, tokens)
+    embeds = [runner.embed(seg) for seg in segments]
+    token_embeds = [eager.run("token_embedding", tokens=np.array([[t]], np.int64)) for t in tokens]
+    outputs = method_outputs(eager, runner, segments, tokens)
     eager.reset()
+    return HeldOut(runner=runner, tokenizer_note=tokenizer_note, sample=media["image"].name, segments=segments,
+                   tokens=tokens, embeds=embeds, token_embeds=token_embeds, outputs=outputs)
+
+
+def export_gate(
+    target: str,
+    recipe: Recipe,
+    session: Any,
+    reference: "HeldOut | Components",
+    gate: Gate,
+) -> dict[str, Any]:
+    """The export-time parity check every target runs on the program it just wrote, before committing it.
+
+    ``reference`` is the held-out sample through eager (:func:`held_out_reference`; given components, it
+    is computed here). Each method's outputs over all its calls (prefill per segment, then the
+    teacher-forced decode calls) are compared. A method below the recipe's cosine floor, or above its
+    relative-L2 ceiling (None: no ceiling), raises :class:`ExportError`, so the caller's atomic directory
+    is discarded and nothing is written.
+    """
+    from core.metrics import compare
+
+    held = reference if isinstance(reference, HeldOut) else held_out_reference(reference)
+    segments, tokens = held.segments, held.tokens
+    ref = held.outputs
+    got = method_outputs(session, held.runner, segments, tokens, held)
     floor, ceiling = gate.floor_cosine, gate.max_relative_l2
     how = getattr(session, "provenance", target)
     methods: dict[str, dict[str, Any]] = {}
@@ -271,8 +320,8 @@ def export_gate(
     return {
         "measured": True,
         "how": how,
-        "sample": media["image"].name,
-        "tokenizer": tokenizer_note,
+        "sample": held.sample,
+        "tokenizer": held.tokenizer_note,
         "inputs": f"held-out prompt with its media ({sum(s.length for s in segments)} prompt positions, "
                   f"{len(tokens)} decode steps, teacher-forced)",
         "floor_cosine": floor,

@@ -3,8 +3,8 @@
 1. the recipe is checked against the target's spec and ``out`` against the user's data, before any work;
 2. a staging directory beside ``out`` receives the tokenizer files, then the target's ``build`` hook
    writes its program(s) (scratch files go to a work directory that is removed afterwards);
-3. the target's ``open`` hook loads what was written and the export-time check compares every method
-   against eager on a held-out sample (:func:`targets.base.export_gate`); a program below its recipe's
+3. the held-out sample goes through eager, then the target's ``open`` hook loads what was written and
+   the export-time check compares every method against those eager outputs (:func:`targets.base.export_gate`); a program below its recipe's
    gate raises, and nothing is written;
 4. artifact.json (files with their sha256, the runner interface, the programs as saved, metadata with
    the weights' source and any compression, runtime versions, timings, the target's report) is written
@@ -31,7 +31,7 @@ from core.artifact import (
 )
 from core.errors import MissingRuntimeError
 from core.recipes import Recipe
-from targets.base import artifact_metadata, copy_tokenizer_files, export_gate, method_signatures
+from targets.base import artifact_metadata, copy_tokenizer_files, export_gate, held_out_reference, method_signatures
 from targets.spec import BuildJob, Target
 
 if TYPE_CHECKING:  # an annotation only: the model code is not imported for it
@@ -75,12 +75,14 @@ def export(
                          info={"target": spec.name, "recipe": recipe.name, "metadata": meta, "runner_interface": interface})
         progress(f"{spec.name} check", 0, 1)
         t = time.perf_counter()
+        # eager first, then the program: at 9B the two working sets do not fit in memory together
+        reference = held_out_reference(components)
         try:
             session = target.open(draft, built.check_variant)
         except MissingRuntimeError as e:  # no runtime (nor emulation) on this host: said, not hidden
             check: dict[str, Any] = {"measured": False, "why": str(e)}
         else:
-            check = export_gate(spec.name, recipe, session, components, rspec.gate)
+            check = export_gate(spec.name, recipe, session, reference, rspec.gate)
             del session
         check["wall_s"] = round(time.perf_counter() - t, 2)
         report["export_check"] = check
