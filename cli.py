@@ -264,6 +264,11 @@ def export(
         Optional[int],
         typer.Option("--skip-layers", help="Remove this many decoder layers, lowest block influence first."),
     ] = None,
+    smooth: Annotated[
+        Optional[float],
+        typer.Option("--smooth", help="SmoothQuant: move per-channel activation range into the weights with this "
+                     "migration strength (0 < ALPHA <= 1, e.g. 0.5), folded into the preceding norm / up / v rows."),
+    ] = None,
 ) -> None:
     """Export one target x recipe into an artifact directory."""
     from exporter import pipeline
@@ -272,13 +277,16 @@ def export(
     keep = tuple(k.strip() for k in keep_float.split(",") if k.strip()) if keep_float else ()
     art = pipeline.export(
         target.value, recipe.value, out, preset, checkpoint, layers, calibration, keep, group_size, Progress(), parity_target,
-        prune_heads, skip_layers,
+        prune_heads, skip_layers, smooth,
     )
     for name, meta in sorted(art.info.get("files", {}).items()):
         typer.echo(f"{art.dir / name}  {_human(meta['bytes'])}  sha256:{meta['sha256'][:16]}")
     exp = art.info.get("export", {})
     if exp:
         typer.echo(f"export: {exp.get('wall_s', 0):.1f} s, peak RSS {exp.get('peak_rss_mb', 0):.0f} MiB")
+    search = (art.metadata.get("compression") or {}).get("parity_search")
+    if search:  # whether the keep-float set met the target on prompts held back from the search
+        typer.echo(search["summary"], err=True)
 
 
 @app.command()

@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, TYPE_CHECKING
 
@@ -303,6 +304,328 @@ def choose_keep_float(
     if progress:
         progress("mixed-precision search", steps, steps)
     return tuple(names[:hi])
+
+
+# --- the one-pass search: every layer quantized, per-layer error attribution -----------------------
+
+SEARCH_PROMPTS = 16  # decoder prompts (whole sequences) the search fits on
+HELDOUT_PROMPTS = 8  # and the ones held back to validate its choice
+HELDOUT_EVERY = 3  # every third prompt of the calibration set is held back (up to HELDOUT_PROMPTS)
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search_keep_float` chose and how it did; ``record()`` goes into artifact.json."""
+
+    keep: tuple[str, ...]
+    target: float
+    linears: int
+    search_cosine: dict[str, float]
+    heldout_cosine: dict[str, float]
+    passes: int  # forward(+backward) passes over the search set, attribution and bisection together
+    wall_s: float = 0.0
+    prompts: tuple[int, int] = (0, 0)  # (search, held-out) decoder prompts
+
+    @property
+    def met_on_search(self) -> bool:
+        return all(c >= self.target for c in self.search_cosine.values())
+
+    @property
+    def met_on_heldout(self) -> bool:
+        return all(c >= self.target for c in self.heldout_cosine.values())
+
+    def summary(self) -> str:
+        """One plain line: what was kept, and whether the target held on the held-back samples."""
+        worst = lambda d: min(d.values()) if d else float("nan")  # noqa: E731
+        head = (f"--parity-target cos={self.target:g}: {len(self.keep)} of {self.linears} linears kept in float; "
+                f"worst cosine {worst(self.search_cosine):.5f} on {self.prompts[0]} search prompts, "
+                f"{worst(self.heldout_cosine):.5f} on {self.prompts[1]} held-out prompts")
+        if not self.met_on_search:
+            return head + " -- TARGET MISSED even with every searched layer in float"
+        if not self.met_on_heldout:
+            return head + " -- TARGET MISSED on the held-out prompts (met on the search prompts only)"
+        return head + " -- target met on both"
+
+    def record(self) -> dict[str, Any]:
+        r6 = lambda d: {k: round(v, 6) for k, v in d.items()}  # noqa: E731
+        return {"target_cosine": self.target, "kept": len(self.keep), "linears": self.linears,
+                "search_cosine": r6(self.search_cosine), "heldout_cosine": r6(self.heldout_cosine),
+                "prompts": {"search": self.prompts[0], "heldout": self.prompts[1]},
+                "met_on_search": self.met_on_search, "met_on_heldout": self.met_on_heldout,
+                "passes": self.passes, "wall_s": round(self.wall_s, 2), "summary": self.summary()}
+
+
+def _prompts(calls: list[dict[str, np.ndarray]]) -> list[list[dict[str, np.ndarray]]]:
+    """Decoder calls grouped into whole prompts (a prompt starts where cache_position does at 0)."""
+    out: list[list[dict[str, np.ndarray]]] = []
+    for c in calls:
+        if int(c["cache_position"][0]) == 0 or not out:
+            out.append([])
+        out[-1].append(c)
+    return out
+
+
+def split_calls(calib: Any, method: str) -> tuple[list[Any], list[Any]]:
+    """(search units, held-out units) of a method: decoder prompts (every HELDOUT_EVERY-th held back), or calls."""
+    inputs = calib if isinstance(calib, dict) else calib.method_inputs
+    calls = inputs.get(method, [])
+    units = _prompts(calls) if method == "text_decoder" else [[c] for c in calls]
+    held = [u for i, u in enumerate(units) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1][:HELDOUT_PROMPTS]
+    held_ids = {id(u) for u in held}
+    search = [u for u in units if id(u) not in held_ids][:SEARCH_PROMPTS if method == "text_decoder" else MAX_CALLS]
+    return search, held
+
+
+def _tensor(a: np.ndarray, grad: bool):
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.requires_grad_(True) if grad and t.is_floating_point() else t
+
+
+def _unit_output(components: Components, method: str, unit: list[dict[str, np.ndarray]], grad: bool = False):
+    """A unit's output rows [rows, last dim] as a torch tensor: a decoder prompt runs as one cache-free
+    sequence (forward_full: the same rows the cached calls return); other methods call by call. With
+    ``grad`` the float inputs require grad (the weights are frozen meanwhile), so every activation has one."""
+    import torch
+
+    if method == "text_decoder":
+        embeds = torch.cat([_tensor(c["embeds"], grad) for c in unit], dim=1)
+        pos = torch.cat([torch.from_numpy(np.ascontiguousarray(c["position_ids"])) for c in unit], dim=-1)
+        text = components.model.text
+        out = text.forward_full(embeds.to(components.model.compute_dtype), pos)
+        return out.float().reshape(-1, out.shape[-1])
+    module, names = components.methods()[method], components.input_names(method)
+    outs = [module(*[_tensor(c[n], grad) for n in names]).float() for c in unit]
+    return torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])
+
+
+def _ste(fq):
+    """Fake quantization with a straight-through gradient (round() alone has none: nothing upstream would be attributed)."""
+    return lambda x: x + (fq(x) - x).detach()
+
+
+def _input_quantizer(name: str, calib: Any, scheme: str):
+    import torch
+
+    if scheme == "w8da8":
+        return _fq_rows
+    if scheme != "w8a8":
+        return None
+    st = calib.activation_stats.get(name)
+    if st is None:
+        return None
+    absmax = st["absmax"] if "absmax" in st else max(abs(st["min"]), abs(st["max"]))
+    scale = max(float(absmax), 1e-12) / 127.0
+    return lambda x: (torch.clamp(torch.round(x / scale), -127, 127) * scale).to(x.dtype)
+
+
+@contextlib.contextmanager
+def _attributing(layers: list[tuple[str, Any]], calib: Any, scheme: str, record: bool):
+    """Every (name, linear) int8-fake-quantized (straight-through); with ``record``, each layer's own output
+    error delta = y_q - W x (the float layer on the same, already perturbed, input) and its output kept for
+    its gradient. Yields the dict name -> [(output, delta), ...]."""
+    import torch
+    import torch.nn.functional as F
+
+    seen: dict[str, list[tuple[Any, Any]]] = {}
+    saved, handles = [], []
+    try:
+        for name, mod in layers:
+            w = mod.weight.data
+            saved.append((mod, w))
+            mod.weight.data = _fq_weight(w)
+            q = _input_quantizer(name, calib, scheme)
+            q = _ste(q) if q is not None else (lambda x: x)
+
+            def pre(m, args, q=q):
+                x = args[0]
+                if record and torch.is_grad_enabled() and not x.requires_grad and x.is_floating_point():
+                    x = x.detach().requires_grad_(True)  # an input from integers only (token ids): a leaf here
+                m._raw_input = x
+                return (q(x),) + tuple(args[1:])
+
+            def post(m, _args, out, name=name, w=w):
+                if record and out.requires_grad:
+                    delta = (out - F.linear(m._raw_input, w, m.bias)).detach()
+                    out.retain_grad()
+                    seen.setdefault(name, []).append((out, delta))
+                m._raw_input = None
+                return out
+
+            handles.append(mod.register_forward_pre_hook(pre))
+            handles.append(mod.register_forward_hook(post))
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+        for mod, w in saved:
+            mod.weight.data = w
+            mod._raw_input = None
+
+
+def _row_cosines(ref, test):
+    import torch
+
+    return torch.nn.functional.cosine_similarity(test.double(), ref.double(), dim=-1, eps=1e-30)
+
+
+def _worst(method: str, cosines: list[Any]) -> float:
+    """parity's metric from per-row cosines: the decoder's worst position, other methods' worst call."""
+    return float(min(c.min() for c in cosines)) if cosines else 1.0
+
+
+def evaluate(components: Components, calib: Any, method: str, units: list[Any], keep: Iterable[str], scheme: str,
+             refs: list[Any] | None = None) -> float:
+    """Worst cosine (parity's metric) of ``method`` over ``units`` with every linear not in ``keep`` int8."""
+    import torch
+
+    keep = set(keep)
+    layers = [(n, m) for n, (meth, m) in _linears(components).items() if meth == method and n not in keep]
+    cos = []
+    with torch.no_grad():
+        for i, unit in enumerate(units):
+            ref = refs[i] if refs is not None else _unit_output(components, method, unit)
+            with _attributing(layers, calib, scheme, record=False):
+                test = _unit_output(components, method, unit)
+            if method == "text_decoder":
+                cos.append(_row_cosines(ref, test))
+            else:  # a whole call, as parity compares it
+                cos.append(_row_cosines(ref.reshape(1, -1), test.reshape(1, -1)))
+    return _worst(method, cos)
+
+
+def attribute(components: Components, calib: Any, method: str, units: list[Any], keep: Iterable[str], scheme: str,
+              refs: list[Any]) -> tuple[float, dict[str, float]]:
+    """One forward + backward pass with every linear not in ``keep`` int8: (worst cosine, per-layer attribution).
+
+    The loss is sum over rows of (1 - cosine)^2 against float (worst rows weigh most). A layer's attribution is
+    <dLoss/dy, delta>: to first order, how much of the loss its own quantization error explains (the
+    attributions sum to the loss's first-order change from float), the loss it would remove in float.
+    """
+    keep = set(keep)
+    layers = [(n, m) for n, (meth, m) in _linears(components).items() if meth == method and n not in keep]
+    score = {n: 0.0 for n, _ in layers}
+    cos = []
+    with _frozen(components.model):
+        for ref, unit in zip(refs, units):
+            cos.append(_attribute_unit(components, method, unit, ref, layers, calib, scheme, score))
+    return _worst(method, cos), score
+
+
+@contextlib.contextmanager
+def _frozen(model):
+    """No parameter gradients (only activations' are read): saves a weight-sized buffer per parameter."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def _attribute_unit(components, method, unit, ref, layers, calib, scheme, score):
+    """One unit's forward + backward; adds each layer's <dLoss/dy, delta> to ``score``; returns its row cosines."""
+    with _attributing(layers, calib, scheme, record=True) as seen:
+        test = _unit_output(components, method, unit, grad=True)
+        if method == "text_decoder":
+            c = _row_cosines(ref, test)
+        else:
+            c = _row_cosines(ref.reshape(1, -1), test.reshape(1, -1))
+        ((1 - c) ** 2).sum().backward()
+        for name, pairs in seen.items():
+            score[name] += float(sum((out.grad.double() * delta.double()).sum() for out, delta in pairs if out.grad is not None))
+    return c.detach()
+
+
+def _chunk(score: dict[str, float], total_linears: int) -> list[str]:
+    """The layers to move to float next: the fewest that explain half the positive attribution, 1 to 10% of all."""
+    ranked = sorted(((v, n) for n, v in score.items() if v > 0), reverse=True)
+    if not ranked:
+        ranked = sorted(((v, n) for n, v in score.items()), reverse=True)
+    total = sum(v for v, _ in ranked if v > 0)
+    out, acc = [], 0.0
+    cap = max(4, int(np.ceil(0.1 * total_linears)))
+    for v, n in ranked:
+        out.append(n)
+        acc += max(v, 0.0)
+        if acc >= 0.5 * total or len(out) >= cap:
+            break
+    return out
+
+
+def search_keep_float(
+    components: Components,
+    calib: Any,
+    target_cos: float,
+    progress: Progress | None = None,
+    scheme: QuantScheme | str = "w8a8",
+) -> SearchResult:
+    """The keep-float set for ``target_cos``: attribution-ordered, fitted on the search prompts, checked on held-out.
+
+    Instead of one replay per layer (``layer_sensitivity``: 181 replays on SmolLM2), each round is one pass
+    with every remaining layer int8 and a backward pass that attributes the output error to the layers
+    (:func:`attribute`); the layers explaining half of it go to float, and the round repeats at the new point
+    until the target holds on the search prompts. The order they went in is then cut to its shortest
+    prefix that meets the target (bisection, as :func:`choose_keep_float`), and that set is measured on
+    prompts held back from all of it. The result says when the target was missed, and where.
+    """
+    import time
+
+
+    import torch
+
+    scheme = _check_scheme(scheme)
+    t0 = time.perf_counter()
+    layers = _linears(components)
+    passes = 0
+    order: list[str] = []
+    search_cos: dict[str, float] = {}
+    held_cos: dict[str, float] = {}
+    n_prompts = (0, 0)
+    for method in components.methods():
+        if not any(meth == method for meth, _ in layers.values()):
+            continue
+        search, held = split_calls(calib, method)
+        if not search:
+            continue
+        if method == "text_decoder":
+            n_prompts = (len(search), len(held))
+        mine = [n for n, (meth, _) in layers.items() if meth == method]
+        with torch.no_grad():
+            refs = [_unit_output(components, method, u) for u in search]
+        keep: list[str] = []
+        rounds = 0
+        while True:
+            cos, score = attribute(components, calib, method, search, keep, scheme, refs)
+            passes += 1
+            rounds += 1
+            if progress:
+                progress(f"keep-float search ({method})", len(keep), len(mine))
+            if cos >= target_cos or len(keep) == len(mine):
+                break
+            keep += _chunk(score, len(mine))
+        # shortest prefix of the order that meets the target (more float never hurts in practice)
+        if cos >= target_cos and keep:
+            lo, hi = 0, len(keep)  # the first round found no float layers too few
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                passes += 1
+                if evaluate(components, calib, method, search, keep[:mid], scheme, refs) >= target_cos:
+                    hi = mid
+                else:
+                    lo = mid
+            keep = keep[:hi]
+        search_cos[method] = evaluate(components, calib, method, search, keep, scheme, refs) if keep else cos
+        if held:
+            held_cos[method] = evaluate(components, calib, method, held, keep, scheme)
+        order += keep
+    if components.text_decoder is not None:
+        components.text_decoder.cache.reset()
+    return SearchResult(tuple(order), target_cos, len(layers), search_cos, held_cos, passes,
+                        time.perf_counter() - t0, n_prompts)
 
 
 SENSITIVITY_VERSION = 1

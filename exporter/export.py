@@ -27,10 +27,11 @@ class ExportPlan:
     parity_target: float | None = None  # cosine the keep-float search must reach
     prune_heads: float | None = None
     skip_layers: int | None = None
+    smooth: float | None = None  # SmoothQuant migration strength (calibration/smooth.py)
 
     @property
     def needs_calibration(self) -> bool:
-        return self.recipe.needs_calibration or self.parity_target is not None
+        return self.recipe.needs_calibration or self.parity_target is not None or self.smooth is not None
 
 
 def plan(
@@ -46,6 +47,7 @@ def plan(
     config: Any | None = None,
     check_out: bool = True,
     shared_calibration: bool = False,
+    smooth: float | None = None,
 ) -> ExportPlan:
     """Every check of an export's options before any model work; ``config`` (a ModelConfig) adds the
     checks against the model's shape (compression settings). ``shared_calibration``: ``calibration`` is a
@@ -69,7 +71,13 @@ def plan(
         check_output_dir(out)  # the user's data is never replaced; refused before any model work
     if calibration is not None and not Path(calibration).exists():
         raise BadInputError(f"--calibration {calibration}: not found")
-    if calibration is not None and not (rec.needs_calibration or parity_target or prune_heads or skip_layers):
+    if smooth is not None:
+        from calibration.smooth import check_alpha
+
+        check_alpha(smooth)
+        if not rec.is_quantized:
+            raise BadInputError(f"--smooth applies to quantized recipes; '{recipe}' keeps everything in float")
+    if calibration is not None and not (rec.needs_calibration or parity_target or prune_heads or skip_layers or smooth):
         if shared_calibration:
             calibration = None
         else:
@@ -90,7 +98,7 @@ def plan(
 
         check_settings(config, prune_heads, skip_layers)
     return ExportPlan(target, rec, out, Path(calibration) if calibration is not None else None, target_cos,
-                      prune_heads, skip_layers)
+                      prune_heads, skip_layers, smooth)
 
 
 def export_model(
@@ -118,6 +126,10 @@ def export_model(
     compression: dict[str, Any] = {}
     if plan.prune_heads or plan.skip_layers:
         model, compression = _compress(model, plan.calibration, plan.prune_heads, plan.skip_layers, progress)
+    calibration_source = plan.calibration
+    if plan.smooth is not None:
+        model, record, calibration_source = _smooth(model, plan.calibration, plan.smooth, progress)
+        compression["smooth"] = record
     check_keep_float(model, rec.keep_float)
     if rec.grouped:
         check_group_size(model, rec.group_size)
@@ -129,18 +141,37 @@ def export_model(
         if calibration_cache is not None and key in calibration_cache:
             calib = calibration_cache[key]
         else:
-            calib = calibration_data(comps, plan.calibration, progress)
+            calib = calibration_data(comps, calibration_source, progress)
             if calibration_cache is not None and key is not None:
                 calibration_cache[key] = calib
     if plan.parity_target is not None:
-        from calibration.sensitivity import cached_layer_sensitivity, choose_keep_float
+        from calibration.sensitivity import search_keep_float
 
         scheme = target_spec(plan.target).recipe(rec.name).scheme
-        ranking = cached_layer_sensitivity(comps, calib, progress=progress, scheme=scheme)
-        keep = choose_keep_float(comps, calib, ranking, plan.parity_target, progress=progress, scheme=scheme)
-        rec = Recipe(rec.name, keep_float=tuple(dict.fromkeys(rec.keep_float + tuple(keep))), group_size=rec.group_size)
+        found = search_keep_float(comps, calib, plan.parity_target, progress=progress, scheme=scheme)
+        compression["parity_search"] = found.record()  # says whether the target held on held-out prompts
+        rec = Recipe(rec.name, keep_float=tuple(dict.fromkeys(rec.keep_float + found.keep)), group_size=rec.group_size)
     return export(target, comps, rec, out or plan.out, calibration=calib if rec.needs_calibration else None,
                   progress=progress, source=source, compression=compression or None)
+
+
+def _smooth(model, calibration, alpha: float, progress):
+    """SmoothQuant-smoothed copy of ``model``, its record, and where to calibrate the smoothed model from.
+
+    The scales come from the calibration set run through the unsmoothed model; the smoothed model has other
+    activations (and v cache), so a ``calibrate --out DIR`` given for the original is replaced by the
+    manifest it was made from (the built-in set if that is gone) for the rest of the export."""
+    from calibration.smooth import smooth
+    from core.components import build_components
+
+    comps = build_components(model)
+    comps.text_decoder.cache.reset()
+    calib = calibration_data(comps, calibration, progress)
+    smoothed, record = smooth(comps, calib, alpha, progress)
+    source = calibration
+    if calibration is not None and Path(calibration).is_dir():
+        source = calib.manifest if calib.manifest is not None and Path(calib.manifest).is_file() else None
+    return smoothed, record, source
 
 
 def _compress(model, calibration, prune_heads, skip_layers, progress):

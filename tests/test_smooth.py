@@ -124,3 +124,71 @@ def test_alpha_is_checked():
         with pytest.raises(BadInputError, match="--smooth"):
             check_alpha(bad)
     assert check_alpha(1) == 1.0
+
+
+# --- the one-pass --parity-target search (calibration.sensitivity.search_keep_float) -----------------------
+
+
+def test_search_keeps_the_outlier_layers_and_validates_on_held_out(planted, tiny_calibration):
+    """Every layer int8 in one pass, errors attributed by gradient: the planted outlier layers are what it keeps,
+    the set meets the target on the search prompts, and it is measured again on prompts it never saw."""
+    from calibration.sensitivity import evaluate, search_keep_float, split_calls
+
+    comps, _, xmax = planted
+    calls = {"text_decoder": tiny_calibration["text_decoder"]}
+    calib = _stats(comps, calls)
+    search, held = split_calls(calib, "text_decoder")
+    assert search and held and not {id(c) for u in held for c in u} & {id(c) for u in search for c in u}
+    all_int8 = evaluate(comps, calib, "text_decoder", search, (), "w8a8")
+    target = 1 - (1 - all_int8) / 20  # needs float layers
+    found = search_keep_float(comps, calib, target)
+    assert found.keep and set(found.keep) & set(OUTLIER_CHANNELS), found.keep
+    assert found.met_on_search and found.search_cosine["text_decoder"] >= target
+    assert found.heldout_cosine["text_decoder"] == pytest.approx(evaluate(comps, calib, "text_decoder", held, found.keep, "w8a8"))
+    # shortest prefix of its order: one layer fewer misses the target on the search prompts
+    assert evaluate(comps, calib, "text_decoder", search, found.keep[:-1], "w8a8") < target
+    assert found.passes < len(found.keep) + 8  # not a replay per layer
+    rec = found.record()
+    assert rec["kept"] == len(found.keep) and rec["prompts"]["heldout"] == len(held)
+    assert ("target met on both" in found.summary()) == found.met_on_heldout
+
+
+def test_search_says_when_the_target_is_missed():
+    from calibration.sensitivity import SearchResult
+
+    r = SearchResult(("a",), 0.999, 10, {"text_decoder": 0.9992}, {"text_decoder": 0.995}, 3, prompts=(16, 8))
+    assert not r.met_on_heldout and r.met_on_search
+    assert "TARGET MISSED on the held-out prompts" in r.summary() and "0.99500 on 8 held-out" in r.summary()
+    assert r.record()["met_on_heldout"] is False
+    r = SearchResult(("a",), 0.999, 10, {"text_decoder": 0.99}, {"text_decoder": 0.99}, 3)
+    assert "TARGET MISSED even with every searched layer in float" in r.summary()
+
+
+@pytest.mark.parametrize("args", [
+    ["--recipe", "int8-static", "--smooth", "0"],
+    ["--recipe", "int8-static", "--smooth", "1.5"],
+    ["--recipe", "fp32", "--smooth", "0.5"],
+])
+def test_export_refuses_bad_smooth_before_model_work(args, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    r = CliRunner().invoke(app, ["export", "--target", "ort", "--out", str(tmp_path / "o"), *args])
+    assert r.exit_code == 2, r.output
+    assert "--smooth" in r.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_smoothed_int8_static_export_records_and_passes_its_check(tmp_path):
+    """--smooth through the export command's path (exporter.export): the artifact records it, the export check
+    ran against the unsmoothed eager model and passed its gate, and --parity-target's search is recorded."""
+    from exporter import pipeline
+
+    art = pipeline.export("ort", "int8-static", tmp_path / "a", smooth=0.5, parity_target="cos=0.9999")
+    comp = art.metadata["compression"]
+    assert comp["smooth"]["alpha"] == 0.5 and comp["smooth"]["layers"] == 2
+    assert comp["parity_search"]["kept"] == len(art.metadata["keep_float"])
+    assert "held-out" in comp["parity_search"]["summary"]
+    check = art.info["report"]["export_check"]
+    assert check["measured"] and check["methods"]["text_decoder"]["cosine"] > 0.99
