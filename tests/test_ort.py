@@ -309,7 +309,8 @@ def test_int8_static_wraps_every_decoder_weight_matmul_in_qdq_and_leaves_attenti
         assert not any(i in prod and prod[i].op_type == "DequantizeLinear" for i in n.input), n.name
 
 
-def _static_model(components, calibration, method: str, tmp_path: Path, keep: tuple[str, ...] = ()):
+def _static_model(components, calibration, method: str, tmp_path: Path, keep: tuple[str, ...] = (),
+                  activation_range: str | None = None):
     """One method exported and quantized by int8-static's QDQ path (targets.ort.static) on the calibration set,
     in a scratch working directory that must stay empty; returns the quantized graph."""
     from core.artifact import no_progress
@@ -317,13 +318,13 @@ def _static_model(components, calibration, method: str, tmp_path: Path, keep: tu
     from targets.ort.static import calibration_feeds, quantize_static_model
 
     raw, dst, work, cwd = tmp_path / f"{method}.onnx", tmp_path / "out.onnx", tmp_path / "work", tmp_path / "cwd"
-    work.mkdir()
+    work.mkdir(parents=True)
     cwd.mkdir()
     components.text_decoder.cache.reset()
     feeds = calibration_feeds(calibration, components, [method], no_progress)
     export_onnx(components, method, raw)
     with contextlib.chdir(cwd):
-        quantize_static_model(raw, dst, feeds[method], work, keep=keep)
+        quantize_static_model(raw, dst, feeds[method], work, keep=keep, activation_range=activation_range)
     # onnxruntime's symbolic shape inference drops sym_shape_infer_temp.onnx + <uuid>.data into the cwd when it
     # gives up (it does on tiny's decoder: "Incomplete symbolic shape inference")
     assert not list(cwd.iterdir()), f"quantization left files in the working directory: {sorted(p.name for p in cwd.iterdir())}"
@@ -341,6 +342,88 @@ def test_int8_static_keep_float_layer_reads_float_input_its_quantized_sibling_sh
     assert q.input[0] in prod and prod[q.input[0]].op_type == "DequantizeLinear"
     assert not any(i in prod and prod[i].op_type == "DequantizeLinear" for i in v.input)
     assert prod[prod[q.input[0]].input[0]].input[0] == v.input[0]  # the same tensor, before its QuantizeLinear
+
+
+def _optimized_decoder(path: Path, tmp_path: Path):
+    """The decoder graph as the target's session optimises it (its options: targets/ort/session.py), saved back."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.qdqisint8allowed", "1")
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=["NchwcTransformer"])
+    return onnx.load(tmp_path / "optimized.onnx").graph
+
+
+def test_int8_static_decoder_runs_u8s8_integer_matmuls(ort_artifacts, tmp_path):
+    """onnxruntime fuses every weight linear's DQ -> MatMul into MatMulIntegerToFloat reading uint8 activations and
+    int8 weights: the U8S8 GEMM MLAS runs fast everywhere (int8 activations land on its slow S8S8 path on x86:
+    SmolLM2 decoded at 0.2x fp32). No weight is dequantized to float at run time."""
+    graph = _optimized_decoder(ort_artifacts[INT8_STATIC].dir / "text_decoder.onnx", tmp_path)
+    inits = {i.name: i for i in graph.initializer}
+    prod = _producers(graph)
+    fused = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == 6 * _config(ort_artifacts).text.num_layers + 1, sorted({n.op_type for n in graph.node})
+    for n in fused:
+        a, b, a_zero, b_zero = n.input[0], n.input[1], n.input[4], n.input[5]
+        while prod[a].op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze"):  # moved past the quantized tensor
+            a = prod[a].input[0]
+        assert prod[a].op_type == "QuantizeLinear", n.name
+        assert inits[a_zero].data_type == onnx.TensorProto.UINT8, n.name  # uint8 activations
+        assert inits[b].data_type == onnx.TensorProto.INT8 and inits[b_zero].data_type == onnx.TensorProto.INT8, n.name
+    assert not [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                and len(inits[n.input[0]].dims) == 2], "a weight is still dequantized at run time"
+
+
+def test_int8_static_ort_file_profiles_integer_matmul_kernels(ort_artifacts, tiny_components, tmp_path):
+    """The .ort a phone gets runs the same fused kernels: onnxruntime's profiler sees MatMulIntegerToFloat, not MatMul,
+    for every projection."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    options.add_session_config_entry("session.load_model_format", "ORT")
+    options.add_session_config_entry("session.qdqisint8allowed", "1")
+    sess = ort.InferenceSession(str(ort_artifacts[INT8_STATIC].dir / "text_decoder.ort"), options,
+                                providers=["CPUExecutionProvider"])
+    t = tiny_components.config.text
+    empty = np.zeros((1, t.num_kv_heads, 0, t.head_dim), np.float32)
+    embeds = np.random.default_rng(0).standard_normal((1, 3, t.hidden_size)).astype(np.float32)
+    sess.run(None, decoder_feeds(embeds, np.tile(np.arange(3), (3, 1)), [(empty, empty)] * t.num_layers))
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    ops = {e["args"]["op_name"] for e in kernels}
+    assert sum(e["args"]["op_name"] == "MatMulIntegerToFloat" for e in kernels) == 6 * t.num_layers + 1, sorted(ops)
+    assert "DequantizeLinear" not in ops, sorted(ops)
+    assert not [e for e in kernels if e["args"]["op_name"] in ("MatMul", "Gemm") and "proj" in e["name"]]
+
+
+def _activation_scales(graph) -> dict[str, float]:
+    """Each activation QuantizeLinear's input -> its (per-tensor) scale."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    return {n.input[0]: float(numpy_helper.to_array(inits[n.input[1]])) for n in graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+
+
+def test_int8_static_percentile_ranges_clip_where_minmax_spans_everything(tiny_components, tiny_calibration, tmp_path):
+    """activation_range="percentile" calibrates through onnxruntime's Percentile histogram: no range wider than
+    MinMax's over the same samples, and some narrower (the clipped tails); an unknown name is refused."""
+    from core.errors import BadInputError
+    from targets.ort.static import calibration_method
+
+    with pytest.raises(BadInputError, match="activation range"):
+        calibration_method("mse")
+    minmax = _activation_scales(_static_model(tiny_components, tiny_calibration, "text_decoder", tmp_path / "a"))
+    pct = _activation_scales(_static_model(tiny_components, tiny_calibration, "text_decoder", tmp_path / "b",
+                                           activation_range="percentile"))
+    assert minmax.keys() == pct.keys() and minmax
+    assert all(pct[k] <= minmax[k] * 1.01 for k in minmax), {k: (pct[k], minmax[k]) for k in minmax if pct[k] > minmax[k] * 1.01}
+    assert sum(pct[k] < minmax[k] * 0.99 for k in minmax) >= 1
 
 
 def test_int8_weight_is_int8_weights_with_float_activations(ort_artifacts):

@@ -1,11 +1,24 @@
 """int8-static: QDQ by onnxruntime.quantization, calibrated on each method's recorded inputs.
 
 ``quant_pre_process`` (shape inference + optimisation), then ``quantize_static`` with per-channel
-symmetric int8 weights and int8 activations calibrated by a ``CalibrationDataReader`` per method over
-real samples (each method's inputs recorded by the reference runner over the calibration set; never
-random tensors), on the inputs of the weight MatMuls only (outputs, attention's activation x
+symmetric int8 weights and asymmetric uint8 activations calibrated by a ``CalibrationDataReader`` per
+method over real samples (each method's inputs recorded by the reference runner over the calibration
+set; never random tensors), on the inputs of the weight MatMuls only (outputs, attention's activation x
 activation MatMuls and keep-float layers stay float: see :func:`float_inputs_for`). Embedding tables
 stay float under ORT static by default, so they are then quantized as in int8-weight.
+
+Why uint8 activations: onnxruntime's CPU EP fuses each ``Q -> DQ(activation), DQ(weight) -> MatMul`` into
+``MatMulIntegerToFloat`` (an integer GEMM with a float output) whatever the activation type, but with int8
+activations and ``session.qdqisint8allowed`` on (the target's session and the ARM-targeted .ort
+conversion set it) the x86 kernel it lands on is MLAS's S8S8 path, measured 9.6 ms against 0.25 ms for
+U8S8 on a 576 x 1536 MatMul at M = 1 (fp32: 1.4 ms): SmolLM2's int8-static decoded at 0.2x its own fp32.
+uint8 activations x int8 weights is the form every MLAS platform runs on its fast integer kernels
+(x86 VNNI / AVX2, ARM64 UDOT/SDOT), and asymmetric uint8 spends its 256 levels on the calibrated range
+instead of mirroring it around zero. (On x86 without VNNI, AVX2's U8S8 can saturate int16 sums: that
+is onnxruntime's ``reduce_range`` case; phones and VNNI machines are not affected.)
+
+The activation ranges come from ``ACTIVATION_RANGES`` (onnxruntime's ``CalibrationMethod``), MinMax by
+default: see :data:`ACTIVATION_RANGE` for what was measured.
 """
 
 from __future__ import annotations
@@ -26,6 +39,19 @@ from targets.ort.quiet import quiet
 
 # calibration samples per method; the decoder's are the most expensive to replay
 MAX_CALIB_SAMPLES = 64
+
+# activation range method -> (onnxruntime CalibrationMethod member, its extra options). Percentile clips at
+# the 99.999th percentile of a 2048-bin histogram; Entropy picks the KL-divergence-minimising clip of a
+# 128-bin histogram; Distribution (meant for float8) keeps the histogram's full span.
+ACTIVATION_RANGES: dict[str, tuple[str, dict[str, Any]]] = {
+    "minmax": ("MinMax", {}),
+    "percentile": ("Percentile", {"CalibPercentile": 99.999, "CalibTensorRangeSymmetric": False}),
+    "entropy": ("Entropy", {"CalibTensorRangeSymmetric": False}),
+    "distribution": ("Distribution", {}),
+}
+# the default (MEASURED: see the README's "ONNX Runtime kernels"); read at call time, so a measurement
+# script can set it before an export
+ACTIVATION_RANGE = "minmax"
 
 
 def calibration_feeds(calibration: Any | None, components: Any, methods: list[str],
@@ -84,12 +110,23 @@ def float_inputs_for(model: Any, names: set[str]) -> None:
                 node.input[i] = q.input[0]
 
 
+def calibration_method(name: str | None) -> tuple[Any, dict[str, Any]]:
+    """onnxruntime's CalibrationMethod and extra options for an activation range name (None: the default)."""
+    from onnxruntime.quantization import CalibrationMethod
+
+    name = ACTIVATION_RANGE if name is None else name
+    if name not in ACTIVATION_RANGES:
+        raise BadInputError(f"int8-static on ort: unknown activation range '{name}' (choose from {', '.join(ACTIVATION_RANGES)})")
+    member, options = ACTIVATION_RANGES[name]
+    return getattr(CalibrationMethod, member), dict(options)
+
+
 def quantize_static_model(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], work: Path, keep: Iterable[str] = (),
-                          int8_embeddings: bool = True) -> None:
+                          int8_embeddings: bool = True, activation_range: str | None = None) -> None:
     """The exported model at ``src`` as a QDQ model at ``dst``, calibrated on ``feeds`` (scratch files in ``work``).
 
     ``int8_embeddings``: the embedding table (which ORT's static quantizer leaves float) gets int8-weight's
-    int8 Gather afterwards.
+    int8 Gather afterwards. ``activation_range``: a key of :data:`ACTIVATION_RANGES` (None: :data:`ACTIVATION_RANGE`).
     """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -111,6 +148,7 @@ def quantize_static_model(src: Path, dst: Path, feeds: list[dict[str, np.ndarray
             # onnxruntime's symbolic shape inference gives up on some graphs (tiny's decoder: "Incomplete
             # symbolic shape inference"); ONNX shape inference + ORT optimisation still run
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True, **ext)
+    method, range_options = calibration_method(activation_range)
     model = load_model(pre, with_data=False)
     keep = tuple(keep)
     exclude = [n.name for n in model.graph.node if kept_float(n.name, keep)]
@@ -126,14 +164,16 @@ def quantize_static_model(src: Path, dst: Path, feeds: list[dict[str, np.ndarray
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=["MatMul", "Gemm", "Conv"],
             per_channel=True,
-            activation_type=QuantType.QInt8,
+            calibrate_method=method,
+            # uint8 activations (asymmetric) x int8 weights: the U8S8 integer GEMM (see the module docstring)
+            activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
             use_external_data_format=large,
-            # int8 inputs, float outputs: as Core ML's int8-static and the sensitivity simulation
-            # (XNNPACK's int8 linear, ExecuTorch's, also quantizes its output)
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                           "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm", "Conv"]},
+            # integer inputs, float outputs (MatMulIntegerToFloat): as Core ML's int8-static and the
+            # sensitivity simulation (XNNPACK's int8 linear, ExecuTorch's, also quantizes its output)
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                           "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm", "Conv"], **range_options},
         )
     model = load_model(qdq)
     float_inputs_for(model, set(exclude))
