@@ -55,12 +55,15 @@ def size(d):
 def algorithm(art):
     comp = art["metadata"].get("compression") or {}
     sm = comp.get("smooth")
-    search = art["metadata"].get("parity_search") or comp.get("parity_search")
     name = f"smooth {sm['alpha']:g}" if sm else ("minmax" if "static" in art["recipe"] else "")
-    return name + (" + keep-float search" if art["metadata"].get("keep_float") else "")
+    return name + (" + keep-float search" if comp.get("parity_search") else "")
 def linears(art):
-    n = art["metadata"].get("keep_float", [])
-    return f"{len(n)}"
+    """Linears kept float; with the search, whether its target held on the held-out calibration prompts."""
+    n = len(art["metadata"].get("keep_float", []))
+    search = (art["metadata"].get("compression") or {}).get("parity_search")
+    if not search:
+        return f"{n}"
+    return f"{n} of {search['linears']} ({'target held' if search['met_on_heldout'] else 'target MISSED'} held-out)"
 print("| target | recipe | algorithm | keep-float | top-1 agree | greedy match (worst prompt) | logits cosine | perplexity | size vs float |")
 print("|---|---|---|---|---|---|---|---|---|")
 for t in targets:
