@@ -269,6 +269,11 @@ def export(
         typer.Option("--smooth", help="SmoothQuant: move per-channel activation range into the weights with this "
                      "migration strength (0 < ALPHA <= 1, e.g. 0.5), folded into the preceding norm / up / v rows."),
     ] = None,
+    gptq: Annotated[
+        bool,
+        typer.Option("--gptq", help="GPTQ-style error-compensating rounding of the decoder's int8 weights from the "
+                     "calibration set (int8-weight, int8-static; not with --parity-target)."),
+    ] = False,
 ) -> None:
     """Export one target x recipe into an artifact directory."""
     from exporter import pipeline
@@ -277,7 +282,7 @@ def export(
     keep = tuple(k.strip() for k in keep_float.split(",") if k.strip()) if keep_float else ()
     art = pipeline.export(
         target.value, recipe.value, out, preset, checkpoint, layers, calibration, keep, group_size, Progress(), parity_target,
-        prune_heads, skip_layers, smooth,
+        prune_heads, skip_layers, smooth, gptq,
     )
     for name, meta in sorted(art.info.get("files", {}).items()):
         typer.echo(f"{art.dir / name}  {_human(meta['bytes'])}  sha256:{meta['sha256'][:16]}")

@@ -28,10 +28,11 @@ class ExportPlan:
     prune_heads: float | None = None
     skip_layers: int | None = None
     smooth: float | None = None  # SmoothQuant migration strength (calibration/smooth.py)
+    gptq: bool = False  # GPTQ-style int8 weight rounding (calibration/gptq.py)
 
     @property
     def needs_calibration(self) -> bool:
-        return self.recipe.needs_calibration or self.parity_target is not None or self.smooth is not None
+        return self.recipe.needs_calibration or self.parity_target is not None or self.smooth is not None or self.gptq
 
 
 def plan(
@@ -48,6 +49,7 @@ def plan(
     check_out: bool = True,
     shared_calibration: bool = False,
     smooth: float | None = None,
+    gptq: bool = False,
 ) -> ExportPlan:
     """Every check of an export's options before any model work; ``config`` (a ModelConfig) adds the
     checks against the model's shape (compression settings). ``shared_calibration``: ``calibration`` is a
@@ -77,7 +79,16 @@ def plan(
         check_alpha(smooth)
         if not rec.is_quantized:
             raise BadInputError(f"--smooth applies to quantized recipes; '{recipe}' keeps everything in float")
-    if calibration is not None and not (rec.needs_calibration or parity_target or prune_heads or skip_layers or smooth):
+    if gptq:
+        from core.recipes import RecipeName
+
+        if rec.name not in (RecipeName.INT8_WEIGHT, RecipeName.INT8_STATIC):
+            raise BadInputError(f"--gptq rounds int8 weights (int8-weight, int8-static), not '{recipe}'")
+        if parity_target:
+            raise BadInputError("--gptq with --parity-target: not combined yet (the layers the search keeps in float "
+                                "would keep GPTQ-rounded weights); use one or the other")
+    if calibration is not None and not (rec.needs_calibration or parity_target or prune_heads or skip_layers or smooth
+                                        or gptq):
         if shared_calibration:
             calibration = None
         else:
@@ -98,7 +109,7 @@ def plan(
 
         check_settings(config, prune_heads, skip_layers)
     return ExportPlan(target, rec, out, Path(calibration) if calibration is not None else None, target_cos,
-                      prune_heads, skip_layers, smooth)
+                      prune_heads, skip_layers, smooth, gptq)
 
 
 def export_model(
@@ -130,6 +141,9 @@ def export_model(
     if plan.smooth is not None:
         model, record, calibration_source = _smooth(model, plan.calibration, plan.smooth, progress)
         compression["smooth"] = record
+    if plan.gptq:
+        model, record, calibration_source = _gptq(model, calibration_source, rec.keep_float, progress)
+        compression["gptq"] = record
     check_keep_float(model, rec.keep_float)
     if rec.grouped:
         check_group_size(model, rec.group_size)
@@ -168,10 +182,28 @@ def _smooth(model, calibration, alpha: float, progress):
     comps.text_decoder.cache.reset()
     calib = calibration_data(comps, calibration, progress)
     smoothed, record = smooth(comps, calib, alpha, progress)
-    source = calibration
+    return smoothed, record, _recalibration_source(calibration, calib)
+
+
+def _gptq(model, calibration, keep_float: tuple[str, ...], progress):
+    """GPTQ-rounded copy of ``model`` (--keep-float layers untouched), its record, where to calibrate it from."""
+    from calibration.gptq import round_weights
+    from core.components import build_components
+
+    comps = build_components(model)
+    comps.text_decoder.cache.reset()
+    calib = calibration_data(comps, calibration, progress)
+    keep = {n for n, _ in model.named_modules() if any(n == k or n.startswith(k + ".") for k in keep_float)}
+    rounded, record = round_weights(comps, calib, skip=keep, progress=progress)
+    return rounded, record, _recalibration_source(calibration, calib)
+
+
+def _recalibration_source(calibration, calib):
+    """A changed model is calibrated again: from the manifest a ``calibrate --out DIR`` was made from (its
+    statistics are the old model's), the built-in set if that is gone; a manifest or None as given."""
     if calibration is not None and Path(calibration).is_dir():
-        source = calib.manifest if calib.manifest is not None and Path(calib.manifest).is_file() else None
-    return smoothed, record, source
+        return calib.manifest if calib.manifest is not None and Path(calib.manifest).is_file() else None
+    return calibration
 
 
 def _compress(model, calibration, prune_heads, skip_layers, progress):

@@ -178,6 +178,7 @@ def export(
     prune_heads: float | None = None,
     skip_layers: int | None = None,
     smooth: float | None = None,
+    gptq: bool = False,
 ):
     """Export one target x recipe into ``out`` (atomic). Returns the Artifact.
 
@@ -185,14 +186,15 @@ def export(
     block influence of ``calibration`` (a calibrate --head-importance dir) or of the built-in calibration set.
     ``parity_target`` (e.g. "cos=0.999") keeps the most INT8-sensitive layers in float, the smallest such set
     found greedily by calibration.sensitivity. ``smooth`` (SmoothQuant alpha) folds per-channel activation
-    scales into the weights first (calibration/smooth.py). The same :func:`exporter.export.export_model` builds every
+    scales into the weights first (calibration/smooth.py); ``gptq`` rounds the decoder's int8 weights
+    GPTQ-style (calibration/gptq.py). The same :func:`exporter.export.export_model` builds every
     artifact of ``build``.
     """
     from exporter import export as ex
 
     config = resolve_config(preset, checkpoint, layers) if (prune_heads is not None or skip_layers is not None) else None
     job = ex.plan(target, recipe, out, calibration, keep_float, group_size, parity_target, prune_heads, skip_layers, config,
-                  smooth=smooth)
+                  smooth=smooth, gptq=gptq)
     model = load_reference(preset, checkpoint, layers)
     return ex.export_model(model, job, source_of(preset, checkpoint, layers), progress)
 

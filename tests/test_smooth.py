@@ -192,3 +192,71 @@ def test_smoothed_int8_static_export_records_and_passes_its_check(tmp_path):
     assert "held-out" in comp["parity_search"]["summary"]
     check = art.info["report"]["export_check"]
     assert check["measured"] and check["methods"]["text_decoder"]["cosine"] > 0.99
+
+
+# --- GPTQ-style int8 rounding (calibration/gptq.py) -----------------------------------------------------
+
+
+def _correlated_inputs():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 256, generator=g) * torch.where(torch.rand(256, generator=g) < 0.03, 20.0, 1.0)
+    x[:, :128] += 0.5 * x[:, 128:]  # correlated channels: what GPTQ's error spreading uses
+    w = torch.randn(48, 256, generator=g) * 0.05
+    return x, w
+
+
+def test_gptq_lowers_output_error_and_stays_on_every_targets_int8_grid():
+    """Less output error than round-to-nearest on its inputs; the float result is reproduced integer for
+    integer by ORT's own per-channel int8 quantizer (the grid the other targets share)."""
+    import torch
+
+    from calibration.gptq import _rtn, gptq_int8, output_error
+    from targets.ort.quantize_int8 import _symmetric_int8
+
+    x, w = _correlated_inputs()
+    h = x.double().T @ x.double()
+    q = gptq_int8(w, h)
+    rtn = _rtn(w.double()).float()
+    assert output_error(w, q, h) < 0.9 * output_error(w, rtn, h)
+    assert not torch.equal(q, rtn)  # it really rounded differently
+    ints, scale = _symmetric_int8(q.numpy(), 0)
+    np.testing.assert_allclose(scale, (w.abs().amax(dim=1) / 127).numpy(), rtol=1e-6)  # each row's scale unchanged
+    np.testing.assert_allclose(ints.astype(np.float32) * scale[:, None], q.numpy(), rtol=0, atol=1e-7)
+
+
+def test_gptq_rounds_the_decoder_linears_not_lm_head_or_kept_layers(planted):
+    from torch import nn
+
+    from calibration.gptq import round_weights
+    from targets.ort.quantize_int8 import _symmetric_int8
+
+    comps, calls, _ = planted
+    skip = {"text.layers.1.mlp.down_proj"}
+    model, record = round_weights(comps, calls, skip=skip)
+    old, new = dict(comps.model.named_modules()), dict(model.named_modules())
+    rounded = {n for n, m in new.items() if n.startswith("text.layers.") and isinstance(m, nn.Linear)} - skip
+    assert record["layers"] == len(rounded) and record["output_error_vs_rtn_median"] < 1.0
+    for n in rounded:
+        w = new[n].weight.detach().numpy()
+        ints, scale = _symmetric_int8(w, 0)
+        np.testing.assert_allclose(ints * scale[:, None], w, rtol=0, atol=1e-6)
+        assert not np.array_equal(w, old[n].weight.detach().numpy()), n
+    for n in ("text.lm_head", *skip):
+        assert np.array_equal(new[n].weight.detach().numpy(), old[n].weight.detach().numpy()), n
+
+
+@pytest.mark.parametrize("args", [
+    ["--recipe", "8da4w", "--gptq"],
+    ["--recipe", "int8-static", "--gptq", "--parity-target", "cos=0.999"],
+])
+def test_export_refuses_gptq_where_it_does_not_apply(args, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    target = "executorch" if "8da4w" in args else "ort"
+    r = CliRunner().invoke(app, ["export", "--target", target, "--out", str(tmp_path / "o"), *args])
+    assert r.exit_code == 2, r.output
+    assert "--gptq" in r.output and not (tmp_path / "o").exists()
