@@ -252,6 +252,100 @@ def test_int8_static_quantizes_linears_not_the_residual_stream_and_honours_keep_
     assert quantized_inputs(("b",))["linear"] == [True, False]
 
 
+# --- the decoder on ExecuTorch's LLM custom ops (targets/executorch/llm_decoder.py) ----------------------------
+
+
+def _llama_style(cfg):
+    """tiny's text config flipped to the Llama family: halves rotation over the whole head, 1-D rope, no
+    sandwich norms, no q/k/v bias, tied embeddings, 3 query heads per kv head."""
+    import dataclasses
+
+    text = dataclasses.replace(cfg.text, rope_interleaved=False, partial_rotary_factor=1.0, mrope_section=(),
+                               sandwich_norms=False, attention_bias=False, tie_embeddings=True, num_heads=8,
+                               num_kv_heads=2, hidden_size=128)
+    return dataclasses.replace(cfg, text=text, vision=None, audio=None, fusion=False)
+
+
+def _decoder_calls(components, seed: int = 0):
+    """A prompt prefilled in two chunks (the second with M-RoPE grid positions) then three decode steps:
+    (embeds, position_ids, cache_position) per call, cache positions contiguous as both runners pass them."""
+    g = torch.Generator().manual_seed(seed)
+    h = components.config.text.hidden_size
+    calls, pos = [], 0
+    for t, grid in ((7, False), (9, True), (1, False), (1, False), (1, False)):
+        p = torch.arange(pos, pos + t)
+        ids = torch.stack([p, p, p])
+        if grid:  # a 3x3 image grid: (t, h, w) = (start, start + row, start + col)
+            r = torch.arange(t)
+            ids = torch.stack([torch.full((t,), pos), pos + r // 3, pos + r % 3])
+        calls.append((torch.randn(1, t, h, generator=g) * 0.5, ids, p))
+        pos += t
+    return calls
+
+
+@pytest.mark.parametrize("family", ["glm", "llama"])
+def test_custom_ops_decoder_equals_the_eager_decoder(family):
+    """llm_decoder's module (custom cache write + SDPA, 4-D RMSNorm mean, rotation as a linear, split gate_up)
+    computes the eager TextDecoderMethod's logits, call after call, for GLM's interleaved partial M-RoPE with
+    sandwich norms and biases and for a Llama-style block."""
+    from core.components import build_components
+    from exporter.model import build, get_preset
+    from targets.executorch.llm_decoder import EtTextModel
+
+    cfg = get_preset("tiny")
+    if family == "llama":
+        cfg = _llama_style(cfg)
+    components = build_components(build(cfg))
+    eager, ours = components.text_decoder, EtTextModel(components.text_decoder)
+    with torch.no_grad():
+        for embeds, ids, cache_position in _decoder_calls(components):
+            want, got = eager(embeds, ids, cache_position), ours(embeds, ids, cache_position)
+            assert got.shape == want.shape
+            assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), family
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rotation_matrix_is_the_eager_rope_rotation(interleaved):
+    from exporter.model.decoder import rotate_halves, rotate_pairs
+    from targets.executorch.llm_decoder import rotation_matrix
+
+    x = torch.randn(3, 5, 16)
+    r = rotation_matrix(16, 8, interleaved)
+    want = torch.cat(((rotate_pairs if interleaved else rotate_halves)(x[..., :8]), torch.zeros(3, 5, 8)), dim=-1)
+    assert torch.equal(x @ r, want)
+
+
+def test_keep_float_on_gate_up_proj_keeps_both_of_its_halves(tiny_components):
+    from targets.executorch.program import image_start_row, program_modules
+    from targets.executorch.quantize import keep_names, rotation_names
+
+    decoder = program_modules(tiny_components, image_start_row(tiny_components))["text_decoder"]
+    kept = keep_names(decoder, tiny_components.model, ("text.layers.1.mlp.gate_up_proj", "text.layers.0.self_attn"))
+    assert {"inner.layers.1.mlp.gate_proj", "inner.layers.1.mlp.up_proj"} <= kept
+    assert not any(n.startswith(("inner.layers.0.mlp", "inner.layers.1.self_attn")) for n in kept), kept
+    assert {"inner.layers.0.self_attn.q_proj", "inner.layers.0.self_attn.o_proj"} <= kept
+    # the rotation is shared by every layer: PT2E must skip it on every path it is called through
+    assert {"inner.rotation", "inner.layers.0.self_attn.rotation", "inner.layers.1.self_attn.rotation"} <= rotation_names(decoder)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_decoder_program_runs_the_custom_ops_in_few_xnnpack_subgraphs(et_artifacts, tiny_components, recipe):
+    """The saved text_decoder writes its cache with llama::update_cache and attends with llama::custom_sdpa;
+    nothing of a layer but those is left outside XNNPACK, so it lowers to at most one subgraph per layer + 2
+    (the baseline decoder: 16 per layer, its cache writes as index_put and RMSNorm's mean on portable kernels)."""
+    from targets.executorch.program_io import read_partitions
+
+    art = et_artifacts[recipe]
+    layers = tiny_components.config.text.num_layers
+    dec = read_partitions(art.dir / PTE)["text_decoder"]
+    kernels = dec["kernel_calls"]
+    assert kernels.get("llama::update_cache.out") == 2 * layers, kernels
+    assert kernels.get("llama::custom_sdpa.out") == layers, kernels
+    assert not [op for op in kernels if "index_put" in op or "mean" in op or "split" in op or "softmax" in op], kernels
+    assert 1 <= dec["delegate_calls"]["XnnpackBackend"] <= layers + 2, dec
+    assert art.info["report"]["lowering"]["text_decoder"]["xnnpack_subgraphs"] == dec["delegate_calls"]["XnnpackBackend"]
+
+
 # --- ExecuTorch's stock multimodal runner --------------------------------------------------------------------
 
 _STOCK = r"""

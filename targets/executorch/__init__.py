@@ -22,7 +22,10 @@ then advances by the grid side after an image, by T after text; a call at
 cache position 0 starts afresh. This is exactly the host runner's position
 rule (core/runner.py), so our runner drives the same .pte the same way and
 the ``position_ids`` it computes are not needed.
-The KV cache lives in mutable buffers written in place (index_copy_).
+The KV cache lives in mutable buffers ([1, max_seq_len, kv_heads, head_dim]) written in place by
+ExecuTorch's LLM custom op ``llama::update_cache``; attention is ``llama::custom_sdpa`` (llm_decoder:
+the decoder rebuilt on those ops with the model's own weights, every other op in a form XNNPACK takes,
+so each layer lowers to one XNNPACK subgraph).
 
 Recipes (what each quantizes is its QuantScheme in spec.py):
   fp32         XNNPACK fp32.
@@ -40,8 +43,9 @@ The lowering report fails the build when a linear or matmul is left on the
 portable (non-XNNPACK) path.
 
 Modules: spec (SPEC; no runtime imports), program (the exported modules, the
-image marker), quantize, lower (XNNPACK, emission), program_io (the saved
-program's I/O), session (the runtime), target (the build / open hooks).
+image marker), llm_decoder (text_decoder on the custom ops), quantize, lower
+(XNNPACK, emission), program_io (the saved program's I/O and partitions),
+session (the runtime), target (the build / open hooks).
 """
 
 from targets.executorch.spec import SPEC

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from core.errors import ExportError
+from targets.executorch.llm_decoder import EtTextModel
 
 STATE = "mrope"  # text_decoder's position-state module (buffers mrope.offset, mrope.image_next)
 # relative L2 distance within which a row is <|begin_of_image|>: int8 byte rows of it lie ~0.006 away on tiny,
@@ -110,9 +111,9 @@ def program_modules(components: Any, image_start: torch.Tensor | None = None) ->
     grid = components.config.image_grid // components.config.vision.spatial_merge_size if components.config.vision else 1
     out: dict[str, nn.Module] = {}
     for name, module in components.methods().items():
-        if name == "text_decoder":
-            max_len = getattr(module, "max_seq_len", components.config.shape.max_seq_len)
-            out[name] = EtTextDecoder(module, grid, max_len, image_start)
+        if name == "text_decoder":  # the decoder on ExecuTorch's custom cache / SDPA ops (llm_decoder)
+            inner = EtTextModel(module)
+            out[name] = EtTextDecoder(inner, grid, inner.max_seq_len, image_start)
         else:
             out[name] = module
     return out

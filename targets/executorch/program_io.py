@@ -51,3 +51,38 @@ def read_program_io(pte: Path, names: dict[str, tuple[list[str], list[str]]]) ->
         out[m] = {"file": pte.name, "inputs": _tensors(meta.input_tensor_meta, ins),
                   "outputs": _tensors(meta.output_tensor_meta, outs)}
     return out
+
+
+def read_partitions(pte: Path) -> dict[str, dict[str, Any]]:
+    """Per method of the saved .pte: its delegate calls by backend and its portable kernel calls by op.
+
+    Read from the program's own instruction chains (what the runtime will execute, in order), so it
+    works on any .pte, also one exported before the lowering report existed. Only the flatbuffer head
+    is parsed: constant and delegate segments are not read.
+    """
+    from collections import Counter
+
+    from executorch.exir._serialize._flatbuffer_program import _flatbuffer_to_program
+    from executorch.exir._serialize._program import _get_extended_header
+    from executorch.exir.schema import DelegateCall, KernelCall
+
+    with open(pte, "rb") as f:
+        head = f.read(64)
+        header = _get_extended_header(head)
+        f.seek(0)
+        data = f.read(header.program_size) if header is not None else f.read()
+    program = _flatbuffer_to_program(data)
+    out: dict[str, dict[str, Any]] = {}
+    for plan in program.execution_plan:
+        delegates: Counter[str] = Counter()
+        kernels: Counter[str] = Counter()
+        for chain in plan.chains:
+            for ins in chain.instructions:
+                arg = ins.instr_args
+                if isinstance(arg, DelegateCall):
+                    delegates[plan.delegates[arg.delegate_index].id] += 1
+                elif isinstance(arg, KernelCall):
+                    op = plan.operators[arg.op_index]
+                    kernels[op.name + (f".{op.overload}" if op.overload else "")] += 1
+        out[plan.name] = {"delegate_calls": dict(delegates), "kernel_calls": dict(sorted(kernels.items()))}
+    return out

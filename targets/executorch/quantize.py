@@ -21,6 +21,7 @@ from torch import nn
 from calibration.stats import spread
 from core.errors import BadInputError, ExportError
 from core.recipes import QuantScheme, Recipe
+from targets.executorch.llm_decoder import Rotation
 from targets.executorch.program import COMPONENT_INPUTS, STATE, ByteEmbedding, export_module
 
 # int8-static: the ops PT2E quantizes (one overload per pattern family; each annotator takes the whole family)
@@ -42,7 +43,7 @@ def quantize_method(components: Any, method: str, module: nn.Module, recipe: Rec
         samples, before = calibration_calls(method, recorded or {})
         q["calibration_calls"] = len(samples)
         q["kept_float"] = sorted(keep)
-        return pt2e_quantize(components, method, module, samples, keep, before), q
+        return pt2e_quantize(components, method, module, samples, keep | rotation_names(module), before), q
     q.update(quantize_linears(module, scheme, recipe.group_size, keep))
     return export_module(components, method, module), q
 
@@ -52,7 +53,14 @@ def keep_names(module: nn.Module, model: nn.Module, keep_float: tuple[str, ...])
     if not keep_float:
         return set()
     wanted = {id(m) for n, m in model.named_modules() if n in keep_float or any(n.startswith(k + ".") for k in keep_float)}
-    return {n for n, m in module.named_modules() if id(m) in wanted}
+    # a module the ExecuTorch decoder derived from a model module (a gate_up_proj half) goes with its source
+    return {n for n, m in module.named_modules() if id(m) in wanted or getattr(m, "derived_from", None) in wanted}
+
+
+def rotation_names(module: nn.Module) -> set[str]:
+    """Every path to the decoder's rope rotation (a constant signed permutation as a linear, shared by the
+    layers): PT2E would take it for a weight-bearing linear and quantize the query / key it rotates."""
+    return {n for n, m in module.named_modules(remove_duplicate=False) if isinstance(m, Rotation)}
 
 
 def quantize_embedding(module: nn.Module, keep: set[str]) -> int:

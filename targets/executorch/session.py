@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from core.errors import BadInputError, RuntimeFailure
+from targets.executorch.llm_decoder import register_custom_ops
 from targets.executorch.program import input_names
 
 METHODS = ("token_embedding", "vision_encoder", "audio_encoder", "text_decoder")
@@ -17,11 +18,12 @@ METHODS = ("token_embedding", "vision_encoder", "audio_encoder", "text_decoder")
 _KERNELS_LOADED = False
 
 
-def load_quantized_kernels() -> None:
-    """Register ExecuTorch's quantized kernels (embedding_byte) with the Python runtime, once.
+def load_runtime_kernels() -> None:
+    """Register with this process's ExecuTorch runtime the kernels our programs use beyond the pybindings' own
+    portable / optimized ones, once: the quantized kernels (embedding_byte of the int8 recipes) and the LLM
+    custom ops (llama::update_cache, llama::custom_sdpa of every text_decoder).
 
-    The pybindings link the portable/optimized kernels only; an app links
-    ``quantized_ops_lib`` the same way for int8 embeddings.
+    An app links ExecuTorch's ``quantized_ops_lib`` and ``custom_ops`` libraries the same way.
     """
     global _KERNELS_LOADED
     if _KERNELS_LOADED:
@@ -34,7 +36,14 @@ def load_quantized_kernels() -> None:
     import executorch.runtime  # noqa: F401 (libexecutorch.so first, so the kernels register into it)
 
     ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+    try:  # libcustom_ops_aot_lib.so: its kernels register into libexecutorch.so as it loads
+        register_custom_ops()
+    except Exception as e:
+        raise RuntimeFailure(f"ExecuTorch's LLM custom ops (llama::custom_sdpa) did not load: {e}") from e
     _KERNELS_LOADED = True
+
+
+load_quantized_kernels = load_runtime_kernels  # the earlier name (README, app notes)
 
 
 class ExecuTorchSession:
@@ -48,7 +57,7 @@ class ExecuTorchSession:
         from executorch import version as et_version
         from executorch.runtime import Runtime
 
-        load_quantized_kernels()
+        load_runtime_kernels()
         self.path = path
         try:
             self.program = Runtime.get().load_program(path)

@@ -31,7 +31,9 @@ SPEC = TargetSpec(
     notes=(
         f"{PTE}: ExecuTorch's stock MultimodalRunner runs it as exported (methods token_embedding, "
         "vision_encoder, audio_encoder, text_decoder; the decoder keeps its own M-RoPE positions)",
-        "the app links the XNNPACK delegate and the portable kernels; the int8 recipes store the embedding "
-        "table as int8 rows (quantized_decomposed::embedding_byte), so their app also links quantized_ops_lib",
+        "the app links the XNNPACK delegate, the portable kernels and ExecuTorch's LLM custom_ops library "
+        "(text_decoder's cache writes and attention are llama::update_cache and llama::custom_sdpa, as in "
+        "ExecuTorch's own Llama export); the int8 recipes store the embedding table as int8 rows "
+        "(quantized_decomposed::embedding_byte), so their app also links quantized_ops_lib",
     ),
 )

@@ -32,7 +32,8 @@ from targets.executorch.session import ExecuTorchSession
 from targets.executorch.spec import PTE, SPEC
 from targets.spec import BuildJob, Built
 
-KERNELS = "XNNPACK delegate + portable kernels"
+KERNELS = ("XNNPACK delegate + portable kernels + ExecuTorch's LLM custom ops (its custom_ops library: "
+           "llama::update_cache, llama::custom_sdpa)")
 KERNELS_INT8_EMBEDDING = (f"{KERNELS}; int8 embeddings need ExecuTorch's quantized_ops_lib "
                           "(quantized_decomposed::embedding_byte) linked into the app")
 
