@@ -109,8 +109,10 @@ def _div_norm(norm, s) -> None:
     norm.weight.data = (norm.weight.data.float() / s).to(norm.weight.dtype)
 
 
-def smooth_layer(layer, prefix: str, xmax: dict[str, Any], alpha: float, heads: tuple[int, int, int]) -> dict[str, float]:
-    """Fold the four smoothings into one decoder layer in place; returns each group's largest scale."""
+def smooth_layer(layer, prefix: str, xmax: dict[str, Any], alpha: float, heads: tuple[int, int, int],
+                 scales: dict[str, Any] | None = None) -> dict[str, float]:
+    """Fold the four smoothings into one decoder layer in place; returns each group's largest scale.
+    ``scales`` (if given) receives each consuming linear's input scale s (its input is now x / s)."""
     import torch
 
     num_heads, num_kv, hd = heads
@@ -124,37 +126,45 @@ def smooth_layer(layer, prefix: str, xmax: dict[str, Any], alpha: float, heads: 
     for m in qkv:
         _mul_cols(m, s)
     out["qkv"] = float(s.max())
+    got = {prefix + f"self_attn.{n}_proj": s for n in "qkv"}
     # gate_up <- post_attention_layernorm
     s = _scales(xmax[prefix + "mlp.gate_up_proj"], mlp.gate_up_proj.weight.data.float().abs().amax(dim=0), alpha)
     _div_norm(layer.post_attention_layernorm, s)
     _mul_cols(mlp.gate_up_proj, s)
     out["gate_up"] = float(s.max())
+    got[prefix + "mlp.gate_up_proj"] = s
     # down_proj <- the up rows of gate_up
     inter = mlp.down_proj.in_features
     s = _scales(xmax[prefix + "mlp.down_proj"], mlp.down_proj.weight.data.float().abs().amax(dim=0), alpha)
     _div_rows(mlp.gate_up_proj, slice(inter, 2 * inter), s)
     _mul_cols(mlp.down_proj, s)
     out["down"] = float(s.max())
+    got[prefix + "mlp.down_proj"] = s
     # o_proj <- v_proj rows: one scale per (KV group, head dim), the max over the group's query heads
     rep = num_heads // num_kv
     xo = xmax[prefix + "self_attn.o_proj"].view(num_kv, rep, hd).amax(dim=1)
     wo = attn.o_proj.weight.data.float().abs().amax(dim=0).view(num_kv, rep, hd).amax(dim=1)
     s_kv = _scales(xo, wo, alpha)  # [kv, hd]
     _div_rows(attn.v_proj, slice(None), s_kv.reshape(-1))
-    _mul_cols(attn.o_proj, s_kv[:, None, :].expand(num_kv, rep, hd).reshape(-1))
+    s = s_kv[:, None, :].expand(num_kv, rep, hd).reshape(-1)
+    _mul_cols(attn.o_proj, s)
     out["o"] = float(s_kv.max())
+    got[prefix + "self_attn.o_proj"] = s
+    if scales is not None:
+        scales.update(got)
     return out
 
 
-def smooth_model(model, xmax: dict[str, Any], alpha: float) -> tuple[Any, dict[str, Any]]:
+def smooth_model(model, xmax: dict[str, Any], alpha: float, scales: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """A smoothed copy of ``model`` (the original is left as it is: ``build`` exports it again) and the
-    record for artifact.json (``metadata.compression.smooth``)."""
+    record for artifact.json (``metadata.compression.smooth``); ``scales`` as in :func:`smooth_layer`."""
     check_alpha(alpha)
     t = model.config.text
     new = copy.deepcopy(model)
     largest: dict[str, float] = {}
     for i, layer in enumerate(new.text.layers):
-        for k, v in smooth_layer(layer, f"text.layers.{i}.", xmax, alpha, (t.num_heads, t.num_kv_heads, t.head_dim)).items():
+        heads = (t.num_heads, t.num_kv_heads, t.head_dim)
+        for k, v in smooth_layer(layer, f"text.layers.{i}.", xmax, alpha, heads, scales).items():
             largest[k] = max(largest.get(k, 0.0), v)
     record = {
         "alpha": alpha,
@@ -172,6 +182,12 @@ def smooth(components: Components, calib: Any, alpha: float, progress: Progress 
     if not xmax:
         raise BadInputError("--smooth: the calibration set has no decoder calls to measure activations on")
     return smooth_model(components.model, xmax, alpha)
+
+
+def smoothed_absmax(xmax: dict[str, Any], scales: dict[str, Any]) -> dict[str, Any]:
+    """Per-channel max |x| of the smoothed model's linear inputs without running it: the smoothed model
+    computes the same function, so each smoothed input is exactly the original divided by its scale."""
+    return {n: (v / scales[n] if n in scales else v) for n, v in xmax.items()}
 
 
 def activation_range_ratio(xmax: dict[str, Any]) -> dict[str, float]:

@@ -105,9 +105,16 @@ def test_smoothing_flattens_outlier_channels_and_int8_static_gains(planted):
     from calibration.smooth import input_absmax, smooth_model
     from core.components import build_components
 
+    from calibration.smooth import smoothed_absmax
+
     comps, calls, xmax = planted
-    smoothed = build_components(smooth_model(comps.model, xmax, 0.5)[0])
+    scales = {}
+    smoothed = build_components(smooth_model(comps.model, xmax, 0.5, scales)[0])
     after = input_absmax(smoothed, calls)
+    predicted = smoothed_absmax(xmax, scales)  # without running the smoothed model
+    assert len(scales) == 6 * comps.config.text.num_layers
+    for name, v in after.items():
+        np.testing.assert_allclose(predicted[name].numpy(), v.numpy(), rtol=1e-4, atol=1e-6)
     for name in OUTLIER_CHANNELS:
         ratio = lambda v: float(v.max() / np.median(v.numpy()))  # noqa: E731
         assert ratio(after[name]) < ratio(xmax[name]) / 3, (name, ratio(xmax[name]), ratio(after[name]))
