@@ -410,12 +410,18 @@ def _activation_scales(graph) -> dict[str, float]:
             if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
 
 
-def test_int8_static_percentile_ranges_clip_where_minmax_spans_everything(tiny_components, tiny_calibration, tmp_path):
-    """activation_range="percentile" calibrates through onnxruntime's Percentile histogram: no range wider than
-    MinMax's over the same samples, and some narrower (the clipped tails); an unknown name is refused."""
+def test_int8_static_percentile_ranges_clip_where_minmax_spans_everything(tiny_components, tiny_calibration, tmp_path,
+                                                                          monkeypatch):
+    """activation_range="percentile" calibrates through onnxruntime's Percentile histogram over samples of different
+    lengths (one per collect_data: stacked they fail): no range wider than MinMax's over the same samples, and some
+    narrower (the clipped tails; at the 99.9th percentile here, so tiny's few values have tails to clip); an unknown
+    name is refused."""
     from core.errors import BadInputError
+    from targets.ort import static
     from targets.ort.static import calibration_method
 
+    member, options = static.ACTIVATION_RANGES["percentile"]
+    monkeypatch.setitem(static.ACTIVATION_RANGES, "percentile", (member, {**options, "CalibPercentile": 99.9}))
     with pytest.raises(BadInputError, match="activation range"):
         calibration_method("mse")
     minmax = _activation_scales(_static_model(tiny_components, tiny_calibration, "text_decoder", tmp_path / "a"))
@@ -423,7 +429,7 @@ def test_int8_static_percentile_ranges_clip_where_minmax_spans_everything(tiny_c
                                            activation_range="percentile"))
     assert minmax.keys() == pct.keys() and minmax
     assert all(pct[k] <= minmax[k] * 1.01 for k in minmax), {k: (pct[k], minmax[k]) for k in minmax if pct[k] > minmax[k] * 1.01}
-    assert sum(pct[k] < minmax[k] * 0.99 for k in minmax) >= 1
+    assert sum(pct[k] < minmax[k] * 0.99 for k in minmax) >= len(minmax) // 2
 
 
 def test_int8_weight_is_int8_weights_with_float_activations(ort_artifacts):

@@ -40,15 +40,18 @@ from targets.ort.quiet import quiet
 # calibration samples per method; the decoder's are the most expensive to replay
 MAX_CALIB_SAMPLES = 64
 
+# the op types whose inputs int8-static quantizes
+QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")
+
 # activation range method -> (onnxruntime CalibrationMethod member, its extra options). Percentile clips at
 # the 99.999th percentile of a 2048-bin histogram; Entropy picks the KL-divergence-minimising clip of a
 # 128-bin histogram; Distribution (meant for float8) keeps the histogram's full span.
 ACTIVATION_RANGES: dict[str, tuple[str, dict[str, Any]]] = {
     "minmax": ("MinMax", {}),
-    "percentile": ("Percentile", {"CalibPercentile": 99.999, "CalibTensorRangeSymmetric": False}),
-    "entropy": ("Entropy", {"CalibTensorRangeSymmetric": False}),
-    "distribution": ("Distribution", {}),
-}
+    "percentile": ("Percentile", {"CalibPercentile": 99.999, "CalibTensorRangeSymmetric": False, "CalibStridedMinMax": 1}),
+    "entropy": ("Entropy", {"CalibTensorRangeSymmetric": False, "CalibStridedMinMax": 1}),
+    "distribution": ("Distribution", {"CalibStridedMinMax": 1}),
+}  # (CalibStridedMinMax 1: one sample per collect_data, see _Reader)
 # the default (MEASURED: see the README's "ONNX Runtime kernels"); read at call time, so a measurement
 # script can set it before an export
 ACTIVATION_RANGE = "minmax"
@@ -72,7 +75,12 @@ def calibration_feeds(calibration: Any | None, components: Any, methods: list[st
 
 
 class _Reader:
-    """onnxruntime.quantization CalibrationDataReader over recorded feeds."""
+    """onnxruntime.quantization CalibrationDataReader over recorded feeds.
+
+    ``__len__`` and ``set_range`` let quantize_static walk the samples in strides (``CalibStridedMinMax``): the
+    histogram calibrators stack every sample's activations of one collect_data call into one array, which
+    fails on samples of different lengths, so they are given one sample per call.
+    """
 
     def __init__(self, feeds: list[dict[str, np.ndarray]]):
         self._feeds = feeds
@@ -83,6 +91,12 @@ class _Reader:
 
     def rewind(self):
         self._it = iter(self._feeds)
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(self._feeds[start_index:end_index])
 
 
 def activation_matmuls(model: Any) -> list[str]:
@@ -155,6 +169,10 @@ def quantize_static_model(src: Path, dst: Path, feeds: list[dict[str, np.ndarray
     # the layers' MatMuls (a weight initializer on one side) are W8A8; attention's activation x activation
     # MatMuls (q.k^T, probs.v) stay float, as in ExecuTorch's int8-static and in the sensitivity simulation
     exclude += activation_matmuls(model)
+    if not any(n.op_type in QUANTIZED_OPS and n.name not in exclude for n in model.graph.node):
+        # nothing to calibrate (the token embedding): onnxruntime's histogram calibrators raise on an empty
+        # histogram where MinMax passes the model through
+        method, range_options = calibration_method("minmax")
     qdq = work / f"{src.stem}.qdq.onnx"
     with quiet():
         quantize_static(
@@ -162,7 +180,7 @@ def quantize_static_model(src: Path, dst: Path, feeds: list[dict[str, np.ndarray
             str(qdq),
             Reader(feeds),
             quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+            op_types_to_quantize=list(QUANTIZED_OPS),
             per_channel=True,
             calibrate_method=method,
             # uint8 activations (asymmetric) x int8 weights: the U8S8 integer GEMM (see the module docstring)
@@ -173,7 +191,7 @@ def quantize_static_model(src: Path, dst: Path, feeds: list[dict[str, np.ndarray
             # integer inputs, float outputs (MatMulIntegerToFloat): as Core ML's int8-static and the
             # sensitivity simulation (XNNPACK's int8 linear, ExecuTorch's, also quantizes its output)
             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
-                           "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm", "Conv"], **range_options},
+                           "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS), **range_options},
         )
     model = load_model(qdq)
     float_inputs_for(model, set(exclude))
