@@ -1,6 +1,6 @@
 """Which onnxruntime kernels run one decode step of an ORT artifact's text decoder, and their share of the time.
 
-    python examples/ort_profile.py ARTIFACT [--past 64] [--steps 20] [--format onnx|ort] [--threads 2]
+    python examples/ort_profile.py ARTIFACT [--past 64] [--steps 20] [--format onnx|ort] [--threads 2] [--decoder PATH]
 
 Opens ``text_decoder.<format>`` with the session options the target's own session uses (CPU provider,
 ``session.qdqisint8allowed`` 1, NCHWc left out: see targets/ort/session.py), turns on onnxruntime's
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -78,13 +79,16 @@ def kernel_times(profile: Path) -> tuple[dict[str, float], dict[str, set[str]], 
     return per_op, nodes, runs
 
 
-def profile_decoder(artifact_dir: Path, past_len: int, steps: int, model_format: str, threads: int) -> dict:
-    """Run and profile ``steps`` decode calls; returns the measured numbers (also what --json writes)."""
+def profile_decoder(artifact_dir: Path, past_len: int, steps: int, model_format: str, threads: int,
+                    decoder: Path | None = None) -> dict:
+    """Run and profile ``steps`` decode calls; returns the measured numbers (also what --json writes).
+
+    ``decoder``: another decoder file of the same model (e.g. one quantized differently) instead of the artifact's."""
     import onnxruntime as ort
 
     art = read_artifact(artifact_dir)
     config = ModelConfig.from_dict(art.metadata["model"])
-    path = art.dir / f"text_decoder.{model_format}"
+    path = decoder or art.dir / f"text_decoder.{model_format}"
     feeds = decode_feeds(config, past_len)
     with tempfile.TemporaryDirectory() as tmp:
         options = session_options(Path(tmp), threads, model_format)
@@ -99,7 +103,7 @@ def profile_decoder(artifact_dir: Path, past_len: int, steps: int, model_format:
         per_op, nodes, runs = _steady_state(profile)
     total = sum(per_op.values())
     return {
-        "artifact": str(artifact_dir), "recipe": art.recipe, "format": model_format, "past": past_len,
+        "artifact": str(decoder or artifact_dir), "recipe": "?" if decoder else art.recipe, "format": model_format, "past": past_len,
         "steps": steps, "runs_profiled": runs, "threads": threads or "default",
         "onnxruntime": ort.__version__, "wall_ms_per_step": wall * 1e3,
         "kernel_ms_per_step": total / 1e3 / max(1, runs),
@@ -120,16 +124,18 @@ def _steady_state(profile: Path) -> tuple[dict[str, float], dict[str, set[str]],
 
 
 def main() -> None:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends quietly
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--past", type=int, default=64, help="cached positions before the decoded token")
     ap.add_argument("--steps", type=int, default=20, help="profiled decode calls (after one warm-up)")
     ap.add_argument("--format", choices=("onnx", "ort"), default="onnx", help="text_decoder.onnx or .ort")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads (0: onnxruntime's default)")
+    ap.add_argument("--decoder", type=Path, help="profile this decoder file (same model) instead of the artifact's")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     a = ap.parse_args()
-    r = profile_decoder(a.artifact, a.past, a.steps, a.format, a.threads)
-    print(f"{r['artifact']} ({r['recipe']}, text_decoder.{r['format']}, onnxruntime {r['onnxruntime']}, "
+    r = profile_decoder(a.artifact, a.past, a.steps, a.format, a.threads, a.decoder)
+    print(f"{r['artifact']} ({r['recipe']}, {Path(r['artifact']).name if a.decoder else 'text_decoder.' + r['format']}, onnxruntime {r['onnxruntime']}, "
           f"{r['threads']} threads): 1 token after {r['past']} past, {r['runs_profiled']} runs after a warm-up")
     print(f"wall {r['wall_ms_per_step']:.2f} ms/step, summed kernel time {r['kernel_ms_per_step']:.2f} ms/step")
     print(f"{'op type (kernel that ran)':34s} {'share':>7s} {'ms/step':>8s} {'nodes':>6s}")
