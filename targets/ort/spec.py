@@ -21,9 +21,11 @@ RECIPES = (
     # as torch.onnx exports it
     RecipeSpec(RecipeName.FP32, FLOAT32, Gate(0.99999, 1e-3)),
     # int8 per-channel DequantizeLinear weights of every MatMul/Gemm/Conv, float activations, int8 embedding rows
+    # (the CPU EP fuses DQ -> MatMul into an 8-bit MatMulNBits that quantizes activation blocks on the fly)
     RecipeSpec(RecipeName.INT8_WEIGHT, QuantScheme(weight_bits=8, embedding_bits=8), Gate(0.99, 0.15)),
-    # QDQ: int8 per-channel weights and calibrated int8 per-tensor inputs on the weight MatMuls (float outputs),
-    # then the embedding table as in int8-weight (ORT's static quantizer leaves Gather tables float)
+    # QDQ: int8 per-channel weights and calibrated uint8 per-tensor inputs on the weight MatMuls (float outputs:
+    # onnxruntime's CPU EP runs them as U8S8 MatMulIntegerToFloat), then the embedding table as in int8-weight
+    # (ORT's static quantizer leaves Gather tables float)
     RecipeSpec(RecipeName.INT8_STATIC, QuantScheme(weight_bits=8, activations="static", embedding_bits=8),
                Gate(0.95, 0.35)),
     # MatMulNBits: 4-bit blocks of --group-size inputs, float activations at the graph boundary; convs and the

@@ -52,8 +52,10 @@ ACTIVATION_RANGES: dict[str, tuple[str, dict[str, Any]]] = {
     "entropy": ("Entropy", {"CalibTensorRangeSymmetric": False, "CalibStridedMinMax": 1}),
     "distribution": ("Distribution", {"CalibStridedMinMax": 1}),
 }  # (CalibStridedMinMax 1: one sample per collect_data, see _Reader)
-# the default (MEASURED: see the README's "ONNX Runtime kernels"); read at call time, so a measurement
-# script can set it before an export
+# The default, read at call time. SmolLM2-135M decoder, 64 calibration samples, teacher-forced on the held-out
+# texts (162 tokens) vs the fp32 decoder: top-1 / perplexity delta / mean logits cosine: minmax 0.549 / +56% / 0.821,
+# entropy 0.617 / +77% / 0.788, percentile 0.593 / +101% / 0.766 (int8 symmetric minmax, before uint8: 0.475 /
+# +121% / 0.682). MinMax keeps the outlier channels the perplexity depends on; see the README's "ONNX Runtime kernels".
 ACTIVATION_RANGE = "minmax"
 
 
