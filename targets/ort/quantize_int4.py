@@ -28,8 +28,8 @@ from targets.ort.quiet import quiet
 # 4096 x 4096 block-32 weight: 2x faster than the fp32-compute levels 0/1 at M = 1 (4.2 vs 8.6-9.1 ms, one
 # thread), same cosine vs the float product (0.9964); tiny's decoder on random inputs: cosine 0.9788 vs 0.9790
 # at level 1. It is also what ExecuTorch's 8da4w computes (int8 activations x int4 weights). SmolLM2-135M decode
-# step (1 token after 64 past, round-robin in one process, loaded host): level 4 2.50x fp32, level 1 1.88x, level 0
-# 1.72x; teacher-forced held-out top-1 vs fp32 0.667 / 0.673 / 0.673, perplexity +23.4% / +23.7% / +23.7%: the
+# step (1 token after 64 past, round-robin in one process, loaded host): level 4 2.59x fp32, level 1 1.64x, level 0
+# 1.91x; teacher-forced held-out top-1 vs fp32 0.667 / 0.673 / 0.673, perplexity +23.4% / +23.7% / +23.7%: the
 # 4-bit rounding, not the int8 activation blocks, sets the accuracy.
 INT4_ACCURACY_LEVEL = 4
 

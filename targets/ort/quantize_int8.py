@@ -13,7 +13,7 @@ quantizers leave float (the embedding table; int4's convs).
 What onnxruntime 1.32's CPU EP runs (examples/ort_profile.py): it fuses each per-channel ``DequantizeLinear ->
 MatMul`` into an 8-bit ``MatMulNBits`` (block 32) at ``session.qdq_matmulnbits_accuracy_level`` 4, its default,
 which quantizes activation blocks to int8 on the fly. Levels 0-2 run an unoptimised 8-bit path (SmolLM2 decode
-step 1.55 s against 0.11 s at level 4) for the same top-1 and perplexity, and block-wise int8 weights land on the
+step 12x slower than level 4, round-robin in one process) for the same top-1 and perplexity, and block-wise int8 weights land on the
 same kernel with the same error: the per-channel form here is as fast and as accurate as ORT makes int8 weights.
 """
 
