@@ -150,7 +150,7 @@ def export_model(
     comps = build_components(model)
     comps.text_decoder.cache.reset()
     calib = None
-    if plan.needs_calibration:
+    if rec.needs_calibration or plan.parity_target is not None:  # (--smooth / --gptq calibrated their own)
         key = (str(plan.calibration), id(model)) if not compression else None
         if calibration_cache is not None and key in calibration_cache:
             calib = calibration_cache[key]
