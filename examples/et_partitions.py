@@ -6,6 +6,10 @@ Read from each .pte's own instruction chains (targets.executorch.program_io.read
 on artifacts from any version of this tool. Prints, per method, the delegate calls by backend and the
 kernel calls left on the portable path by op (``--ops`` lists them), the decoder's XNNPACK subgraphs per
 layer, and the build's lowering / export wall times when artifact.json has them.
+
+``--profile N`` also runs text_decoder with ExecuTorch's ETDump (a 16-token prefill, then N decode steps
+of random embeddings) and prints where its time goes: per XNNPACK operator, per portable kernel, and
+the delegate calls in total.
 """
 
 from __future__ import annotations
@@ -46,13 +50,54 @@ def describe(path: Path, ops: bool) -> None:
         print(f"  build timings (s): {timings}; export wall {info.get('export', {}).get('wall_s')} s")
 
 
+def profile(pte: Path, steps: int, top: int = 20) -> None:
+    """ETDump of text_decoder over a prefill and ``steps`` decode calls: time per event name, largest first."""
+    import collections
+    import tempfile
+
+    import torch
+    from executorch.devtools import Inspector
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch
+
+    from targets.executorch.session import load_runtime_kernels
+
+    load_runtime_kernels()
+    info = json.loads((pte.parent / "artifact.json").read_text())
+    h = info["programs"]["text_decoder"]["inputs"][0]["shape"][2]
+    module = _load_for_executorch(str(pte), enable_etdump=True, debug_buffer_size=0)
+    gen = torch.Generator().manual_seed(0)
+    module.run_method("text_decoder", (torch.randn(1, 16, h, generator=gen) * 0.1, torch.arange(16)))
+    for i in range(steps):
+        module.run_method("text_decoder", (torch.randn(1, 1, h, generator=gen) * 0.1, torch.tensor([16 + i])))
+    with tempfile.TemporaryDirectory() as tmp:
+        dump = Path(tmp) / "etdump.bin"
+        module.write_etdump_result_to_file(str(dump))
+        inspector = Inspector(etdump_path=str(dump))
+    total: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
+    for block in inspector.event_blocks:
+        for ev in block.events:
+            if ev.perf_data is not None:
+                total[ev.name] += sum(ev.perf_data.raw)
+                calls[ev.name] += len(ev.perf_data.raw)
+    run = sum(t for n, t in total.items() if n == "Method::execute") or 1.0
+    print(f"  ETDump, text_decoder: prefill 16 + {steps} decode calls, {run:.1f} ms in Method::execute")
+    for name, t in total.most_common(top):
+        if name.startswith(("Program::", "Method::init")):
+            continue
+        print(f"    {t:10.1f} ms  {100 * t / run:5.1f}%  {calls[name]:6d} calls  {name}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifacts", nargs="+", type=Path)
     ap.add_argument("--ops", action="store_true", help="list the portable kernel calls per op")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="ETDump text_decoder over N decode steps")
     args = ap.parse_args()
     for a in args.artifacts:
         describe(a, args.ops)
+        if args.profile:
+            profile(a / "model.pte" if a.is_dir() else a, args.profile)
 
 
 if __name__ == "__main__":
