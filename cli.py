@@ -379,11 +379,16 @@ def build(
 def bench(
     artifact_dir: Annotated[Path, typer.Argument(help="An exported artifact directory.")],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    prompt_len: Annotated[Optional[int], typer.Option("--prompt-len", help="Prefill length in tokens (default: min(128, max_seq_len / 2)).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Decode steps timed per repeat.")] = 32,
+    repeats: Annotated[int, typer.Option("--repeats", help="Repeats; the median is reported.")] = 3,
+    eager: Annotated[bool, typer.Option("--eager/--no-eager", help="Also time eager PyTorch fp32 (slow for a 9B checkpoint).")] = True,
 ) -> None:
     """Load time, prefill/decode tok/s, peak RSS, size and the decode bandwidth bound, vs eager PyTorch."""
     from exporter import pipeline
 
-    typer.echo(pipeline.bench(artifact_dir, json_out, progress=Progress()))
+    typer.echo(pipeline.bench(artifact_dir, json_out, progress=Progress(), prompt_len=prompt_len, steps=steps,
+                              repeats=repeats, eager=eager))
 
 
 @app.command("make-checkpoint")

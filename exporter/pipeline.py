@@ -308,12 +308,24 @@ def build(config: str | Path | None, out: str | Path, progress: Progress | None 
     return builder.build(Path(config) if config else None, Path(out), progress=progress)
 
 
-def bench(artifact_dir: str | Path, json_out: str | Path | None = None, progress: Progress | None = None) -> str:
+def bench(
+    artifact_dir: str | Path,
+    json_out: str | Path | None = None,
+    progress: Progress | None = None,
+    prompt_len: int | None = None,
+    steps: int = 32,
+    repeats: int = 3,
+    eager: bool = True,
+) -> str:
     if json_out is not None and Path(json_out).is_dir():
         raise BadInputError(f"--json {json_out}: is a directory; give a file name")
     if json_out is not None and not Path(json_out).absolute().parent.is_dir():
         raise BadInputError(f"--json {json_out}: its folder does not exist")
     from exporter import bench as b
 
-    result = b.run_bench(Path(artifact_dir), Path(json_out) if json_out else None, progress=progress)
+    for name, value, least in (("--prompt-len", prompt_len, 1), ("--steps", steps, 1), ("--repeats", repeats, 1)):
+        if value is not None and value < least:
+            raise BadInputError(f"{name} {value}: must be at least {least}")
+    result = b.run_bench(Path(artifact_dir), Path(json_out) if json_out else None, progress=progress,
+                         prompt_len=prompt_len, steps=steps, repeats=repeats, eager=eager)
     return b.format_table(result)

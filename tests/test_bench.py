@@ -45,3 +45,21 @@ def test_bench_times_artifact_and_eager_baseline(artifact, tmp_path):
     assert result["runtimes"][0]["artifact_bytes"] == sum(f["bytes"] for f in artifact.info["files"].values())
     table = bench.format_table(result)
     assert "decode tok/s" in table and "eager fp32" in table and "GB/s" in table
+
+
+def test_bench_cli_without_eager_times_only_the_artifact(artifact, tmp_path):
+    """--no-eager (a 9B's eager reference would time the disk) leaves the eager row out; the options reach the run."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(app, ["bench", str(artifact.dir), "--no-eager", "--prompt-len", "8", "--steps", "2",
+                                   "--repeats", "1", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    assert [r["label"] for r in result["runtimes"]] == [f"{artifact.target} fp32"]
+    assert result["settings"] == {"prompt_len": 8, "decode_steps": 2, "repeats": 1, "statistic": "median"}
+    assert "eager" not in res.output
+    bad = CliRunner().invoke(app, ["bench", str(artifact.dir), "--steps", "0"])
+    assert bad.exit_code != 0 and "--steps 0: must be at least 1" in bad.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,62 @@ from exporter.parity.inputs import Item
 from exporter.parity.thresholds import METRICS_MIN
 
 
+@dataclass
+class ReferenceRun:
+    """One parity item through the reference: its greedy generation and the embeddings the decoder is
+    teacher-forced with. The reference pass finishes before the artifact is opened (at 9B the eager
+    model's working set and the artifact's weights are not held together), and reuses the generation's
+    own logits: the per-method decoder calls are exactly the generation's calls, so they are not repeated.
+    """
+
+    segments: list[Any]
+    result: Any  # GenerationResult (greedy, ``steps`` tokens, no eos stop)
+    segment_embeds: list[np.ndarray]  # the reference's embedding of each segment
+    step_embeds: list[np.ndarray]  # the reference's embedding of each greedy token but the last
+
+    def segment_logits(self) -> list[np.ndarray]:
+        """The prompt logits split per segment, as each segment's prefill call returned them."""
+        cuts = np.cumsum([s.length for s in self.segments])[:-1]
+        return np.split(self.result.prompt_logits, cuts)
+
+    def step_logits(self, k: int) -> np.ndarray:
+        """[1, V]: the decoder's output after the reference's k-th greedy token (0-based)."""
+        return self.result.step_logits[k + 1].reshape(1, -1)
+
+
+def reference_pass(
+    reference: Any,
+    config: Any,
+    tokenizer: Any,
+    items: list[Item],
+    steps: int = 32,
+    progress: Progress | None = None,
+) -> list[ReferenceRun]:
+    """Every item through the reference session (greedy, ``steps`` tokens, no eos stop)."""
+    from core.runner import Prompt, Runner
+
+    runner = Runner(reference, config, tokenizer)
+    runs = []
+    for idx, item in enumerate(items):
+        for p in (item.image, item.audio):
+            if p is not None and not p.is_file():
+                raise InputFileError(f"parity input file not found: {p}")
+        prompt = Prompt(text=item.text, image=item.image, audio=item.audio)
+        segments = runner.segments(prompt)
+        result = runner.generate(prompt, max_new_tokens=steps, stop_at_eos=False)
+        runs.append(ReferenceRun(
+            segments=segments,
+            result=result,
+            segment_embeds=[runner.embed(seg) for seg in segments],
+            step_embeds=[reference.run("token_embedding", tokens=np.asarray([[tok]], dtype=np.int64))
+                         for tok in result.tokens[:-1]],
+        ))
+        if progress:
+            progress("parity reference", idx + 1, len(items))
+    reference.reset()
+    return runs
+
+
 def compare_sessions(
     reference: Any,
     artifact: Any,
@@ -23,10 +80,11 @@ def compare_sessions(
     steps: int = 32,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Run both sessions through the shared runner on ``items``; metrics per method and for the decoder."""
+    """Metrics per method and for the decoder: ``artifact`` against ``reference`` (a session, or the
+    :func:`reference_pass` already made of it) through the shared runner on ``items``."""
     from core.runner import Prompt, Runner
 
-    ref_runner = Runner(reference, config, tokenizer)
+    refs = reference if isinstance(reference, list) else reference_pass(reference, config, tokenizer, items, steps, progress)
     art_runner = Runner(artifact, config, tokenizer)
     per_method: dict[str, list[dict[str, Any]]] = {}
     prompts_out = []
@@ -42,41 +100,29 @@ def compare_sessions(
         per_method.setdefault(method, []).append(m)
         return m
 
-    for idx, item in enumerate(items):
+    for idx, (item, run) in enumerate(zip(items, refs)):
         prompt = Prompt(text=item.text, image=item.image, audio=item.audio)
-        for p in (item.image, item.audio):
-            if p is not None and not p.is_file():
-                raise InputFileError(f"parity input file not found: {p}")
-        segments = ref_runner.segments(prompt)
-        ref = ref_runner.generate(prompt, max_new_tokens=steps, stop_at_eos=False)
+        segments, ref = run.segments, run.result
         art = art_runner.generate(prompt, max_new_tokens=steps, stop_at_eos=False)
 
-        # 1. per method, identical inputs on both sides
-        reference.reset()
+        # 1. per method, identical inputs on both sides (the decoder teacher-forced with the reference's embeddings)
         artifact.reset()
         start = 0
-        dec_cos, dec_max = [], []
-        for s_i, seg in enumerate(segments):
+        for s_i, (seg, r_emb, r_log) in enumerate(zip(segments, run.segment_embeds, run.segment_logits())):
             method = {"text": "token_embedding", "image": "vision_encoder", "audio": "audio_encoder"}[seg.kind]
-            r_emb = ref_runner.embed(seg)
             a_emb = art_runner.embed(seg)
             record(method, idx, f"segment {s_i} ({seg.kind}, {seg.length} tok)", r_emb, a_emb)
-            r_log = ref_runner.decode(r_emb, seg.position_ids, start)
             a_log = art_runner.decode(r_emb, seg.position_ids, start)
             record("text_decoder", idx, f"prefill segment {s_i} ({seg.length} tok)", r_log, a_log)
             start += seg.length
         next_pos = int(segments[-1].position_ids.max()) + 1
         for k, tok in enumerate(ref.tokens[:-1]):
-            r_emb = reference.run("token_embedding", tokens=np.asarray([[tok]], dtype=np.int64))
+            r_emb = run.step_embeds[k]
             a_emb = artifact.run("token_embedding", tokens=np.asarray([[tok]], dtype=np.int64))
             record("token_embedding", idx, f"decode step {k + 1}", r_emb, a_emb)
             pos = np.full((3, 1), next_pos + k, dtype=np.int64)
-            r_log = ref_runner.decode(r_emb, pos, start + k)
             a_log = art_runner.decode(r_emb, pos, start + k)
-            m = record("text_decoder", idx, f"decode step {k + 1}", r_log, a_log)
-            dec_cos.append(m["cosine"])
-            dec_max.append(m["max_abs"])
-
+            record("text_decoder", idx, f"decode step {k + 1}", run.step_logits(k), a_log)
         # 2. end to end, teacher-forced on the reference's continuation (artifact's own embeddings)
         a_prompt_logits = art_runner.prefill(segments)
         a_steps = [a_prompt_logits[-1]]
