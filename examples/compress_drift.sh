@@ -42,7 +42,7 @@ measure_one() {
     echo "$(date +%T) export $preset $name" >&2
     # shellcheck disable=SC2086  # opts is a list of options
     autoglm-export export --preset "$preset" --target "$t" --recipe "$r" --out "$dir" $opts > "$dir.log" 2>&1 \
-      || { echo "$(date +%T) export $preset $name failed (rc=$?), see $dir.log" >&2; return; }
+      || { rc=$?; echo "$(date +%T) export $preset $name failed (rc=$rc), see $dir.log" >&2; return; }
   fi
   if [ ! -f "$dir/parity/report.json" ]; then
     echo "$(date +%T) parity $preset $name" >&2
@@ -52,7 +52,7 @@ measure_one() {
   if [ ! -f "$dir.bench.json" ]; then
     echo "$(date +%T) bench $preset $name" >&2
     autoglm-export bench "$dir" --json "$dir.bench.json" > "$dir.bench.log" 2>&1 \
-      || echo "$(date +%T) bench $preset $name failed (rc=$?), see $dir.bench.log" >&2
+      || { rc=$?; echo "$(date +%T) bench $preset $name failed (rc=$rc), see $dir.bench.log" >&2; }
   fi
 }
 
@@ -113,6 +113,8 @@ def fmt(x, spec: str) -> str:
 def rows(pdir: Path):
     # the unpruned row first within each target; hidden names are an export's staging dirs
     dirs = [p for p in pdir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    # an export that failed before its atomic rename leaves only its log: list it too, as a failed row
+    dirs += [pdir / p.name[:-4] for p in pdir.glob("*.log") if "." not in p.name[:-4] and not (pdir / p.name[:-4]).is_dir()]
     for d in sorted(dirs, key=lambda p: (TARGET_ORDER.get(p.name.split("-")[0], 9), not p.name.endswith("-none"), p.name)):
         if not (d / "artifact.json").is_file():
             yield d.name, None
