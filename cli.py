@@ -274,6 +274,11 @@ def export(
         typer.Option("--gptq", help="GPTQ-style error-compensating rounding of the decoder's int8 weights from the "
                      "calibration set (int8-weight, int8-static; not with --parity-target)."),
     ] = False,
+    check_floor: Annotated[
+        Optional[float],
+        typer.Option("--check-floor", help="The export check's cosine floor for every method, instead of the recipe's "
+                     "default gate (e.g. 0.8 to accept a 4-bit model's drift); recorded in artifact.json."),
+    ] = None,
 ) -> None:
     """Export one target x recipe into an artifact directory."""
     from exporter import pipeline
@@ -282,7 +287,7 @@ def export(
     keep = tuple(k.strip() for k in keep_float.split(",") if k.strip()) if keep_float else ()
     art = pipeline.export(
         target.value, recipe.value, out, preset, checkpoint, layers, calibration, keep, group_size, Progress(), parity_target,
-        prune_heads, skip_layers, smooth, gptq,
+        prune_heads, skip_layers, smooth, gptq, check_floor,
     )
     for name, meta in sorted(art.info.get("files", {}).items()):
         typer.echo(f"{art.dir / name}  {_human(meta['bytes'])}  sha256:{meta['sha256'][:16]}")

@@ -24,6 +24,7 @@ Config schema (every key optional; no file = :data:`DEFAULT_CONFIG`)::
     parity_target = "cos=0.999"  # keep the most sensitive layers float until this holds (int8 recipes)
     prune_heads = 0.25         # remove this fraction of attention heads (calibrated importance)
     skip_layers = 2            # remove this many decoder layers (calibrated block influence)
+    check_floor = 0.8          # the export check's cosine floor instead of the recipe's gate (accepted drift)
     thresholds = { "text_decoder.cosine" = 0.98 }  # this artifact only
     name = "executorch-int8-static"                # directory name (default target-recipe)
 
@@ -101,8 +102,9 @@ recipe = "int8-static"
 
 _TOP_KEYS = {"model", "calibration", "parity", "artifact"}
 _MODEL_KEYS = {"preset", "checkpoint", "layers"}
-_ARTIFACT_KEYS = {"target", "recipe", "keep_float", "group_size", "thresholds", "name", "parity_target", "prune_heads", "skip_layers"}
-_EXPORT_KEYS = ("target", "recipe", "keep_float", "group_size", "parity_target", "prune_heads", "skip_layers")
+_ARTIFACT_KEYS = {"target", "recipe", "keep_float", "group_size", "thresholds", "name", "parity_target", "prune_heads",
+                  "skip_layers", "check_floor"}
+_EXPORT_KEYS = ("target", "recipe", "keep_float", "group_size", "parity_target", "prune_heads", "skip_layers", "check_floor")
 _PARITY_KEYS = {"steps", "inputs", "thresholds", "recipe"}
 
 
@@ -212,6 +214,9 @@ def _normalise(raw: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
         sl = a.get("skip_layers")
         if sl is not None and (isinstance(sl, bool) or not isinstance(sl, int)):
             raise bad(f"[[artifact]] #{i}: skip_layers must be an integer (decoder layers to remove)")
+        cf = a.get("check_floor")
+        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float))):
+            raise bad(f"[[artifact]] #{i}: check_floor must be a number (the export check's cosine floor)")
         name = a.get("name") or f"{a['target']}-{a['recipe']}"
         if name in names:
             raise bad(f"[[artifact]] #{i}: duplicate artifact name '{name}' (set name = ... to tell them apart)")
@@ -231,6 +236,7 @@ def _normalise(raw: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
                 "parity_target": pt,
                 "prune_heads": None if ph is None else float(ph),
                 "skip_layers": sl,
+                "check_floor": None if cf is None else float(cf),
                 "thresholds": merged,
             }
         )
@@ -332,7 +338,7 @@ def build(config_path: Path | None, out: Path, progress: Progress | None = None)
         plans[a["name"]] = ex.plan(
             a["target"], a["recipe"], out / a["name"], cfg["calibration"]["manifest"], tuple(a["keep_float"]),
             a["group_size"] if a["recipe"] in GROUPED_RECIPES else None, a["parity_target"], a["prune_heads"],
-            a["skip_layers"], model_config, check_out=False, shared_calibration=True,
+            a["skip_layers"], model_config, check_out=False, shared_calibration=True, check_floor=a["check_floor"],
         )
     from calibration.manifest import read_manifest
 
@@ -366,7 +372,8 @@ def build(config_path: Path | None, out: Path, progress: Progress | None = None)
     for a in cfg["artifacts"]:
         export_key = _sha(
             {
-                "artifact": {k: a[k] for k in _EXPORT_KEYS},
+                # (check_floor only when set: the keys of builds made before it existed stay the same)
+                "artifact": {k: a[k] for k in _EXPORT_KEYS if k != "check_floor" or a[k] is not None},
                 "source": source,
                 "calibration": calib_digest if plans[a["name"]].needs_calibration or a["prune_heads"] or a["skip_layers"] else None,
                 "package": __version__,
@@ -490,6 +497,7 @@ def _entry(
         "parity_target": a["parity_target"],
         "prune_heads": a["prune_heads"],
         "skip_layers": a["skip_layers"],
+        "check_floor": a["check_floor"],
         "files": files,
         # sha256 over the artifact files' own hashes (artifact.json and parity/ hold timings and are excluded)
         "sha256": h.hexdigest(),

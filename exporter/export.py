@@ -29,6 +29,7 @@ class ExportPlan:
     skip_layers: int | None = None
     smooth: float | None = None  # SmoothQuant migration strength (calibration/smooth.py)
     gptq: bool = False  # GPTQ-style int8 weight rounding (calibration/gptq.py)
+    check_floor: float | None = None  # the export check's cosine floor, instead of the recipe's gate
 
     @property
     def needs_calibration(self) -> bool:
@@ -50,6 +51,7 @@ def plan(
     shared_calibration: bool = False,
     smooth: float | None = None,
     gptq: bool = False,
+    check_floor: float | None = None,
 ) -> ExportPlan:
     """Every check of an export's options before any model work; ``config`` (a ModelConfig) adds the
     checks against the model's shape (compression settings). ``shared_calibration``: ``calibration`` is a
@@ -108,8 +110,10 @@ def plan(
         from exporter.compress import check_settings
 
         check_settings(config, prune_heads, skip_layers)
+    if check_floor is not None and not 0.0 < check_floor <= 1.0:
+        raise BadInputError(f"--check-floor {check_floor}: a cosine in (0, 1], e.g. 0.8")
     return ExportPlan(target, rec, out, Path(calibration) if calibration is not None else None, target_cos,
-                      prune_heads, skip_layers, smooth, gptq)
+                      prune_heads, skip_layers, smooth, gptq, check_floor)
 
 
 def export_model(
@@ -166,7 +170,7 @@ def export_model(
         compression["parity_search"] = found.record()  # says whether the target held on held-out prompts
         rec = Recipe(rec.name, keep_float=tuple(dict.fromkeys(rec.keep_float + found.keep)), group_size=rec.group_size)
     return export(target, comps, rec, out or plan.out, calibration=calib if rec.needs_calibration else None,
-                  progress=progress, source=source, compression=compression or None)
+                  progress=progress, source=source, compression=compression or None, check_floor=plan.check_floor)
 
 
 def _smooth(model, calibration, alpha: float, progress):

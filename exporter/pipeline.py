@@ -179,6 +179,7 @@ def export(
     skip_layers: int | None = None,
     smooth: float | None = None,
     gptq: bool = False,
+    check_floor: float | None = None,
 ):
     """Export one target x recipe into ``out`` (atomic). Returns the Artifact.
 
@@ -194,7 +195,7 @@ def export(
 
     config = resolve_config(preset, checkpoint, layers) if (prune_heads is not None or skip_layers is not None) else None
     job = ex.plan(target, recipe, out, calibration, keep_float, group_size, parity_target, prune_heads, skip_layers, config,
-                  smooth=smooth, gptq=gptq)
+                  smooth=smooth, gptq=gptq, check_floor=check_floor)
     model = load_reference(preset, checkpoint, layers)
     return ex.export_model(model, job, source_of(preset, checkpoint, layers), progress)
 

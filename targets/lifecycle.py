@@ -32,7 +32,7 @@ from core.artifact import (
 from core.errors import MissingRuntimeError
 from core.recipes import Recipe
 from targets.base import artifact_metadata, copy_tokenizer_files, export_gate, held_out_reference, method_signatures
-from targets.spec import BuildJob, Target
+from targets.spec import BuildJob, Gate, Target
 
 if TYPE_CHECKING:  # an annotation only: the model code is not imported for it
     from core.components import Components
@@ -47,10 +47,15 @@ def export(
     progress: Progress = no_progress,
     source: dict[str, Any] | None = None,
     compression: dict[str, Any] | None = None,
+    check_floor: float | None = None,
 ) -> Artifact:
-    """Export ``components`` with ``recipe`` through ``target`` into ``out`` (atomic). Returns the Artifact."""
+    """Export ``components`` with ``recipe`` through ``target`` into ``out`` (atomic). Returns the Artifact.
+
+    ``check_floor`` replaces the recipe's gate by this cosine floor alone (no relative-L2 ceiling): the user
+    accepts that much drift (e.g. a 4-bit model); artifact.json records the floor the program passed."""
     spec = target.spec
     rspec = spec.check(recipe)
+    gate = rspec.gate if check_floor is None else Gate(check_floor, None)
     out = Path(out)
     check_output_dir(out)
     t0 = time.perf_counter()
@@ -82,8 +87,11 @@ def export(
         except MissingRuntimeError as e:  # no runtime (nor emulation) on this host: said, not hidden
             check: dict[str, Any] = {"measured": False, "why": str(e)}
         else:
-            check = export_gate(spec.name, recipe, session, reference, rspec.gate)
+            check = export_gate(spec.name, recipe, session, reference, gate)
             del session
+            if check_floor is not None:
+                check["floor_set_by_user"] = {"floor_cosine": check_floor, "recipe_default": {
+                    "floor_cosine": rspec.gate.floor_cosine, "max_relative_l2": rspec.gate.max_relative_l2}}
         check["wall_s"] = round(time.perf_counter() - t, 2)
         report["export_check"] = check
         progress(f"{spec.name} check", 1, 1)

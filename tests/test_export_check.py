@@ -38,3 +38,32 @@ def test_executorch_rejects_the_lowering_path_that_returns_wrong_numbers(small, 
     with pytest.raises(ExportError, match="int8-weight program rejected by the export check|would not recognise an image prefill"):
         export(get_target("executorch"), small, Recipe("int8-weight"), tmp_path / "bad")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_floor_replaces_the_recipes_gate(small, tmp_path):
+    # a floor above what int8 rounding can reach refuses the program (nothing written); a lowered floor accepts
+    # it, drops the relative-L2 ceiling and says in artifact.json that the user set it
+    from core.artifact import read_artifact
+    from targets import get_target
+    from targets.lifecycle import export
+
+    ort = get_target("ort")
+    with pytest.raises(ExportError, match=r"int8-weight program rejected by the export check: \w+ cosine .*needs cosine >= 0.9999999\)"):
+        export(ort, small, Recipe("int8-weight"), tmp_path / "strict", check_floor=0.9999999)
+    assert list(tmp_path.iterdir()) == []
+    art = export(ort, small, Recipe("int8-weight"), tmp_path / "lenient", check_floor=0.5)
+    check = read_artifact(art.dir).info["report"]["export_check"]
+    assert check["floor_cosine"] == 0.5 and check["max_relative_l2"] is None
+    assert check["floor_set_by_user"]["recipe_default"] == {"floor_cosine": 0.99, "max_relative_l2": 0.15}
+    assert all(0.5 <= m["cosine"] < 0.9999999 for m in check["methods"].values())
+
+
+def test_check_floor_out_of_range_is_refused_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    r = CliRunner().invoke(app, ["export", "--target", "ort", "--recipe", "int4-weight", "--out", str(tmp_path / "a"),
+                                 "--check-floor", "1.5"])
+    assert r.exit_code == 2 and "--check-floor 1.5" in r.output
+    assert not (tmp_path / "a").exists()
