@@ -242,8 +242,8 @@ def discover(out: Path) -> tuple[list[dict], list[dict]]:
     for name, (t, r) in ANCHOR_SCHEME.items():
         p = out / name
         present = (p / "genai_config.json").is_file() if name.startswith("genai") else (p / "model.pte").is_file()
+        label = f"onnxruntime-genai builder -p {name[6:]}" if name.startswith("genai") else f"optimum-executorch {name[3:]}"
         if present:
-            label = f"onnxruntime-genai builder -p {name[6:]}" if name.startswith("genai") else f"optimum-executorch {name[3:]}"
             built = p / "BUILT_WITH.txt"
             if built.is_file():
                 label += f" ({built.read_text().strip()})"
@@ -255,7 +255,7 @@ def discover(out: Path) -> tuple[list[dict], list[dict]]:
             inst = out / "oe-install.txt"
             if name.startswith("oe") and inst.is_file() and "does not import" in inst.read_text():
                 why = inst.read_text().strip().splitlines()[-1]
-            untimed.append({"name": name, "why": why})
+            untimed.append({"name": label, "why": why})
     if ours:
         fp32 = next((i["path"] for i in items if i["kind"] == "ours" and i["precision"][1] == "fp32"), ours[0])
         from core.recipes import FLOAT32
