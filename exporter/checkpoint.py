@@ -461,6 +461,7 @@ def load_checkpoint(
     keep_half = dtype is None and 4 * sum(t.numel() for t in expected.values()) > KEEP_STORED_ABOVE
     seen: set[str] = set()
     unexpected: list[str] = []
+    mapped: dict[int, _Pages] = {}  # data_ptr of each weight kept as a view of the mapping -> its pages
     for shard in shard_files(ckpt):
         tensors = {}
         for key, tensor, pages in _shard_tensors(shard):
@@ -481,6 +482,8 @@ def load_checkpoint(
             if tensor.dtype != target:
                 tensor = tensor.to(target)
                 pages.drop()  # the copy is what the model holds; the file's pages are not needed
+            else:
+                mapped[tensor.data_ptr()] = pages
             tensors[name] = tensor
             seen.add(name)
         model.load_state_dict(tensors, strict=False, assign=True)
@@ -495,5 +498,20 @@ def load_checkpoint(
     if config.text.tie_embeddings:
         model.text.lm_head.weight = model.text.embed_tokens.weight
     materialize_buffers(model)
-    compute_in_float32(model)  # a no-op unless bf16/fp16 weights were kept
+    if compute_in_float32(model):  # bf16/fp16 weights were kept: the modules upcasting them per call
+        _attach_pages(model, mapped)
     return model.eval()
+
+
+def _attach_pages(model: torch.nn.Module, mapped: dict[int, _Pages]) -> None:
+    """Give each upcasting module the mapped pages of its weights (``_mapped``): it drops them after each
+    call (exporter/model/upcast.py), so an eager pass over a 9B keeps about one module's pages resident,
+    not the 20 GB checkpoint. Tied weights (lm_head = embed_tokens) share one entry."""
+    from exporter.model.upcast import UPCASTING
+
+    for m in model.modules():
+        if not isinstance(m, UPCASTING):
+            continue
+        own = {n: mapped[p.data_ptr()] for n, p in m.named_parameters(recurse=False) if p.data_ptr() in mapped}
+        if own:
+            m._mapped = own

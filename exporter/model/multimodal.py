@@ -45,7 +45,9 @@ class MultimodalModel(nn.Module):
 
     def placeholder_embedding(self, token_id: int) -> torch.Tensor:
         """The text part fused into every image/audio position: that placeholder's embedding [H]."""
-        return self.text.embed_tokens.weight[token_id].detach().clone().to(self.compute_dtype)
+        # through the module, not its weight: a mapped table's upcasting module hands the page back after the read
+        row = self.text.embed_tokens(torch.tensor([token_id], device=self.text.embed_tokens.weight.device))[0]
+        return row.detach().clone().to(self.compute_dtype)
 
     def fuse_media(self, media: torch.Tensor, placeholder: torch.Tensor, slot: int) -> torch.Tensor:
         # media: [N, H] of one image (slot 1) or audio clip (slot 2); placeholder: [H] -> [1, N, H]

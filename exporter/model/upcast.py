@@ -9,6 +9,11 @@ same weights (bit for bit, except that a Linear split into row chunks may round
 differently, ~1e-7), while at most one module's fp32 weights exist at a time
 (large Linears, the lm_head above all, are upcast in row chunks).
 
+A module whose weights are views of a memory-mapped file may also carry ``_mapped`` (parameter name ->
+an object with ``drop(start_byte, stop_byte)``, set by the loader): after each use the module hands those
+pages back to the kernel, so a pass over a 20 GB checkpoint does not leave all of it resident (a page read
+once otherwise stays in the process's RSS); the next call reads them again from the page cache or the file.
+
 The switch changes ``__class__`` only: parameters, names and ``state_dict``
 keys are untouched, and ``isinstance(m, nn.Linear)`` still holds. Modules
 whose weights are fp32 are left alone, so fp32 models run exactly as before.
@@ -29,39 +34,73 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float()
 
 
+def _release(m: nn.Module, name: str = "", rows: tuple[int, int] | None = None) -> None:
+    """Hand the mapped file pages of ``m``'s parameter ``name`` (default: all of them) back to the kernel;
+    ``rows``: only those of rows [start, stop) of the weight. A no-op for weights that are not mapped."""
+    mapped = getattr(m, "_mapped", None)
+    if not mapped:
+        return
+    if rows is not None:
+        w = getattr(m, name)
+        row_bytes = w[0].numel() * w.element_size()
+        mapped[name].drop(rows[0] * row_bytes, rows[1] * row_bytes)
+        return
+    for key, pages in mapped.items():
+        if not name or key == name:
+            pages.drop()
+
+
 class Float32Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = max(1, CHUNK_BYTES // (4 * self.in_features))
         if self.out_features <= rows:
-            return F.linear(x, self.weight.float(), _f32(self.bias))
-        weights = self.weight.split(rows)
-        biases = self.bias.split(rows) if self.bias is not None else [None] * len(weights)
-        return torch.cat([F.linear(x, w.float(), _f32(b)) for w, b in zip(weights, biases)], dim=-1)
+            y = F.linear(x, self.weight.float(), _f32(self.bias))
+            _release(self)
+            return y
+        outs = []
+        for i in range(0, self.out_features, rows):
+            b = None if self.bias is None else self.bias[i : i + rows]
+            outs.append(F.linear(x, self.weight[i : i + rows].float(), _f32(b)))
+            # from row 0: reading this chunk mapped the kernel's fault-around window, which reaches back into
+            # the chunk dropped before it
+            _release(self, "weight", (0, min(i + rows, self.out_features)))
+        _release(self, "bias")
+        return torch.cat(outs, dim=-1)
 
 
 class Float32Embedding(nn.Embedding):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x).float()  # gather the rows, then upcast only those
+        y = super().forward(x).float()  # gather the rows, then upcast only those
+        _release(self)
+        return y
 
 
 class Float32LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.normalized_shape, _f32(self.weight), _f32(self.bias), self.eps)
+        y = F.layer_norm(x, self.normalized_shape, _f32(self.weight), _f32(self.bias), self.eps)
+        _release(self)
+        return y
 
 
 class Float32Conv1d(nn.Conv1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight.float(), _f32(self.bias))
+        y = self._conv_forward(x, self.weight.float(), _f32(self.bias))
+        _release(self)
+        return y
 
 
 class Float32Conv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight.float(), _f32(self.bias))
+        y = self._conv_forward(x, self.weight.float(), _f32(self.bias))
+        _release(self)
+        return y
 
 
 class Float32Conv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight.float(), _f32(self.bias))
+        y = self._conv_forward(x, self.weight.float(), _f32(self.bias))
+        _release(self)
+        return y
 
 
 _SWITCH = {
@@ -101,7 +140,9 @@ def float32_weights(model: nn.Module) -> int:
                 setattr(m, name, copies[id(p)])
         if type(m) in _BASE:
             m.__class__ = _BASE[type(m)]
+        m.__dict__.pop("_mapped", None)  # the fp32 copies are not the mapped pages
     return len(copies)
 
 
 _BASE = {sub: base for base, sub in _SWITCH.items()}
+UPCASTING = tuple(_SWITCH.values())  # the module classes that upcast (and release) their weights per call
