@@ -16,22 +16,28 @@ from core.errors import CheckpointError
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def _save_glm4v(path, vocab: int, hidden: int, intermediate: int, heads: int, kv_heads: int, mrope: list[int],
+                shard: str, dtype=None):
+    """A random Glm4vForConditionalGeneration of these text shapes (one small vision block), saved by transformers."""
     from transformers import Glm4vConfig, Glm4vForConditionalGeneration
 
     cfg = Glm4vConfig(
         text_config=dict(
-            vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, eos_token_id=[0],
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=[2, 3, 3]),
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, eos_token_id=[0],
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=mrope),
         ),
-        vision_config=dict(depth=1, hidden_size=32, num_heads=2, out_hidden_size=64, intermediate_size=48, image_size=56),
-        image_token_id=250, image_start_token_id=251, image_end_token_id=252, video_token_id=253,
+        vision_config=dict(depth=1, hidden_size=32, num_heads=2, out_hidden_size=hidden, intermediate_size=48, image_size=56),
+        image_token_id=vocab - 6, image_start_token_id=vocab - 5, image_end_token_id=vocab - 4, video_token_id=vocab - 3,
     )
-    path = tmp_path_factory.mktemp("ckpt")
-    Glm4vForConditionalGeneration(cfg).save_pretrained(path, max_shard_size="100KB")
+    model = Glm4vForConditionalGeneration(cfg)
+    (model.to(dtype) if dtype is not None else model).save_pretrained(path, max_shard_size=shard)
     return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return _save_glm4v(tmp_path_factory.mktemp("ckpt"), 256, 64, 96, 2, 1, [2, 3, 3], "100KB")
 
 
 def _copy(ckpt, tmp_path):
@@ -251,23 +257,10 @@ def _mapped_rss(paths: set[str]) -> int:
 
 @pytest.fixture(scope="module")
 def ckpt_bf16_wide(tmp_path_factory):
-    """A wider bf16 checkpoint (~19 MB): its tensors span many pages, so the kernel's fault-around
-    (up to 64 KiB mapped beside each page read) is small beside them."""
-    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
-
-    cfg = Glm4vConfig(
-        text_config=dict(
-            vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
-            num_key_value_heads=2, eos_token_id=[0],
-            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=[4, 6, 6]),
-        ),
-        vision_config=dict(depth=1, hidden_size=32, num_heads=2, out_hidden_size=512, intermediate_size=48, image_size=56),
-        image_token_id=4090, image_start_token_id=4091, image_end_token_id=4092, video_token_id=4093,
-    )
-    path = tmp_path_factory.mktemp("ckpt_bf16_wide")
+    """A wider bf16 checkpoint (~21 MB): its tensors span many pages, so the kernel's fault-around
+    (pages mapped beside each page read) is small beside them."""
     torch.manual_seed(0)
-    Glm4vForConditionalGeneration(cfg).to(torch.bfloat16).save_pretrained(path, max_shard_size="8MB")
-    return path
+    return _save_glm4v(tmp_path_factory.mktemp("ckpt_bf16_wide"), 4096, 512, 1536, 8, 2, [4, 6, 6], "8MB", torch.bfloat16)
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 64])
