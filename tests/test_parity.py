@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -212,3 +213,18 @@ def test_threshold_option_is_honoured(corrupted_artifact, heldout, tmp_path):
         steps=4,
     )
     assert [c["name"] for c in tight["checks"] if not c["passed"]] == ["text_decoder.cosine"]
+
+
+def test_a_relative_inputs_path_resolves_media_once(tmp_path, monkeypatch):
+    # parity --inputs examples/heldout-9b.jsonl from the repo root looked for examples/examples/inputs/...
+    import shutil
+
+    from core.dataset import heldout_manifest
+
+    src = next(p for p in parity.read_inputs(heldout_manifest()) if p.image is not None)
+    (tmp_path / "sub").mkdir()
+    shutil.copy(src.image, tmp_path / "sub" / "img.png")
+    (tmp_path / "sub" / "m.jsonl").write_text(json.dumps({"text": "what is this?", "image": "img.png"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    (item,) = parity.read_inputs("sub/m.jsonl")
+    assert item.image == Path("sub/img.png") and item.image.is_file()

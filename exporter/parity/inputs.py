@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,37 +29,21 @@ def _field(entry: Any, name: str) -> Any:
 
 
 def read_inputs(path: Path) -> list[Item]:
-    """Held-out items from a manifest (calibration.manifest.read_manifest when present)."""
+    """Held-out items from a manifest, read by calibration.manifest.read_manifest (every bad line reported;
+    media paths resolved against the manifest's folder, once)."""
+    from calibration.manifest import read_manifest
+
     path = Path(path)
     if not path.is_file():
         raise InputFileError(f"parity inputs {path}: file not found")
-    try:
-        from calibration.manifest import read_manifest
-    except ImportError:
-        read_manifest = None
-    if read_manifest is not None:
-        entries = read_manifest(path)
-        entries = getattr(entries, "entries", entries)
-    else:
-        entries = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    entries.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    from core.errors import ManifestError
+    entries = read_manifest(path)
+    entries = getattr(entries, "entries", entries)
 
-                    raise ManifestError(str(path), [(n, f"not JSON: {e.msg}")]) from None
-    base = path.parent
-    items = []
-    for e in entries:
-        def res(v):
-            if not v:
-                return None
-            p = Path(v)
-            return p if p.is_absolute() else base / p
+    def media(v: Any) -> Path | None:
+        return Path(v) if v else None
 
-        items.append(Item(text=str(_field(e, "text") or ""), image=res(_field(e, "image")), audio=res(_field(e, "audio"))))
+    items = [Item(text=str(_field(e, "text") or ""), image=media(_field(e, "image")), audio=media(_field(e, "audio")))
+             for e in entries]
     if not items:
         raise BadInputError(f"parity inputs {path}: no items")
     return items
