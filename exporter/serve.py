@@ -621,13 +621,20 @@ def create_app(runner: Runner, model_name: str, queue_size: int = DEFAULT_QUEUE_
 
 async def _watch_disconnect(request, job: Job) -> None:
     """Cancel the job when the client goes away (uvicorn does not fail the sends of a stream to a closed socket)."""
+    # Ticks at DISCONNECT_POLL_S throughout and asks the socket every tick once the worker has the job, every
+    # QUEUED_POLL_S while it waits: a long queued sleep would let a job that starts mid-sleep run that long
+    # for a client already gone.
+    asked = -float("inf")
     try:
         while not job.cancelled.is_set():
-            if await request.is_disconnected():
-                job.cancelled_by_client = True
-                job.cancelled.set()
-                return
-            await asyncio.sleep(DISCONNECT_POLL_S if job.started else QUEUED_POLL_S)
+            now = time.monotonic()
+            if job.started or now - asked >= QUEUED_POLL_S:
+                asked = now
+                if await request.is_disconnected():
+                    job.cancelled_by_client = True
+                    job.cancelled.set()
+                    return
+            await asyncio.sleep(DISCONNECT_POLL_S)
     except asyncio.CancelledError:
         pass
 

@@ -368,9 +368,23 @@ def _wait_idle(engine) -> None:
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_client_that_disconnects_cancels_its_generation(tiny_server, stream):
+def test_client_that_disconnects_cancels_its_generation(tiny_server, stream, monkeypatch):
     engine = tiny_server.engine
     _wait_idle(engine)
+    stream_tokens = engine.runner.stream
+
+    def paced(*args, **kwargs):  # tiny decodes ~400 tok/s: pace it so the whole answer takes ~2.4 s on any machine
+        steps = stream_tokens(*args, **kwargs)
+        try:
+            while True:
+                time.sleep(0.01)
+                yield next(steps)
+        except StopIteration as done:
+            return done.value
+        finally:
+            steps.close()
+
+    monkeypatch.setattr(engine.runner, "stream", paced)
     before = dict(engine.stats)
     body = {"model": "tiny", "messages": _user(), "max_tokens": 240, "temperature": 0, "stream": stream}
     if stream:
@@ -390,8 +404,9 @@ def test_client_that_disconnects_cancels_its_generation(tiny_server, stream):
     assert engine.stats["completed"] == before["completed"]
     _wait_idle(engine)
     generated = engine.stats["generated_tokens"] - before["generated_tokens"]
-    # stopped mid-way: the whole answer runs to the context's end (235 tokens, no eos on tiny for this prompt)
-    assert 0 < generated < 200, generated
+    # stopped mid-way: the whole answer runs to the context's end (235 tokens, no eos on tiny for this prompt);
+    # the client left after 0.1 s (non-stream) or at the first token, i.e. within ~10-20 paced tokens
+    assert 0 < generated < 120, generated
     # and the handler returned (nothing waits for ever), and the server goes on answering
     deadline = time.monotonic() + 10
     while engine.open_handlers and time.monotonic() < deadline:
@@ -399,6 +414,36 @@ def test_client_that_disconnects_cancels_its_generation(tiny_server, stream):
     assert engine.open_handlers == 0
     r = tiny_server.client().chat.completions.create(model="tiny", messages=_user(), temperature=0, max_tokens=2)
     assert r.usage.completion_tokens == 2
+
+
+def test_a_job_that_starts_mid_queued_poll_sees_its_gone_client_at_the_running_poll(monkeypatch):
+    """The watcher's slow queued poll must not delay noticing a client that left once the worker took its job."""
+    import asyncio
+
+    import exporter.serve
+    from exporter.serve import Job, _watch_disconnect
+
+    monkeypatch.setattr(exporter.serve, "QUEUED_POLL_S", 30.0)  # a queued poll this slow would stall the test
+
+    class Request:  # connected at the first ask, gone after
+        asks = 0
+
+        async def is_disconnected(self):
+            self.asks += 1
+            return self.asks > 1
+
+    async def scenario():
+        job = Job(request=None, loop=asyncio.get_running_loop())
+        watcher = asyncio.create_task(_watch_disconnect(Request(), job))
+        await asyncio.sleep(0.01)  # first ask done while queued
+        job.started = True  # the worker takes it
+        t0 = time.monotonic()
+        await asyncio.wait_for(watcher, timeout=10)
+        return job, time.monotonic() - t0
+
+    job, waited = asyncio.run(scenario())
+    assert job.cancelled.is_set() and job.cancelled_by_client
+    assert waited < 2.0, waited  # ~DISCONNECT_POLL_S, not the 30 s queued poll
 
 
 def test_a_client_that_leaves_while_queued_is_skipped_and_its_handler_returns(tiny_server, monkeypatch):
