@@ -249,7 +249,8 @@ def export(
         Optional[str], typer.Option("--keep-float", help="Comma-separated module names left in float.")
     ] = None,
     group_size: Annotated[
-        Optional[int], typer.Option("--group-size", help="Weight group size for 8da4w (default 32; 0 = per channel).")
+        Optional[int], typer.Option("--group-size", help="Weight group size of 8da4w / int4-weight (default 32; 0 = per "
+                                    "channel); int8-weight on ort: 8-bit MatMulNBits blocks instead of per channel.")
     ] = None,
     parity_target: Annotated[
         Optional[str],

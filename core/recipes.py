@@ -106,6 +106,8 @@ RECIPES: dict[RecipeName, RecipeDef] = {
     )
 }
 
+DEFAULT_GROUP_SIZE = 32  # the grouped recipes' weight group when --group-size is not given
+
 ALL_RECIPES: tuple[str, ...] = tuple(r.value for r in RecipeName)
 GROUPED_RECIPES: tuple[str, ...] = tuple(n.value for n, d in RECIPES.items() if d.grouped)
 
@@ -123,16 +125,19 @@ class Recipe:
     """A user's choice: which recipe, which modules stay float, the weight group size.
 
     keep_float: module names (as in ``model.named_modules()``) left in float
-    group_size: weight group size of the grouped recipes (0 = per channel)
+    group_size: weight group size (0 = per channel); unset: 32 for the grouped recipes, 0 (per channel) for the
+        others, which a target may also quantize in blocks (``RecipeSpec.blocks_on_request``)
     """
 
     name: RecipeName
     keep_float: tuple[str, ...] = ()
-    group_size: int = 32
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", recipe_name(str(self.name)))
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE if self.definition.grouped else 0)
 
     @property
     def definition(self) -> RecipeDef:

@@ -20,7 +20,7 @@ Config schema (every key optional; no file = :data:`DEFAULT_CONFIG`)::
     target = "executorch"
     recipe = "int8-static"
     keep_float = []            # module names left in float
-    group_size = 32
+    group_size = 32            # grouped recipes (default 32); int8-weight on ort: blocks instead of per channel
     parity_target = "cos=0.999"  # keep the most sensitive layers float until this holds (int8 recipes)
     prune_heads = 0.25         # remove this fraction of attention heads (calibrated importance)
     skip_layers = 2            # remove this many decoder layers (calibrated block influence)
@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.errors import ConfigError, OutputError, ParityFailure
-from core.recipes import GROUPED_RECIPES
+from core.recipes import DEFAULT_GROUP_SIZE, GROUPED_RECIPES
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = "autoglm-export/build-manifest"
@@ -202,8 +202,8 @@ def _normalise(raw: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
         kf = a.get("keep_float", [])
         if not isinstance(kf, list) or not all(isinstance(x, str) for x in kf):
             raise bad(f"[[artifact]] #{i}: keep_float must be a list of module names")
-        gs = a.get("group_size", 32)
-        if not isinstance(gs, int) or gs < 0:
+        gs = a.get("group_size", DEFAULT_GROUP_SIZE if a["recipe"] in GROUPED_RECIPES else None)
+        if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs < 0):
             raise bad(f"[[artifact]] #{i}: group_size must be a non-negative integer")
         pt = a.get("parity_target")
         if pt is not None and not isinstance(pt, str):
@@ -337,7 +337,7 @@ def build(config_path: Path | None, out: Path, progress: Progress | None = None)
     for a in cfg["artifacts"]:
         plans[a["name"]] = ex.plan(
             a["target"], a["recipe"], out / a["name"], cfg["calibration"]["manifest"], tuple(a["keep_float"]),
-            a["group_size"] if a["recipe"] in GROUPED_RECIPES else None, a["parity_target"], a["prune_heads"],
+            a["group_size"], a["parity_target"], a["prune_heads"],
             a["skip_layers"], model_config, check_out=False, shared_calibration=True, check_floor=a["check_floor"],
         )
     from calibration.manifest import read_manifest

@@ -56,15 +56,16 @@ def plan(
     """Every check of an export's options before any model work; ``config`` (a ModelConfig) adds the
     checks against the model's shape (compression settings). ``shared_calibration``: ``calibration`` is a
     build's set for all its artifacts, dropped where this one needs none (instead of refused)."""
-    from targets import target_spec
+    from targets import target_names, target_spec
 
     spec = target_spec(target)  # unknown target -> exit 2 before any model work
     rspec = spec.recipe(recipe)  # not offered by this target -> exit 2, naming what it offers
-    rec = Recipe(rspec.recipe, keep_float=tuple(keep_float), group_size=32 if group_size is None else group_size)
-    if group_size is not None and not rec.grouped:
+    rec = Recipe(rspec.recipe, keep_float=tuple(keep_float), group_size=group_size)
+    if group_size is not None and not rspec.takes_group_size(rec):
         from core.recipes import GROUPED_RECIPES
 
-        raise BadInputError(f"--group-size applies to {', '.join(GROUPED_RECIPES)}, not '{recipe}'")
+        also = [f"{r.recipe.value} on {t}" for t in target_names() for r in target_spec(t).recipes if r.blocks_on_request]
+        raise BadInputError(f"--group-size applies to {', '.join((*GROUPED_RECIPES, *also))}, not '{recipe}' on {target}")
     if group_size is not None and group_size != 0 and (group_size < 16 or group_size & (group_size - 1)):
         raise BadInputError(f"--group-size {group_size}: must be a power of two >= 16 (e.g. 32, 64, 128), or 0 for per channel")
     spec.check(rec)
@@ -149,7 +150,7 @@ def export_model(
         model, record, calibration_source = _gptq(model, calibration_source, rec.keep_float, progress)
         compression["gptq"] = record
     check_keep_float(model, rec.keep_float)
-    if rec.grouped:
+    if rec.group_size:
         check_group_size(model, rec.group_size)
     comps = build_components(model)
     comps.text_decoder.cache.reset()

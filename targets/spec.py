@@ -44,6 +44,11 @@ class RecipeSpec:
     scheme: QuantScheme  # what it quantizes; the sensitivity simulation reads the same object
     gate: Gate
     per_channel_groups: bool = True  # a grouped recipe accepts --group-size 0 (per output channel)
+    # a per-channel recipe that this target also quantizes in blocks when --group-size N is given
+    blocks_on_request: bool = False
+
+    def takes_group_size(self, recipe: Recipe) -> bool:
+        return recipe.grouped or self.blocks_on_request
 
 
 @dataclass(frozen=True)

@@ -639,6 +639,37 @@ def test_int4_weight_honours_group_size_and_keep_float(tiny_components, tmp_path
     assert art.metadata["group_size"] == 64 and art.info["report"]["export_check"]["measured"]
 
 
+@pytest.mark.slow
+def test_int8_weight_with_a_group_size_writes_8bit_matmulnbits_blocks_streamed_or_whole(ort_artifacts, tiny_components,
+                                                                                       tmp_path, monkeypatch):
+    """--group-size N on int8-weight: 8-bit MatMulNBits in blocks of N (what the 9B needs to open within 16 GiB),
+    the same from the whole-model and the streamed path, at least as close to eager as the per-channel default."""
+    import targets.ort.streaming as streaming
+    from targets.ort.target import OrtTarget
+
+    tiny_components.text_decoder.cache.reset()
+    whole = export(get_target("ort"), tiny_components, Recipe(INT8_WEIGHT, group_size=32), tmp_path / "whole")
+    monkeypatch.setattr(streaming, "SPLIT_BYTES", 100_000)  # the lm_head goes through in slices
+    tiny_components.text_decoder.cache.reset()
+    streamed = export(OrtTarget(stream_above=0), tiny_components, Recipe(INT8_WEIGHT, group_size=32), tmp_path / "s")
+    for m in ("text_decoder", "vision_encoder", "audio_encoder"):
+        graph = onnx.load(whole.dir / f"{m}.onnx").graph
+        nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+        assert nbits and {(_attrs(n)["bits"], _attrs(n)["block_size"]) for n in nbits} == {(8, 32)}, m
+        dq = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+        assert not _weight_matmuls(graph), m  # no float weight left
+        assert not [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and dq & set(n.input)], m  # nor a DQ one
+        assert graph.node == onnx.load(streamed.dir / f"{m}.onnx").graph.node, m
+    assert whole.metadata["group_size"] == 32 and ort_artifacts[INT8_WEIGHT].metadata.get("group_size") is None
+    q = whole.info["report"]["quantization"]["text_decoder"]
+    assert (q["bits"], q["block_size"]) == (8, 32) and streamed.info["report"]["quantization"]["text_decoder"]["streamed"]
+    blocks = whole.info["report"]["export_check"]["methods"]
+    channels = ort_artifacts[INT8_WEIGHT].info["report"]["export_check"]["methods"]
+    for m, numbers in blocks.items():
+        assert numbers["cosine"] >= channels[m]["cosine"] - 1e-4, m  # blocks of 32 are finer than whole channels
+        assert streamed.info["report"]["export_check"]["methods"][m]["cosine"] == pytest.approx(numbers["cosine"], abs=1e-6)
+
+
 @pytest.mark.parametrize("group_size, needle", [(0, "--group-size 0"), (48, "block size 48 must be a power of two")])
 def test_int4_weight_refuses_a_block_size_matmulnbits_lacks_before_writing(tiny_components, tmp_path, group_size, needle):
     from core.errors import BadInputError

@@ -94,7 +94,7 @@ from core.recipes import Recipe, RecipeName
 from targets.ort import streaming
 from targets.ort.files import load_model, save_model
 from targets.ort.graphs import export_onnx
-from targets.ort.quantize_int4 import quantize_int4
+from targets.ort.quantize_int4 import quantize_nbits
 
 layers, mode, out = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 torch.manual_seed(0)
@@ -124,7 +124,7 @@ Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from 
 before = status("VmRSS")
 
 def int4(mini):
-    m, counts = quantize_int4(mini, 32)
+    m, counts = quantize_nbits(mini, 32)
     return m, {}
 
 if mode == "stream":
@@ -133,7 +133,7 @@ else:
     raw = out.with_suffix(".raw.onnx")
     with streaming.float32_module(model.text):
         export_onnx(comps, "text_decoder", raw)
-    m, _ = quantize_int4(load_model(raw), 32)
+    m, _ = quantize_nbits(load_model(raw), 32)
     save_model(m, out)
 print(json.dumps({"before": before, "peak": status("VmHWM"), "layer_bytes": layer_bytes}))
 """

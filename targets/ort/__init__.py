@@ -7,8 +7,8 @@ Modules, in the order an export runs through them (``OrtTarget.build``, targets/
   (onnxruntime-genai's), and the feeds that map the runner's inputs onto them;
 * ``files``: saving with or without external data (over 1 GiB of weights), ``metadata_props``;
 * ``quantize_int8`` (int8-weight: int8 ``DequantizeLinear`` weights, int8 embedding rows),
-  ``static`` (int8-static: QDQ calibrated on recorded inputs), ``quantize_int4`` (int4-weight:
-  ``MatMulNBits``);
+  ``static`` (int8-static: QDQ calibrated on recorded inputs), ``quantize_int4`` (int4-weight, and int8-weight
+  with --group-size: ``MatMulNBits``);
 * ``ort_format``: ORT format, ``required_operators_and_types.config``, ``mobile_usability.txt``;
 * ``genai``: ``genai_config.json`` (qwen2_5_vl layout), the named tensors an app hands
   onnxruntime-genai (:func:`targets.ort.genai.genai_inputs`), ``report.genai``;

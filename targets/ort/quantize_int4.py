@@ -11,6 +11,12 @@ int8 ``Gather`` of int8-weight. Why not a 4-bit ``GatherBlockQuantized`` table: 
 it from the .onnx, but its ORT-format serialiser has no int4 tensor type ("Unsupported tensor data
 type ... Invalid ORT format model" on load), and the .ort is what a phone gets. ``--group-size 0``
 (per channel) is refused by the spec (``per_channel_groups=False``): MatMulNBits quantizes in blocks.
+
+int8-weight with ``--group-size N`` takes the same path with ``bits=8`` (8-bit MatMulNBits, blocks of N). Why
+offer it: onnxruntime's CPU EP fuses int8-weight's per-channel ``DequantizeLinear -> MatMul`` into an 8-bit
+MatMulNBits with block 32 at session creation anyway, and a session built that way holds the int8 weights about
+three times over while it is created (examples/ort_session_memory.py: the DQ form 3.2x the int8 bytes; 8-bit
+MatMulNBits written directly, block 128: 1.12x). For the 9B that decides between ~16 and ~10 GiB of sessions.
 """
 
 from __future__ import annotations
@@ -34,10 +40,10 @@ from targets.ort.quiet import quiet
 INT4_ACCURACY_LEVEL = 4
 
 
-def check_block_size(block_size: int) -> None:
+def check_block_size(block_size: int, recipe: str = "int4-weight") -> None:
     """MatMulNBits takes power-of-two blocks of at least 16; checked before any export work starts."""
     if block_size < 16 or block_size & (block_size - 1):
-        raise BadInputError(f"int4-weight on ort: block size {block_size} must be a power of two >= 16 (MatMulNBits)")
+        raise BadInputError(f"{recipe} on ort: block size {block_size} must be a power of two >= 16 (MatMulNBits)")
 
 
 def gemm_to_matmul(model: Any, keep: Iterable[str] = ()) -> int:
@@ -78,9 +84,9 @@ def gemm_to_matmul(model: Any, keep: Iterable[str] = ()) -> int:
     return count
 
 
-def quantize_int4(model: Any, block_size: int, keep: Iterable[str] = (),
-                  int8_embeddings: bool = True) -> tuple[Any, dict[str, Any]]:
-    """4-bit symmetric block-wise MatMul weights (MatMulNBits) by onnxruntime's quantizer; the rest int8.
+def quantize_nbits(model: Any, block_size: int, keep: Iterable[str] = (),
+                   int8_embeddings: bool = True, bits: int = 4) -> tuple[Any, dict[str, Any]]:
+    """``bits``-bit (4 or 8) symmetric block-wise MatMul weights (MatMulNBits) by onnxruntime's quantizer; the rest int8.
 
     Returns (the quantized model, counts). Convs and any weight MatMul the quantizer
     leaves (none on our graphs) get int8 per-channel DequantizeLinear weights and the
@@ -90,13 +96,13 @@ def quantize_int4(model: Any, block_size: int, keep: Iterable[str] = (),
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    check_block_size(block_size)
+    check_block_size(block_size, "int4-weight" if bits == 4 else "int8-weight")
     keep = tuple(keep)
     gemms = gemm_to_matmul(model, keep)
     exclude = [n.name for n in model.graph.node if kept_float(n.name, keep)]
     config = DefaultWeightOnlyQuantConfig(
         block_size=block_size, is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL,
-        quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",), bits=4,
+        quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",), bits=bits,
     )
     with quiet():
         quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=config)
@@ -105,4 +111,5 @@ def quantize_int4(model: Any, block_size: int, keep: Iterable[str] = (),
     nbits = sum(1 for n in model.graph.node if n.op_type == "MatMulNBits")
     counts = quantize_weights(model, gathers=int8_embeddings, keep=keep)
     return model, {"matmul_nbits": nbits, "gemm_as_matmul": gemms, "int8_matmul_or_conv": counts["matmul"],
-                   "int8_gather": counts["gather"], "block_size": block_size, "accuracy_level": INT4_ACCURACY_LEVEL}
+                   "int8_gather": counts["gather"], "block_size": block_size, "accuracy_level": INT4_ACCURACY_LEVEL,
+                   "bits": bits}

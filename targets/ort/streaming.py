@@ -13,7 +13,7 @@ GLM-4.1V-9B widths. Here:
 3. the weights are taken out of the graph (a small protobuf is left) and streamed in node order: for each
    node reading weights, the weights come from the model (the checkpoint's memory-mapped bf16, upcast to
    fp32 one tensor at a time, the mapping's pages dropped after), a one-node model goes through the
-   recipe's own quantizer (quantize_int4 / quantize_weights: the same code, so the same nodes, names and
+   recipe's own quantizer (quantize_nbits / quantize_weights: the same code, so the same nodes, names and
    numbers as the whole path), and the quantized initializers are appended to ``<model>.onnx.data``.
 
 Peak memory: the model as mapped, the graph protobuf, and one weight's fp32 copy plus its quantized form.

@@ -30,7 +30,7 @@ from targets.ort.genai import GENAI_CONFIG, genai_config, genai_usage
 from targets.ort.graphs import export_onnx, graph_io
 from targets.ort.ort_format import OPS_CONFIG, USABILITY_TXT, write_ort_files, write_usability
 from targets.ort.programs import onnx_programs
-from targets.ort.quantize_int4 import INT4_ACCURACY_LEVEL, check_block_size, quantize_int4
+from targets.ort.quantize_int4 import INT4_ACCURACY_LEVEL, check_block_size, quantize_nbits
 from targets.ort.quantize_int8 import quantize_weights
 from targets.ort.session import OrtSession
 from targets.ort.spec import SPEC
@@ -49,16 +49,18 @@ def _as_exported(job: BuildJob, method: str, raw: Path, final: Path, feeds: Feed
     save_model(load_model(raw), final)
 
 
-def _int8_weight(job: BuildJob, method: str, raw: Path, final: Path, feeds: Feeds) -> dict[str, int]:
-    model = load_model(raw)
-    counts = quantize_weights(model, gathers=job.spec.scheme.embedding_bits == 8, keep=job.recipe.keep_float)
-    save_model(model, final)
-    return counts
+def _weight_only(job: BuildJob, model: Any) -> tuple[Any, dict[str, Any]]:
+    """int8-weight / int4-weight on a loaded model (a whole method, or one streamed node): MatMulNBits blocks of
+    --group-size (int4-weight always, int8-weight when a group size is given), else int8 per-channel DQ weights."""
+    embeddings = job.spec.scheme.embedding_bits == 8
+    if job.recipe.group_size:
+        return quantize_nbits(model, job.recipe.group_size, job.recipe.keep_float, int8_embeddings=embeddings,
+                              bits=job.spec.scheme.weight_bits)
+    return model, quantize_weights(model, gathers=embeddings, keep=job.recipe.keep_float)
 
 
-def _int4_weight(job: BuildJob, method: str, raw: Path, final: Path, feeds: Feeds) -> dict[str, Any]:
-    model, counts = quantize_int4(load_model(raw), job.recipe.group_size, job.recipe.keep_float,
-                                  int8_embeddings=job.spec.scheme.embedding_bits == 8)
+def _weight_only_method(job: BuildJob, method: str, raw: Path, final: Path, feeds: Feeds) -> dict[str, Any]:
+    model, counts = _weight_only(job, load_model(raw))
     save_model(model, final)
     return counts
 
@@ -71,9 +73,9 @@ def _int8_static(job: BuildJob, method: str, raw: Path, final: Path, feeds: Feed
 
 QUANTIZERS: dict[RecipeName, Quantizer] = {
     RecipeName.FP32: _as_exported,
-    RecipeName.INT8_WEIGHT: _int8_weight,
+    RecipeName.INT8_WEIGHT: _weight_only_method,
     RecipeName.INT8_STATIC: _int8_static,
-    RecipeName.INT4_WEIGHT: _int4_weight,
+    RecipeName.INT4_WEIGHT: _weight_only_method,
 }
 
 
@@ -83,30 +85,23 @@ def _stream_as_is(job: BuildJob) -> MiniQuantizer:
     return lambda mini: (mini, {})
 
 
-def _stream_int8(job: BuildJob) -> MiniQuantizer:
+def _stream_weight_only(job: BuildJob) -> MiniQuantizer:
     def quantize(mini):
-        return mini, quantize_weights(mini, gathers=job.spec.scheme.embedding_bits == 8, keep=job.recipe.keep_float)
+        model, counts = _weight_only(job, mini)
+        return model, {k: v for k, v in counts.items() if k not in NBITS_SETTINGS}
     return quantize
 
 
-def _stream_int4(job: BuildJob) -> MiniQuantizer:
-    def quantize(mini):
-        model, counts = quantize_int4(mini, job.recipe.group_size, job.recipe.keep_float,
-                                      int8_embeddings=job.spec.scheme.embedding_bits == 8)
-        return model, {k: v for k, v in counts.items() if k not in INT4_SETTINGS}
-    return quantize
-
-
-# quantize_int4's counts that are settings, not counts (reported once, not summed over the streamed nodes)
-INT4_SETTINGS = ("block_size", "accuracy_level")
+# quantize_nbits's counts that are settings, not counts (reported once, not summed over the streamed nodes)
+NBITS_SETTINGS = ("block_size", "accuracy_level", "bits")
 
 # the methods whose weights stream (all: the 9B's vision encoder alone, 0.6B, took 17 GB through the whole path)
 STREAMED_METHODS = ("token_embedding", "vision_encoder", "audio_encoder", "text_decoder")
 
 STREAM_QUANTIZERS: dict[RecipeName, Callable[[BuildJob], MiniQuantizer]] = {
     RecipeName.FP32: _stream_as_is,
-    RecipeName.INT8_WEIGHT: _stream_int8,
-    RecipeName.INT4_WEIGHT: _stream_int4,
+    RecipeName.INT8_WEIGHT: _stream_weight_only,
+    RecipeName.INT4_WEIGHT: _stream_weight_only,
 }
 
 
@@ -132,13 +127,13 @@ class OrtTarget:
         methods = list(graph_io(config))
         scheme = job.spec.scheme
         quantize = QUANTIZERS[job.recipe.name]
-        if scheme.weight_bits == 4:
-            check_block_size(job.recipe.group_size)
+        if job.recipe.group_size:
+            check_block_size(job.recipe.group_size, job.recipe.name.value)
         feeds: Feeds = {}
         if scheme.activations == "static":
             feeds = calibration_feeds(job.calibration, job.components, methods, job.progress)
         meta = dict(job.metadata)
-        if scheme.groupwise:
+        if job.recipe.group_size:
             meta["group_size"] = job.recipe.group_size
         props = {f"autoglm.{k}": v for k, v in meta.items()}
         steps, done = len(methods) * 2 + 2, 0
@@ -208,8 +203,9 @@ def _export_streamed(job: BuildJob, method: str, final: Path) -> dict[str, Any]:
         job.progress(f"onnx stream {method}", done, total)
 
     counts: dict[str, Any] = export_streamed(job.components, method, final, STREAM_QUANTIZERS[job.recipe.name](job), progress)
-    if job.recipe.name == RecipeName.INT4_WEIGHT:
-        counts.update(block_size=job.recipe.group_size, accuracy_level=INT4_ACCURACY_LEVEL)
+    if job.recipe.group_size:
+        counts.update(block_size=job.recipe.group_size, accuracy_level=INT4_ACCURACY_LEVEL,
+                      bits=job.spec.scheme.weight_bits)
     counts["streamed"] = True
     return counts
 
