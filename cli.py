@@ -357,11 +357,16 @@ def parity(
     threshold: Annotated[
         Optional[list[str]], typer.Option("--threshold", help="Override, e.g. text_decoder.cosine=0.99 (repeatable).")
     ] = None,
+    blockwise: Annotated[
+        bool, typer.Option("--blockwise", help="Also compare each decoder layer and vision block, isolated (fed the "
+                           "reference's input) and accumulated, on one held-out prompt (ort artifacts).")
+    ] = False,
 ) -> None:
     """Run the artifact and the PyTorch reference on held-out inputs; report; exit 1 if a threshold fails."""
     from exporter import pipeline
 
-    lines, report = pipeline.parity(artifact_dir, inputs, out, steps, threshold or [], progress=Progress())
+    lines, report = pipeline.parity(artifact_dir, inputs, out, steps, threshold or [], progress=Progress(),
+                                    blockwise=blockwise)
     for line in lines:
         typer.echo(line)
     pipeline.check_parity(report)

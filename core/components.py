@@ -101,6 +101,10 @@ class TextDecoderMethod(nn.Module):
         return self.text.forward_step(embeds, position_ids, cache_position, self.cache)
 
 
+# method -> the module path of its repeated blocks (blockwise parity hooks them; torch.onnx names graph nodes after them)
+BLOCK_FAMILIES = {"text_decoder": "text.layers", "vision_encoder": "visual.blocks"}
+
+
 @dataclass
 class Components:
     config: ModelConfig

@@ -278,6 +278,7 @@ def parity(
     steps: int = 32,
     thresholds: list[str] | None = None,
     progress: Progress | None = None,
+    blockwise: bool = False,
 ) -> tuple[list[str], dict]:
     """Run parity; returns (summary lines, report). Call check_parity(report) after showing the lines."""
     from exporter import parity as par
@@ -289,6 +290,7 @@ def parity(
         thresholds=_parse_thresholds(thresholds or []) or None,
         steps=steps,
         progress=progress,
+        blockwise=blockwise,
     )
     return par.summary_lines(report), report
 

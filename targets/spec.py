@@ -126,3 +126,7 @@ class Target(Protocol):
     def build(self, job: BuildJob, staging: Path) -> Built: ...
 
     def open(self, artifact: Artifact, variant: str | None = None) -> Session: ...
+
+    # optional: ``blocks(artifact, method, sample, block_inputs, progress) -> {"family", "isolated", "accumulated"}``,
+    # each block of a method run from the program itself (blockwise parity; exporter/parity/blockwise.py). Only
+    # targets whose programs expose a block's tensors have it (ONNX Runtime).

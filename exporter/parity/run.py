@@ -9,6 +9,7 @@ from typing import Any
 
 from core.artifact import Progress
 from core.errors import BadInputError, ConfigError, ParityFailure
+from exporter.parity import blockwise as blocks
 from exporter.parity.comparison import compare_sessions, evaluate, for_model, reference_pass
 from exporter.parity.inputs import Item, default_inputs, refuse_calibration_set, read_inputs
 from exporter.parity.reports import failure_text, fmt, fmt_db, write_reports
@@ -23,11 +24,13 @@ def run_parity(
     steps: int = 32,
     progress: Progress | None = None,
     calibration_manifest: Path | None = None,
+    blockwise: bool = False,
 ) -> dict:
     """Parity of one artifact; writes report.json, report.html and junit.xml; returns the report.
 
     ``calibration_manifest``: the set the artifact was calibrated on (default: the built-in one);
-    parity refuses inputs that overlap it.
+    parity refuses inputs that overlap it. ``blockwise``: also each block of the artifact against the
+    reference's (exporter/parity/blockwise.py), in the report's ``blockwise`` section.
     """
     from core.components import build_components
     from exporter.model.config import ModelConfig
@@ -44,6 +47,8 @@ def run_parity(
     art = read_artifact(Path(artifact_dir))
     verify_artifact(art)  # parity of a modified file would prove nothing
     config = ModelConfig.from_dict(art.metadata["model"])
+    if blockwise:
+        blocks.check_supported(art.target)
     limits = thresholds_for(art.recipe, thresholds)
     methods = [m for m, on in (("token_embedding", True), ("vision_encoder", config.vision), ("audio_encoder", config.audio),
                                ("text_decoder", True)) if on]
@@ -69,6 +74,9 @@ def run_parity(
     reference = EagerSession(build_components(reference_model(art, config)))
     reference_provenance = reference.provenance
     refs = reference_pass(reference, config, tokenizer, items, steps, progress)
+    if blockwise:
+        block_item = blocks.pick_item(items)
+        captures = blocks.capture(reference, config, tokenizer, block_item)
     del reference
     gc.collect()
     session = get_target(art.target).open(art)
@@ -83,6 +91,10 @@ def run_parity(
     }
     report = make_report(artifact_info, refs, session, config, tokenizer, items, inputs, limits, steps, progress,
                          reference_provenance=reference_provenance)
+    if blockwise:
+        del session  # one artifact resident at a time: the block graphs open after the whole program closes
+        gc.collect()
+        report["blockwise"] = blocks.compare_blocks(get_target(art.target), art, captures, block_item, progress)
     write_reports(report, out_dir)
     return report
 
@@ -188,6 +200,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             f"  held-out text    perplexity {d['perplexity_reference']:.3f} -> {d['perplexity_artifact']:.3f} "
             f"({100 * d['perplexity_change']:+.2f}%)"
         )
+    if "blockwise" in report:
+        lines += blocks.lines(report["blockwise"])
     return lines
 
 

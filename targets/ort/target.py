@@ -27,7 +27,7 @@ from core.artifact import Artifact
 from core.recipes import RecipeName
 from targets.ort.files import load_model, model_files, save_model, set_metadata
 from targets.ort.genai import GENAI_CONFIG, genai_config, genai_usage
-from targets.ort.graphs import export_onnx, graph_io
+from targets.ort.graphs import export_onnx, graph_io, method_feeds
 from targets.ort.ort_format import OPS_CONFIG, USABILITY_TXT, write_ort_files, write_usability
 from targets.ort.programs import onnx_programs
 from targets.ort.quantize_int4 import INT4_ACCURACY_LEVEL, check_block_size, quantize_nbits
@@ -188,6 +188,16 @@ class OrtTarget:
     def open(self, artifact: Artifact, variant: str | None = None) -> OrtSession:
         """The artifact's .onnx files (``variant`` None or "onnx") or its .ort files ("ort": what a phone runs)."""
         return OrtSession(artifact, variant or "onnx")
+
+    def blocks(self, artifact: Artifact, method: str, sample: dict[str, np.ndarray], block_inputs: list[np.ndarray],
+               progress: Any = None) -> dict[str, Any]:
+        """Blockwise parity's hook: ``method``'s blocks isolated and accumulated (targets/ort/blocks.py), on one
+        recorded runner call ``sample`` and the reference's input to each block."""
+        from exporter.model.config import ModelConfig
+        from targets.ort.blocks import run_blocks
+
+        config = ModelConfig.from_dict(artifact.metadata["model"])
+        return run_blocks(artifact, method, method_feeds(method, sample, config), block_inputs, progress)
 
 
 def _traced_module(components: Any, method: str) -> Any:
