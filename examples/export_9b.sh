@@ -5,6 +5,7 @@
 #
 #   examples/export_9b.sh [WORK_DIR]        # default /work; needs ~20 GB for the checkpoint + ~6-12 GB per artifact
 #   RECIPES="int4-weight" STEPS=4 examples/export_9b.sh /work
+#   BLOCKWISE=1 ... parity also compares each decoder layer and vision block (parity --blockwise)
 #
 # One 9B process at a time. Peak RSS is /usr/bin/time -v's "Maximum resident set size". Parity runs the eager
 # reference first and the artifact after (never both resident) on examples/heldout-9b.jsonl (two held-out prompts,
@@ -52,8 +53,9 @@ for recipe in $RECIPES; do
     measure "9b-$recipe-bench" autoglm-export bench "$art" --no-eager --prompt-len 64 --steps 16 --repeats 1 \
         --json "$ROOT/9b-$recipe-bench.json"
     rm -rf "$ROOT/9b-$recipe-parity"
+    # shellcheck disable=SC2086  # BLOCKWISE=1 adds --blockwise: every decoder layer and vision block on its own
     measure "9b-$recipe-parity" autoglm-export parity "$art" --inputs "$HERE/heldout-9b.jsonl" --steps "$STEPS" \
-        --out "$ROOT/9b-$recipe-parity"
+        --out "$ROOT/9b-$recipe-parity" ${BLOCKWISE:+--blockwise}
 done
 
 python - "$OUT" "$ROOT" $RECIPES <<'EOF'
