@@ -54,6 +54,26 @@ def test_fp32_blocks_match_the_reference_isolated_and_accumulated(exported, tiny
                 assert row[kind]["cosine"] > 0.99999 and row[kind]["relative_l2"] < 1e-3, (method, row)
 
 
+def test_blocks_read_weights_from_external_data_as_the_9b_keeps_them(exported, tiny_components, tiny_tokenizer,
+                                                                      tmp_path):
+    """Every 9B method keeps its weights in <method>.onnx.data, which onnxruntime reads only from the model's own
+    folder: the blocks of such an artifact give the numbers the inline-weight export gives."""
+    art = exported("ort", RecipeName.INT8_WEIGHT)
+    external = tmp_path / "external"
+    shutil.copytree(art.dir, external)
+    for m in ("text_decoder", "vision_encoder"):
+        onnx.save_model(onnx.load(external / f"{m}.onnx"), str(external / f"{m}.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=f"{m}.onnx.data", size_threshold=1024)
+        assert (external / f"{m}.onnx.data").stat().st_size > 100_000
+    item, captures = _capture(tiny_components, tiny_tokenizer)
+    inline = blocks.compare_blocks(get_target("ort"), art, captures, item)
+    moved = blocks.compare_blocks(get_target("ort"), read_artifact(external), captures, item)
+    for method, rows in inline["methods"].items():
+        for a, b in zip(rows, moved["methods"][method]):
+            for kind in ("isolated", "accumulated"):
+                assert b[kind]["cosine"] == pytest.approx(a[kind]["cosine"], abs=1e-9), (method, a["block"], kind)
+
+
 def test_a_broken_layer_shows_as_that_layer_isolated_and_from_it_on_accumulated(exported, tiny_components,
                                                                                  tiny_tokenizer, tmp_path):
     art = exported("ort", RecipeName.INT8_WEIGHT)

@@ -12,15 +12,16 @@ norm after the last block). Two ways to run them:
 * **accumulated**: the whole method with every block output added as a graph output, fed the method's own inputs:
   the error as it builds up through the artifact.
 
-Both run the artifact's weights where they are: each extracted graph is saved beside a link to the method's
-external data file, so nothing is copied and a 9B decoder layer opens with only its own weights resident.
+Both run the artifact's weights where they are: each extracted graph is handed to onnxruntime as bytes with the
+artifact's folder as the place its external data lives (``session.model_external_initializers_file_folder_path``;
+onnxruntime refuses external data outside the model's folder, links included), so nothing is copied or written
+and a 9B decoder layer opens with only its own weights resident.
 """
 
 from __future__ import annotations
 
 import gc
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,6 @@ import numpy as np
 from core.artifact import Artifact
 from core.components import BLOCK_FAMILIES
 from core.errors import BadInputError, RuntimeFailure
-from targets.ort.files import model_files
 
 
 def _scope(node: Any) -> str:
@@ -76,27 +76,20 @@ def block_boundaries(graph: Any, family: str) -> list[tuple[str, str]]:
     return out
 
 
-def _linked_model_dir(src: Path, work: Path) -> None:
-    """Links to ``src``'s external data files in ``work``, so graphs saved there read the artifact's weights."""
-    for f in model_files(src)[1:]:
-        link = work / f.name
-        if not link.exists():
-            link.symlink_to(f.resolve())
-
-
-def _session(model: Any, path: Path):
-    import onnx
+def _session(model: Any, data_dir: Path, what: str):
+    """An onnxruntime session of ``model`` (its initializers still external-data references, not loaded) whose
+    external data is read from ``data_dir``."""
     import onnxruntime as ort
 
-    onnx.save_model(model, str(path))  # the initializers keep their external-data references (not loaded)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.qdqisint8allowed", "1")  # as targets/ort/session.py opens artifacts
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_dir))
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
                                     disabled_optimizers=["NchwcTransformer"])
     except Exception as e:
-        raise RuntimeFailure(f"onnxruntime cannot load the block graph {path.name}: {str(e).splitlines()[0]}") from e
+        raise RuntimeFailure(f"onnxruntime cannot load {what}: {str(e).splitlines()[0]}") from e
 
 
 def _reached_inputs(graph: Any, output: str, stop: str) -> list[str]:
@@ -134,32 +127,29 @@ def run_blocks(artifact: Artifact, method: str, feeds: dict[str, np.ndarray], bl
         raise BadInputError(f"blockwise: the artifact's {method} has {len(bounds)} {family} blocks, the reference "
                             f"{len(block_inputs)}")
     isolated, accumulated = [], []
-    with tempfile.TemporaryDirectory(prefix="autoglm-blocks-") as tmp:
-        work = Path(tmp)
-        _linked_model_dir(src, work)
-        extractor = Extractor(model)
-        for i, ((start, end), x) in enumerate(zip(bounds, block_inputs)):
-            if progress:
-                progress(f"blockwise {method}", i, len(bounds) + 1)
-            needs = _reached_inputs(model.graph, end, start)
-            sub = extractor.extract_model([start, *needs], [end])
-            session = _session(sub, work / f"block{i}.onnx")
-            block_feeds = {start: np.ascontiguousarray(x, np.float32), **{k: feeds[k] for k in needs}}
-            isolated.append(session.run(None, block_feeds)[0])
-            del session, sub
-            gc.collect()
+    extractor = Extractor(model)
+    for i, ((start, end), x) in enumerate(zip(bounds, block_inputs)):
         if progress:
-            progress(f"blockwise {method}", len(bounds), len(bounds) + 1)
-        whole = onnx.load(str(src), load_external_data=False)
-        outputs = {o.name for o in whole.graph.output}
-        whole.graph.output.extend(helper.make_tensor_value_info(end, onnx.TensorProto.FLOAT, None)
-                                  for _, end in bounds if end not in outputs)
-        session = _session(whole, work / "accumulated.onnx")
-        names = [o.name for o in session.get_outputs()]
-        values = dict(zip(names, session.run(None, feeds)))
-        accumulated = [values[end] for _, end in bounds]
-        del session
+            progress(f"blockwise {method}", i, len(bounds) + 1)
+        needs = _reached_inputs(model.graph, end, start)
+        sub = extractor.extract_model([start, *needs], [end])
+        session = _session(sub, artifact.dir, f"{method}'s block {family}.{i}")
+        block_feeds = {start: np.ascontiguousarray(x, np.float32), **{k: feeds[k] for k in needs}}
+        isolated.append(session.run(None, block_feeds)[0])
+        del session, sub
         gc.collect()
-        if progress:
-            progress(f"blockwise {method}", len(bounds) + 1, len(bounds) + 1)
+    if progress:
+        progress(f"blockwise {method}", len(bounds), len(bounds) + 1)
+    whole = onnx.load(str(src), load_external_data=False)
+    outputs = {o.name for o in whole.graph.output}
+    whole.graph.output.extend(helper.make_tensor_value_info(end, onnx.TensorProto.FLOAT, None)
+                              for _, end in bounds if end not in outputs)
+    session = _session(whole, artifact.dir, f"{method} with its block outputs exposed")
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(None, feeds)))
+    accumulated = [values[end] for _, end in bounds]
+    del session
+    gc.collect()
+    if progress:
+        progress(f"blockwise {method}", len(bounds) + 1, len(bounds) + 1)
     return {"family": family, "isolated": isolated, "accumulated": accumulated}
