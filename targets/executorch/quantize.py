@@ -178,6 +178,13 @@ def calibration_calls(method: str, recorded: dict[str, list[dict]]):
         return [tuple(torch.from_numpy(np.ascontiguousarray(s[n])) for n in names) for s in picked], None
     calls = [c for p in spread(decoder_prompts(samples), CALIB_PROMPTS) for c in p]
     image = [is_image_call(c) for c in calls]
+    args = [
+        (torch.from_numpy(np.ascontiguousarray(c["embeds"], np.float32)),
+         torch.from_numpy(np.ascontiguousarray(c["cache_position"], np.int64)))
+        for c in calls
+    ]
+    if not any(image):  # text only (a model without vision has no image marker: torch.export drops the unused buffer)
+        return args, None
 
     def before(prepared: nn.Module, i: int) -> None:
         marked = int(prepared.get_buffer(f"{STATE}.image_next")[0]) > 0
@@ -187,11 +194,6 @@ def calibration_calls(method: str, recorded: dict[str, list[dict]]):
                 "<|begin_of_image|>; the program would give it text positions"
             )
 
-    args = [
-        (torch.from_numpy(np.ascontiguousarray(c["embeds"], np.float32)),
-         torch.from_numpy(np.ascontiguousarray(c["cache_position"], np.int64)))
-        for c in calls
-    ]
     return args, before
 
 
