@@ -61,7 +61,7 @@ def test_slices_are_joined_along_the_output_channels(tiny_components, tmp_path, 
     import onnx
 
     import targets.ort.streaming as streaming
-    from targets.ort.target import OrtTarget, _stream_int4
+    from targets.ort.target import OrtTarget, _stream_weight_only
     from targets.spec import BuildJob
 
     vocab = tiny_components.config.text.vocab_size
@@ -72,7 +72,7 @@ def test_slices_are_joined_along_the_output_channels(tiny_components, tmp_path, 
     for split in (1 << 40, 150_000):
         monkeypatch.setattr(streaming, "SPLIT_BYTES", split)
         paths[split] = tmp_path / f"decoder-{split}.onnx"
-        streaming.export_streamed(tiny_components, "text_decoder", paths[split], _stream_int4(job))
+        streaming.export_streamed(tiny_components, "text_decoder", paths[split], _stream_weight_only(job))
     whole, cut = (onnx.load(str(p)) for p in paths.values())
     lm_head = [n for n in cut.graph.node if n.name.startswith("text.lm_head/")]
     assert [a.i for n in lm_head for a in n.attribute if a.name == "N"] == [vocab]
