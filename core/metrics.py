@@ -31,6 +31,13 @@ def compare(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
     }
 
 
+def relative_l2(m: dict[str, Any]) -> float | None:
+    """|artifact - reference| / |reference| of a :func:`compare` result, from its SQNR (None if not finite)."""
+    if not m["finite"]:
+        return None
+    return 0.0 if m["sqnr_db"] is None else 10.0 ** (-m["sqnr_db"] / 20.0)
+
+
 def aggregate(calls: list[dict[str, Any]]) -> dict[str, Any]:
     """Worst case over calls (mean abs averaged weighted by size)."""
     if any(not c["finite"] for c in calls):

@@ -292,7 +292,7 @@ def export_gate(
     relative-L2 ceiling (None: no ceiling), raises :class:`ExportError`, so the caller's atomic directory
     is discarded and nothing is written.
     """
-    from core.metrics import compare
+    from core.metrics import compare, relative_l2
 
     held = reference if isinstance(reference, HeldOut) else held_out_reference(reference)
     segments, tokens = held.segments, held.tokens
@@ -306,8 +306,7 @@ def export_gate(
             r = compare(ref[m], got[m])
         except ValueError as e:  # the program's output has the wrong shape
             raise ExportError(f"{target} {recipe.name} program rejected by the export check: {m} {e}") from e
-        sqnr = r["sqnr_db"]
-        r["relative_l2"] = None if not r["finite"] else (0.0 if sqnr is None else 10.0 ** (-sqnr / 20.0))
+        r["relative_l2"] = relative_l2(r)
         methods[m] = r
         cos, rel = r["cosine"], r["relative_l2"]
         if cos is None or cos < floor or (ceiling is not None and rel > ceiling):

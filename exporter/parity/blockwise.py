@@ -20,7 +20,7 @@ import numpy as np
 from core.artifact import Progress
 from core.components import BLOCK_FAMILIES
 from core.errors import BadInputError
-from core.metrics import compare
+from core.metrics import compare, relative_l2
 from exporter.parity.reports import fmt
 
 
@@ -116,9 +116,7 @@ def compare_blocks(target: Any, artifact: Any, captures: dict[str, Capture], ite
 
 def _metrics(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
     m = compare(ref, out)
-    diff = np.asarray(out, np.float64).ravel() - np.asarray(ref, np.float64).ravel()
-    norm = float(np.linalg.norm(np.asarray(ref, np.float64)))
-    m["relative_l2"] = float(np.linalg.norm(diff)) / norm if norm > 0 else None
+    m["relative_l2"] = relative_l2(m)
     return m
 
 

@@ -92,9 +92,8 @@ def _session(model: Any, data_dir: Path, what: str):
         raise RuntimeFailure(f"onnxruntime cannot load {what}: {str(e).splitlines()[0]}") from e
 
 
-def _reached_inputs(graph: Any, output: str, stop: str) -> list[str]:
-    """The graph inputs ``output`` depends on without passing through ``stop``."""
-    producers = {o: n for n in graph.node for o in n.output}
+def _reached_inputs(graph: Any, producers: dict[str, Any], output: str, stop: str) -> list[str]:
+    """The graph inputs ``output`` depends on without passing through ``stop`` (``producers``: tensor -> node)."""
     graph_inputs = {i.name for i in graph.input}
     seen, todo, found = set(), [output], []
     while todo:
@@ -128,10 +127,11 @@ def run_blocks(artifact: Artifact, method: str, feeds: dict[str, np.ndarray], bl
                             f"{len(block_inputs)}")
     isolated, accumulated = [], []
     extractor = Extractor(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
     for i, ((start, end), x) in enumerate(zip(bounds, block_inputs)):
         if progress:
             progress(f"blockwise {method}", i, len(bounds) + 1)
-        needs = _reached_inputs(model.graph, end, start)
+        needs = _reached_inputs(model.graph, producers, end, start)
         sub = extractor.extract_model([start, *needs], [end])
         session = _session(sub, artifact.dir, f"{method}'s block {family}.{i}")
         block_feeds = {start: np.ascontiguousarray(x, np.float32), **{k: feeds[k] for k in needs}}

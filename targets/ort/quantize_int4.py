@@ -15,8 +15,9 @@ type ... Invalid ORT format model" on load), and the .ort is what a phone gets. 
 int8-weight with ``--group-size N`` takes the same path with ``bits=8`` (8-bit MatMulNBits, blocks of N). Why
 offer it: onnxruntime's CPU EP fuses int8-weight's per-channel ``DequantizeLinear -> MatMul`` into an 8-bit
 MatMulNBits with block 32 at session creation anyway, and a session built that way holds the int8 weights about
-three times over while it is created (examples/ort_session_memory.py: the DQ form 3.2x the int8 bytes; 8-bit
-MatMulNBits written directly, block 128: 1.12x). For the 9B that decides between ~16 and ~10 GiB of sessions.
+three times over while it is created (examples/ort_session_memory.py, 12 x 4096x4096: the per-channel DQ form 3.17x
+the int8 bytes; 8-bit MatMulNBits written directly, block 128: 1.15x, peak 1.23x). The 9B's int8 export check then
+peaked at 13.8 GiB instead of an OOM kill at 15.5 GiB (README "Exporting the 9B").
 """
 
 from __future__ import annotations
