@@ -564,7 +564,7 @@ def test_quantized_weights_match_dequantized_math(work, mode, granularity, dtype
     assert np.abs(out - (x @ w.T + b)).max() > 1e-5  # the int8 weights are used, not the float ones
 
 
-def test_int4_per_block_and_odd_count_per_channel_weights_from_the_blob(work):
+def test_int4_per_block_and_odd_count_per_channel_weights_from_the_blob(work, monkeypatch):
     """int4-weight as the Core ML target writes it: per-block int4 (block 16) for a linear and a matmul, and a
     per-channel int4 weight whose value count is odd (the last byte holds one value), all read from the blob file."""
     import coremltools.optimize.coreml as cto
@@ -600,6 +600,21 @@ def test_int4_per_block_and_odd_count_per_channel_weights_from_the_blob(work):
     np.testing.assert_allclose(a, (x @ deq[(48, 64)].T) @ deq[(48, 32)], atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(b, y @ deq[(5, 7)].T, atol=1e-5, rtol=1e-5)
     assert np.abs(b - y @ w3.T).max() > 1e-3  # the 4-bit values ran, not the float ones
+
+    # every weight past LAZY_BYTES stays in the mapped file, decoded at each read: the same numbers, no
+    # decoded weight held by the program (how a 9B package is run)
+    from targets.coreml.mil import values
+    from targets.coreml.mil.values import Lazy
+
+    monkeypatch.setattr(values, "LAZY_BYTES", 0)
+    lazy = MILProgram.load(path)
+    consts = lazy._fn(None).consts
+    held = [k for k, v in consts.items() if isinstance(v, np.ndarray) and v.size >= 35]
+    assert held == [] and sum(isinstance(v, Lazy) for v in consts.values()) >= 3  # the three weights
+    for _ in range(2):  # read twice: the file stays mapped after load
+        a2, b2 = lazy.run({"x": x, "y": y}).values()
+        np.testing.assert_array_equal(a2, a)
+        np.testing.assert_array_equal(b2, b)
 
 
 @pytest.mark.parametrize("nbits,granularity", [(4, "per_tensor"), (3, "per_tensor"), (2, "per_grouped_channel")])

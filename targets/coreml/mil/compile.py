@@ -9,7 +9,7 @@ from targets.coreml.mil.dtypes import as_f32, internal
 from targets.coreml.mil.graph import Block, Function, Node, where
 from targets.coreml.mil.interpreter import execute
 from targets.coreml.mil.ops import MOVES_VALUES, OPS, STATE_OPS, TUPLE_PARAMS
-from targets.coreml.mil.values import Weights, decode_value, value_type
+from targets.coreml.mil.values import Lazy, Weights, decode_value, value_type
 
 
 def compile_function(fname: str, fn: Any, weights: Weights, ranges: dict) -> Function:
@@ -80,6 +80,12 @@ def _compile_block(block: Any, fname: str, weights: Weights, consts: dict,
             steps.append(node)
             continue
         foldable = op.type not in STATE_OPS and all(_is_const(kind, payload, consts) for _, kind, payload in node.args)
+        if foldable and any(_reads_lazy(kind, payload, consts) for _, kind, payload in node.args):
+            # an op on a weight too large to hold decoded (a constexpr dequantization, mostly) is computed again
+            # at each read, as Core ML decompresses such weights when it runs them
+            for i, name in enumerate(node.outputs):
+                consts[name] = Lazy(_deferred(node, consts, i))
+            continue
         if foldable:
             try:
                 execute(node, consts)
@@ -90,6 +96,28 @@ def _compile_block(block: Any, fname: str, weights: Weights, consts: dict,
             continue
         steps.append(node)
     return Block(block_inputs or [], steps, list(block.outputs))
+
+
+def _reads_lazy(kind: str, payload: Any, consts: dict) -> bool:
+    if kind == "n":
+        return isinstance(consts.get(payload), Lazy)
+    if kind == "t":
+        return any(_reads_lazy(k, p, consts) for k, p in payload)
+    return isinstance(payload, Lazy)
+
+
+def _deferred(node: Node, consts: dict, output: int):
+    """``node``'s output ``output``, computed from ``consts`` when asked (a :class:`Lazy`'s maker)."""
+    def make() -> Any:
+        env = dict(consts)  # a shallow copy: ``execute`` writes the outputs here, not into the constants
+        try:
+            execute(node, env)
+        except (ArtifactError, UnsupportedOpError):
+            raise
+        except Exception as e:
+            raise RuntimeFailure(f"Core ML op '{node.type}' ({where(node)}) failed on its constant inputs: {e}") from e
+        return env[node.outputs[output]]
+    return make
 
 
 def _is_const(kind: str, payload: Any, consts: dict) -> bool:

@@ -12,7 +12,7 @@ from core.errors import BadInputError, RuntimeFailure, UnsupportedOpError
 from targets.coreml.mil.dtypes import internal
 from targets.coreml.mil.graph import Block, Node, where
 from targets.coreml.mil.ops.base import bool_of
-from targets.coreml.mil.values import TensorType
+from targets.coreml.mil.values import Lazy, TensorType
 
 
 def feed(name: str, value: Any, t: TensorType, ranges: list | None, fname: str) -> np.ndarray:
@@ -43,9 +43,10 @@ def fmt(shape: tuple) -> str:
 
 def _resolve(kind: str, payload: Any, env: dict) -> Any:
     if kind == "n":
-        return env[payload]
+        value = env[payload]
+        return value.value() if isinstance(value, Lazy) else value
     if kind == "v":
-        return payload
+        return payload.value() if isinstance(payload, Lazy) else payload
     return [_resolve(k, p, env) for k, p in payload]
 
 

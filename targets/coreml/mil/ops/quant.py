@@ -45,18 +45,22 @@ def _dequantize(a, n):
 
 @register("constexpr_blockwise_shift_scale")
 def _blockwise_shift_scale(a, n):
-    data = np.asarray(a["data"]).astype(np.float32)
+    # (data - offset) * scale, each scale (offset) entry covering a block of data; computed on a blocked view
+    # ([s0, d0 / s0, s1, d1 / s1, ...] against [s0, 1, s1, 1, ...]) so that no full-size scale is materialised
+    data = np.asarray(a["data"])
     scale = f32(a["scale"])
     offset = a.get("offset")
-    offset = None if offset is None else np.asarray(offset).astype(np.float32)
-    for axis, (d, s) in enumerate(zip(data.shape, scale.shape)):
-        if s != d:
-            scale = np.repeat(scale, d // s, axis)
-            if offset is not None:
-                offset = np.repeat(offset, d // s, axis)
+    if data.ndim != scale.ndim or any(d % s for d, s in zip(data.shape, scale.shape)):
+        raise ValueError(f"scale shape {list(scale.shape)} does not tile data shape {list(data.shape)}")
+    blocked = [x for d, s in zip(data.shape, scale.shape) for x in (s, d // s)]
+    per_block = [x for s in scale.shape for x in (s, 1)]
+    x = data.reshape(blocked)
     if offset is not None:
-        data = data - offset
-    return scale * data
+        x = np.subtract(x, np.asarray(offset).astype(np.float32).reshape(per_block), dtype=np.float32)
+        np.multiply(x, scale.reshape(per_block), out=x)
+    else:
+        x = np.multiply(x, scale.reshape(per_block), dtype=np.float32)
+    return x.reshape(data.shape)
 
 
 @register("constexpr_affine_dequantize")
