@@ -87,12 +87,7 @@ def _compile_block(block: Any, fname: str, weights: Weights, consts: dict,
                 consts[name] = Lazy(_deferred(node, consts, i))
             continue
         if foldable:
-            try:
-                execute(node, consts)
-            except (ArtifactError, UnsupportedOpError):
-                raise
-            except Exception as e:
-                raise RuntimeFailure(f"Core ML op '{op.type}' ({where(node)}) failed on its constant inputs: {e}") from e
+            _fold(node, consts)
             continue
         steps.append(node)
     return Block(block_inputs or [], steps, list(block.outputs))
@@ -110,14 +105,19 @@ def _deferred(node: Node, consts: dict, output: int):
     """``node``'s output ``output``, computed from ``consts`` when asked (a :class:`Lazy`'s maker)."""
     def make() -> Any:
         env = dict(consts)  # a shallow copy: ``execute`` writes the outputs here, not into the constants
-        try:
-            execute(node, env)
-        except (ArtifactError, UnsupportedOpError):
-            raise
-        except Exception as e:
-            raise RuntimeFailure(f"Core ML op '{node.type}' ({where(node)}) failed on its constant inputs: {e}") from e
+        _fold(node, env)
         return env[node.outputs[output]]
     return make
+
+
+def _fold(node: Node, env: dict) -> None:
+    """Run an op whose inputs are all constants; its outputs go into ``env``."""
+    try:
+        execute(node, env)
+    except (ArtifactError, UnsupportedOpError):
+        raise
+    except Exception as e:
+        raise RuntimeFailure(f"Core ML op '{node.type}' ({where(node)}) failed on its constant inputs: {e}") from e
 
 
 def _is_const(kind: str, payload: Any, consts: dict) -> bool:
