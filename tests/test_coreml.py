@@ -495,6 +495,61 @@ def test_reset_forgets_the_cache_and_positions_past_the_cache_fail(coreml_artifa
         session.run("text_decoder", embeds=emb, position_ids=np.stack([pos] * 3), cache_position=pos + max_seq - 1)
 
 
+@pytest.fixture(scope="module")
+def chunked_fp16(tiny_components, tmp_path_factory):
+    """tiny's decoder split one layer per package (the chunk limit set to one layer's fp16 bytes), as a 9B's is."""
+    from targets.coreml import spec as coreml_spec
+
+    layer = 2 * sum(p.numel() for p in tiny_components.model.text.layers[0].parameters())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(coreml_spec, "DECODER_CHUNK_BYTES", layer)
+        return _export(tiny_components, RecipeName.FP16, tmp_path_factory.mktemp("coreml") / "chunked")
+
+
+def test_a_decoder_split_into_chunks_runs_like_the_whole_package(chunked_fp16, coreml_artifacts, tiny_components,
+                                                                   tiny_tokenizer, media):
+    art, n = chunked_fp16, tiny_components.config.text.num_layers
+    names = [f"text_decoder.chunk{k}.mlpackage" for k in range(n)]
+    assert [c["layers"] for c in art.metadata["decoder_chunks"]] == [[k, k + 1] for k in range(n)]
+    assert [c["package"] for c in art.metadata["decoder_chunks"]] == names
+    assert set(names) <= set(art.files) and "text_decoder.mlpackage" not in art.files
+    chunks = art.info["programs"]["text_decoder"]["chunks"]
+    for k, entry in enumerate(chunks):
+        assert entry["file"] == names[k] and set(entry["functions"]) == set(DECODER_FUNCTIONS)
+        assert {s["name"] for s in entry["states"]} == {f"cache_k_{k}", f"cache_v_{k}"}  # each chunk its layers' cache
+        assert [o["name"] for o in entry["outputs"]] == (["logits"] if k == n - 1 else ["hidden"])
+        assert [i["name"] for i in entry["inputs"]] == ["embeds", "position_ids", "cache_position"]
+    assert min(c["cosine"] for c in art.info["report"]["export_check"]["methods"].values()) > 0.999  # its own check
+    # the same prompt (image and audio included) through both artifacts: the chunks hand over fp16-exact hidden
+    # states, so the logits are the whole package's
+    whole, split = _session(coreml_artifacts[RecipeName.FP16]), _session(art)
+    h = tiny_components.config.text.hidden_size
+    emb = np.random.default_rng(1).standard_normal((1, 5, h)).astype(np.float32)
+    pos = np.arange(5, dtype=np.int64)
+    for s in (whole, split):
+        s.reset()
+    args = dict(embeds=emb, position_ids=np.stack([pos] * 3), cache_position=pos)
+    np.testing.assert_allclose(split.run("text_decoder", **args), whole.run("text_decoder", **args), rtol=0, atol=1e-5)
+    step = dict(embeds=emb[:, :1], position_ids=np.full((3, 1), 5), cache_position=np.array([5]))
+    np.testing.assert_allclose(split.run("text_decoder", **step), whole.run("text_decoder", **step), rtol=0, atol=1e-5)
+    prompt = Prompt(text=media["prompt"], image=media["image"], audio=media["audio"])
+    cfg = tiny_components.config
+    expected = Runner(EagerSession(tiny_components), cfg, tiny_tokenizer).generate(prompt, max_new_tokens=12, stop_at_eos=False)
+    got = Runner(_session(art), cfg, tiny_tokenizer).generate(prompt, max_new_tokens=12, stop_at_eos=False)
+    assert got.tokens == expected.tokens
+
+
+def test_int8_static_on_a_chunked_decoder_is_refused_before_writing(tiny_components, coreml_calibration, tmp_path,
+                                                                      monkeypatch):
+    from core.errors import ExportError
+    from targets.coreml import spec as coreml_spec
+
+    monkeypatch.setattr(coreml_spec, "DECODER_CHUNK_BYTES", 1)
+    with pytest.raises(ExportError, match="split into 2 chunks"):
+        _export(tiny_components, RecipeName.INT8_STATIC, tmp_path / "x", calibration=coreml_calibration)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- the command line and bad input -----------------------------------------------------------
 
 

@@ -145,4 +145,18 @@ def float32_weights(model: nn.Module) -> int:
 
 
 _BASE = {sub: base for base, sub in _SWITCH.items()}
+
+
+def release_pages(module: nn.Module) -> None:
+    """Hand the mapped checkpoint pages of every weight in ``module`` back to the kernel (after a copy of them
+    was made, e.g. Core ML's per-chunk fp16 copy); a no-op for weights that are not mapped."""
+    for m in module.modules():
+        _release(m)
+
+
+def base_class(module: nn.Module) -> None:
+    """Switch an upcasting module (:func:`compute_in_float32`) back to its base class, in place: for a copy
+    whose weights are already in the dtype it is to compute in (Core ML's fp16 copies)."""
+    if type(module) in _BASE:
+        module.__class__ = _BASE[type(module)]
 UPCASTING = tuple(_SWITCH.values())  # the module classes that upcast (and release) their weights per call

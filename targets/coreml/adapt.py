@@ -13,26 +13,37 @@ from torch import nn
 
 from core.errors import ExportError
 from exporter.model.decoder import RMSNorm, Rope
+from exporter.model.upcast import base_class, release_pages
 
 
 class CoreMLDecoder(nn.Module):
-    """text_decoder semantics with the cache in fp16 buffers that Core ML turns into states.
+    """text_decoder semantics (layers ``[first, stop)``) with the cache in fp16 buffers that Core ML turns into states.
 
     State names: ``cache_k_{i}`` / ``cache_v_{i}`` ``[1, kv_heads, max_seq_len, head_dim]``
-    (Core ML states are fp16 only). The new keys/values are written with a
-    slice at ``cache_position[0]`` (contiguous positions, as the runner calls it);
+    (Core ML states are fp16 only; ``i`` the layer's index in the whole decoder). The new keys/values are
+    written with a slice at ``cache_position[0]`` (contiguous positions, as the runner calls it);
     the attention mask comes from ``cache_position`` inside the graph, without inf.
+
+    The whole decoder by default; a chunk of a decoder split over several packages holds only its layers
+    (what ``fp16_copy`` copies), takes the previous chunk's hidden states as ``embeds`` and returns its own,
+    or, when ``head``, the final norm's and lm_head's logits.
     """
 
-    def __init__(self, components: Any):
+    def __init__(self, components: Any, first: int = 0, stop: int | None = None, head: bool = True):
         super().__init__()
         cfg = components.config
         t = cfg.text
-        self.text = components.model.text
-        self.num_layers = t.num_layers
+        text = components.model.text
+        stop = t.num_layers if stop is None else stop
+        self.first = first
+        self.layers = nn.ModuleList(text.layers[first:stop])
+        self.rope = text.rope
+        self.head = head
+        if head:
+            self.norm, self.lm_head = text.norm, text.lm_head
         self.max_seq_len = components.text_decoder.max_seq_len
         shape = (1, t.num_kv_heads, self.max_seq_len, t.head_dim)
-        for i in range(t.num_layers):
+        for i in range(first, stop):
             self.register_buffer(f"cache_k_{i}", torch.zeros(shape, dtype=torch.float16))
             self.register_buffer(f"cache_v_{i}", torch.zeros(shape, dtype=torch.float16))
         self.register_buffer("slots", torch.arange(self.max_seq_len, dtype=torch.int32))
@@ -41,7 +52,7 @@ class CoreMLDecoder(nn.Module):
         return {name: tuple(b.shape) for name, b in self.named_buffers() if name.startswith("cache_")}
 
     def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-        # embeds: [1, T, H]; position_ids: [3, T] int32; cache_position: [T] int32 -> logits [1, T, V]
+        # embeds: [1, T, H]; position_ids: [3, T] int32; cache_position: [T] int32 -> logits [1, T, V] (hidden [1, T, H])
         start = cache_position[0]
         n = embeds.shape[1]
         mask = self.slots.unsqueeze(0) <= cache_position.unsqueeze(1)  # [T, max_seq]
@@ -53,7 +64,12 @@ class CoreMLDecoder(nn.Module):
             v_cache[:, :, start : start + n] = v.to(v_cache.dtype)
             return k_cache.to(k.dtype), v_cache.to(v.dtype)
 
-        return self.text._run(embeds, position_ids, mask, kv_fn)
+        # as TextModel._run, over this chunk's layers
+        cos, sin = self.rope(position_ids)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self.rope, cos, sin, mask, kv_fn, self.first + i)
+        return self.lm_head(self.norm(x)) if self.head else x
 
 
 class TableRope(Rope):
@@ -99,7 +115,9 @@ def fp16_copy(module: nn.Module, safe_rmsnorm: bool = False) -> nn.Module:
     copies of every weight (measured: an fp32 embedding table of 592 MiB took
     4.7 GiB more peak RSS to convert; the same table in fp16, 0.01 GiB). The
     fp16 tensors are made first and handed to ``deepcopy`` through its memo, so
-    no float32 copy of the model is ever made. The model itself is not touched.
+    no float32 copy of the model is ever made. The model itself is not touched, except that the mapped
+    checkpoint pages of a kept (bf16) checkpoint's weights are handed back once copied; upcasting modules
+    (exporter.model.upcast) become their base class in the copy, which computes in fp16.
     ``safe_rmsnorm`` swaps every RMSNorm for :class:`Fp16SafeRMSNorm` (the decoder).
     """
     import copy
@@ -115,7 +133,14 @@ def fp16_copy(module: nn.Module, safe_rmsnorm: bool = False) -> nn.Module:
         if isinstance(m, nn.LayerNorm):
             for p in m.parameters(recurse=False):
                 memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=False)
+    for m in module.modules():
+        if "_mapped" in m.__dict__:  # the checkpoint's pages, not copied
+            memo[id(m.__dict__["_mapped"])] = {}
     copied = copy.deepcopy(module, memo).eval()
+    release_pages(module)
+    for m in copied.modules():
+        base_class(m)
+        m.__dict__.pop("_mapped", None)
     for parent in list(copied.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.LayerNorm):

@@ -20,7 +20,7 @@ import torch
 from core.errors import ExportError
 from targets.coreml import compat
 from targets.coreml.adapt import CoreMLDecoder, TableRope, fp16_args, fp16_copy
-from targets.coreml.spec import OUTPUT_NAMES
+from targets.coreml.spec import HIDDEN_OUTPUT, OUTPUT_NAMES
 from targets.coreml.util import error_cause, quiet
 
 
@@ -63,13 +63,20 @@ def convert_method(components: Any, method: str) -> Any:
         raise ExportError(f"Core ML conversion of {method} failed: {error_cause(e)}") from e
 
 
-def convert_decoder(components: Any, function: str) -> Any:
-    """text_decoder's ``prefill`` (T in 1..max_seq_len) or ``decode`` (T = 1) function -> MLModel."""
+def convert_decoder(components: Any, function: str, layers: tuple[int, int] | None = None) -> Any:
+    """text_decoder's ``prefill`` (T in 1..max_seq_len) or ``decode`` (T = 1) function -> MLModel.
+
+    ``layers``: one chunk ``[start, stop)`` of a decoder split over several packages (see
+    ``spec.plan_decoder_chunks``); it outputs ``hidden`` unless it holds the last layer (then ``logits``).
+    """
     import coremltools as ct
 
+    num_layers = components.config.text.num_layers
+    first, stop = layers or (0, num_layers)
+    head = stop == num_layers
     # the decoder's residual stream is where trained weights put massive activations
-    decoder = fp16_copy(CoreMLDecoder(components), safe_rmsnorm=True)
-    decoder.text.rope = TableRope(components.model.text.rope, decoder.max_seq_len).to(torch.float16)
+    decoder = fp16_copy(CoreMLDecoder(components, first, stop, head), safe_rmsnorm=True)
+    decoder.rope = TableRope(components.model.text.rope, decoder.max_seq_len).to(torch.float16)
     cfg = components.config
     h = cfg.text.hidden_size
     t = 4 if function == "prefill" else 1
@@ -90,11 +97,12 @@ def convert_decoder(components: Any, function: str) -> Any:
                     ct.TensorType("position_ids", shape=(3, seq), dtype=np.int32),
                     ct.TensorType("cache_position", shape=(seq,), dtype=np.int32),
                 ],
-                outputs=[ct.TensorType("logits", dtype=np.float32)],
+                outputs=[ct.TensorType("logits" if head else HIDDEN_OUTPUT, dtype=np.float32)],
                 states=states,
                 minimum_deployment_target=ct.target.iOS18,
                 compute_precision=ct.precision.FLOAT16,
                 convert_to="mlprogram",
             )
     except Exception as e:
-        raise ExportError(f"Core ML conversion of text_decoder ({function}) failed: {error_cause(e)}") from e
+        what = f"layers {first}..{stop - 1}, " if layers else ""
+        raise ExportError(f"Core ML conversion of text_decoder ({what}{function}) failed: {error_cause(e)}") from e

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from targets.coreml import compat
-from targets.coreml.spec import DEFAULT_DECODER_FUNCTION, package_name
+from targets.coreml.spec import DEFAULT_DECODER_FUNCTION
 from targets.coreml.util import quiet
 
 METADATA_PREFIX = "autoglm."
@@ -176,13 +176,18 @@ def package_program(path: Path) -> dict[str, Any]:
     return entry
 
 
-def coreml_programs(root: Path, methods: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """artifact.json's ``programs``: each method's package and its I/O read back from the saved spec.
+def coreml_programs(root: Path, files: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    """artifact.json's ``programs``: each method's package and its I/O read back from the saved spec; a
+    decoder split over several packages lists each chunk's under ``chunks``, run in that order.
 
     The runner's interface (``runner_interface``) differs: tokens and positions are int32 here, the
     decoder is two functions sharing its states, and flexible lengths are ranges.
     """
-    return {m: package_program(root / package_name(m)) for m in methods}
+    programs = {}
+    for method, names in files.items():
+        entries = [package_program(root / n) for n in names]
+        programs[method] = entries[0] if len(entries) == 1 else {"chunks": entries}
+    return programs
 
 
 def package_bytes(path: Path) -> int:

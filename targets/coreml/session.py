@@ -8,6 +8,7 @@ elsewhere (Core ML cannot execute on Linux) it runs the same saved packages thro
 from __future__ import annotations
 
 import platform
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 from core.artifact import Artifact
 from core.errors import ArtifactError, BadInputError, ExportError, MissingRuntimeError, RuntimeFailure
 from targets.coreml import compat
-from targets.coreml.spec import DECODER_FUNCTIONS, OUTPUT_NAMES, package_name
+from targets.coreml.spec import DECODER_FUNCTIONS, HIDDEN_OUTPUT, OUTPUT_NAMES, package_name
 from targets.coreml.util import error_cause
 
 
@@ -36,11 +37,19 @@ def as_int32(x: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x), dtype=np.int32)
 
 
+def decoder_packages(artifact: Artifact) -> list[str]:
+    """The decoder's package names in run order: one, or one per chunk (``metadata.decoder_chunks``)."""
+    chunks = artifact.metadata.get("decoder_chunks")
+    return [c["package"] for c in chunks] if chunks else [package_name("text_decoder")]
+
+
 class CoreMLSession:
     """The four packages behind the runner's Session interface.
 
     text_decoder: T > 1 runs the ``prefill`` function, T = 1 ``decode``; both
-    read and write the same state (the KV cache), which ``reset()`` replaces.
+    read and write the same state (the KV cache), which ``reset()`` replaces. A decoder split
+    into chunks runs them in order, each chunk's ``hidden`` output the next one's ``embeds``,
+    each with its own state.
     """
 
     def __init__(self, artifact: Artifact):
@@ -50,13 +59,14 @@ class CoreMLSession:
         self.config = ModelConfig.from_dict(artifact.metadata["model"])
         self.max_seq_len = int(artifact.metadata["max_seq_len"])
         self.recipe = artifact.recipe
-        self.paths = {}
+        self.paths: dict[str, list[Path]] = {}
         # an artifact written before "methods" was renamed "runner_interface" still loads
         for method in artifact.info.get("runner_interface", artifact.info.get("methods", {})):
-            p = artifact.dir / package_name(method)
-            if not p.is_dir():
-                raise ArtifactError(f"{artifact.dir}: no {p.name} in this Core ML artifact")
-            self.paths[method] = p
+            names = decoder_packages(artifact) if method == "text_decoder" else [package_name(method)]
+            self.paths[method] = [artifact.dir / n for n in names]
+            for p in self.paths[method]:
+                if not p.is_dir():
+                    raise ArtifactError(f"{artifact.dir}: no {p.name} in this Core ML artifact")
         if core_ml_available():
             self.backend: Any = _CoreMLBackend(self.paths)
         else:
@@ -102,8 +112,19 @@ class CoreMLSession:
         return np.asarray(out[OUTPUT_NAMES[method]], np.float32)
 
 
+def _run_decoder(chunks: list[Any], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The decoder's chunks in order (``chunks``: callables feeds -> outputs): each one's hidden states are
+    the next one's ``embeds``; the last one's outputs (logits) are the decoder's."""
+    out: dict[str, np.ndarray] = {}
+    for run in chunks:
+        out = run(feeds)
+        if HIDDEN_OUTPUT in out:
+            feeds = {**feeds, "embeds": np.asarray(out[HIDDEN_OUTPUT], np.float32)}
+    return out
+
+
 class _InterpreterBackend:
-    def __init__(self, paths: dict[str, Path]):
+    def __init__(self, paths: dict[str, list[Path]]):
         try:
             from targets.coreml.mil import PROVENANCE, MILProgram
         except ImportError as e:
@@ -112,25 +133,27 @@ class _InterpreterBackend:
             ) from e
         # parity reports tell emulated numbers from real ones by this word
         self.provenance = PROVENANCE if "emulat" in PROVENANCE.lower() else f"{PROVENANCE}, emulating Core ML"
-        self.programs = {}
-        for method, p in paths.items():
-            try:
-                self.programs[method] = MILProgram.load(p)
-            except Exception as e:
-                raise RuntimeFailure(f"cannot load {p} into the ML program interpreter: {error_cause(e)}") from e
-        self.state = None
+        self.programs: dict[str, list[Any]] = {}
+        for method, ps in paths.items():
+            self.programs[method] = []
+            for p in ps:
+                try:
+                    self.programs[method].append(MILProgram.load(p))
+                except Exception as e:
+                    raise RuntimeFailure(f"cannot load {p} into the ML program interpreter: {error_cause(e)}") from e
+        self.states: list[dict[str, np.ndarray]] = []
 
     def reset(self) -> None:
-        prog = self.programs.get("text_decoder")
-        self.state = prog.new_state(DECODER_FUNCTIONS[0]) if prog is not None else None
+        self.states = [prog.new_state(DECODER_FUNCTIONS[0]) for prog in self.programs.get("text_decoder", [])]
 
     def run(self, method: str, function: str | None, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        prog = self.programs[method]
-        fn = function or _default_function(prog)
+        progs = self.programs[method]
+        fn = function or _default_function(progs[0])
         try:
             if method == "text_decoder":
-                return prog.run(feeds, function=fn, state=self.state)
-            return prog.run(feeds, function=fn)
+                return _run_decoder([partial(prog.run, function=fn, state=state)
+                                     for prog, state in zip(progs, self.states)], feeds)
+            return progs[0].run(feeds, function=fn)
         except (BadInputError, ExportError):
             raise
         except Exception as e:
@@ -143,33 +166,36 @@ def _default_function(prog: Any) -> str:
 
 
 class _CoreMLBackend:
-    """Real Core ML (macOS): one MLModel per method, one per decoder function, one shared state."""
+    """Real Core ML (macOS): one MLModel per method, one per decoder function (and chunk), one state per
+    decoder package, shared by its two functions."""
 
-    def __init__(self, paths: dict[str, Path]):
+    def __init__(self, paths: dict[str, list[Path]]):
         import coremltools as ct
 
         self.provenance = f"Core ML predict on macOS {platform.mac_ver()[0]} (coremltools {ct.__version__})"
-        self.models: dict[str, Any] = {}
+        self.models: dict[str, list[Any]] = {}
         try:
-            for method, p in paths.items():
-                if method == "text_decoder":
-                    for fn in DECODER_FUNCTIONS:
-                        self.models[f"{method}.{fn}"] = ct.models.MLModel(str(p), function_name=fn)
-                else:
-                    self.models[method] = ct.models.MLModel(str(p))
+            for method, ps in paths.items():
+                for p in ps:
+                    if method == "text_decoder":
+                        for fn in DECODER_FUNCTIONS:
+                            self.models.setdefault(f"{method}.{fn}", []).append(ct.models.MLModel(str(p), function_name=fn))
+                    else:
+                        self.models[method] = [ct.models.MLModel(str(p))]
         except Exception as e:
             raise RuntimeFailure(f"Core ML cannot load {p}: {error_cause(e)}") from e
-        self.state = None
+        self.states: list[Any] = []
 
     def reset(self) -> None:
-        model = self.models.get(f"text_decoder.{DECODER_FUNCTIONS[0]}")  # any function: they share the state
-        self.state = model.make_state() if model is not None else None
+        # any function: they share the state
+        self.states = [model.make_state() for model in self.models.get(f"text_decoder.{DECODER_FUNCTIONS[0]}", [])]
 
     def run(self, method: str, function: str | None, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         key = f"{method}.{function}" if function else method
         try:
             if method == "text_decoder":
-                return self.models[key].predict(feeds, state=self.state)
-            return self.models[key].predict(feeds)
+                return _run_decoder([partial(model.predict, state=state)
+                                     for model, state in zip(self.models[key], self.states)], feeds)
+            return self.models[key][0].predict(feeds)
         except Exception as e:
             raise RuntimeFailure(f"Core ML failed running {key}: {error_cause(e)}") from e

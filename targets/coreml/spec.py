@@ -24,9 +24,46 @@ OUTPUT_NAMES = {
     "text_decoder": "logits",
 }
 
+# a decoder chunk's output when a later chunk follows (its input is always "embeds")
+HIDDEN_OUTPUT = "hidden"
+
 
 def package_name(method: str) -> str:
     return f"{method}.mlpackage"
+
+
+# the decoder goes into several packages ("chunks", each a run of layers with their KV-cache states, the last
+# one also the final norm and lm_head), run one after the other, once its fp16 weights pass this: converting a
+# chunk holds a few copies of its weights, and a 9B decoder (18 GB in fp16) does not convert whole in 16 GiB
+DECODER_CHUNK_BYTES = 2 << 30
+
+
+def plan_decoder_chunks(layer_bytes: list[int], head_bytes: int, limit: int) -> list[tuple[int, int]]:
+    """Consecutive layer ranges [start, stop), each within ``limit`` bytes (one layer at least); the head
+    (final norm + lm_head) joins the last range, which therefore always holds a layer. One range when the
+    whole decoder fits."""
+    if sum(layer_bytes) + head_bytes <= limit:
+        return [(0, len(layer_bytes))]
+    chunks: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for i, b in enumerate(layer_bytes):
+        if i > start and size + b > limit:
+            chunks.append((start, i))
+            start, size = i, 0
+        size += b
+    chunks.append((start, len(layer_bytes)))
+    last_start, last_stop = chunks[-1]
+    if last_stop - last_start > 1 and sum(layer_bytes[last_start:]) + head_bytes > limit:
+        chunks[-1] = (last_start, last_stop - 1)  # the head goes with the last layer alone
+        chunks.append((last_stop - 1, last_stop))
+    return chunks
+
+
+def decoder_package_names(chunks: list[tuple[int, int]]) -> list[str]:
+    """``text_decoder.mlpackage``, or ``text_decoder.chunk{k}.mlpackage`` per chunk when there are several."""
+    if len(chunks) == 1:
+        return [package_name("text_decoder")]
+    return [f"text_decoder.chunk{k}.mlpackage" for k in range(len(chunks))]
 
 
 # int8 per output channel, symmetric; linear / conv / matmul weights and the embedding table (gather)
@@ -52,10 +89,15 @@ SPEC = TargetSpec(
                    Gate(0.95)),
     ),
     runtime_packages=("coremltools",),
+    # each method (each decoder chunk) is copied to fp16 from the checkpoint's stored weights as it converts
+    reads_stored_weights=True,
     notes=(
         "token_embedding / vision_encoder / audio_encoder / text_decoder .mlpackage: the app loads each with "
         "MLModel; text_decoder with function_name prefill (T > 1) or decode (T = 1) and one make_state() shared by both",
         "tokens and positions are int32 in the packages; float inputs and outputs float32",
+        "a decoder whose fp16 weights pass 2 GiB comes as text_decoder.chunk0..N.mlpackage (artifact.json "
+        "metadata.decoder_chunks): each a run of layers with its own states, taking embeds and giving hidden; "
+        "the app runs them in order, feeding each chunk's hidden to the next as embeds; the last gives logits",
         "Core ML cannot execute on Linux: there, the export check and parity run the saved ML programs in "
         "targets.coreml.mil (a NumPy interpreter) and their provenance says 'emulated'; on macOS, MLModel.predict",
     ),

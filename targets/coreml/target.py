@@ -4,13 +4,15 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from core.artifact import Artifact
-from core.errors import ArtifactError, BadInputError
+from core.errors import ArtifactError, BadInputError, ExportError
 from core.recipes import RecipeName
+from targets.coreml import spec as coreml_spec
 from targets.coreml.activations import calibration_samples, quantize_activations_int8
 from targets.coreml.convert import convert_decoder, convert_method
 from targets.coreml.packaging import (
@@ -28,21 +30,45 @@ from targets.coreml.spec import (
     DEFAULT_DECODER_FUNCTION,
     DEPLOYMENT_TARGET,
     SPEC,
+    decoder_package_names,
     package_name,
+    plan_decoder_chunks,
 )
 from targets.coreml.weights import kept_arrays, quantize_weights_int4, quantize_weights_int8
 from targets.spec import BuildJob, Built
+
+
+def decoder_chunks(components: Any) -> list[tuple[int, int]]:
+    """The decoder's layer ranges, one per package (``spec.plan_decoder_chunks`` on its fp16 weight bytes)."""
+    text = components.model.text
+
+    def fp16_bytes(*modules: Any) -> int:
+        seen: dict[int, int] = {}
+        for m in modules:
+            for p in m.parameters():
+                seen[id(p)] = 2 * p.numel()
+        return sum(seen.values())
+
+    return plan_decoder_chunks([fp16_bytes(layer) for layer in text.layers], fp16_bytes(text.norm, text.lm_head),
+                               coreml_spec.DECODER_CHUNK_BYTES)
 
 
 class CoreMLTarget:
     spec = SPEC
 
     def build(self, job: BuildJob, staging: Path) -> Built:
-        """One package per method into ``staging``: each converted, quantized per the recipe, the decoder's
-        two functions combined into one package, then metadata and deterministic bytes (packaging)."""
+        """One package per method into ``staging`` (the decoder: one per chunk when it is split): each
+        converted, quantized per the recipe, the decoder's two functions combined into one package, then
+        metadata and deterministic bytes (packaging)."""
         t0 = time.perf_counter()
         components, recipe = job.components, job.recipe
         methods = list(components.methods())
+        chunks = decoder_chunks(components) if "text_decoder" in methods else []
+        if len(chunks) > 1 and recipe.name == RecipeName.INT8_STATIC:
+            raise ExportError(
+                f"int8-static on Core ML needs the whole decoder in one package; this one is split into {len(chunks)} "
+                f"chunks (its fp16 weights pass {coreml_spec.DECODER_CHUNK_BYTES >> 30} GiB): use int8-weight or int4-weight"
+            )
         samples: dict[str, list[dict[str, Any]]] = {}
         if recipe.name == RecipeName.INT8_STATIC:
             samples = calibration_samples(job.calibration, components, methods, job.progress)
@@ -50,49 +76,71 @@ class CoreMLTarget:
         meta = {**job.metadata, "deployment_target": DEPLOYMENT_TARGET}
         if recipe.name == RecipeName.INT4_WEIGHT:
             meta["group_size"] = recipe.group_size
+        files = {m: [package_name(m)] for m in methods}
+        if chunks:
+            files["text_decoder"] = decoder_package_names(chunks)
+            meta["decoder_chunks"] = [{"package": f, "layers": list(c)} for f, c in zip(files["text_decoder"], chunks)]
         report: dict[str, Any] = {"quantization": {}, "convert_s": {}, "packages": {}}
-        steps = len(methods)
-        for i, method in enumerate(methods):
-            job.progress("coreml convert", i, steps)
+        steps, done = sum(len(f) for f in files.values()), 0
+        for method in methods:
             m0 = time.perf_counter()
-            dest = staging / package_name(method)
             if method == "text_decoder":
-                report["packages"][method] = self._build_decoder(job, keep_prints, samples, dest, report["quantization"])
+                entries = []
+                for name, layers in zip(files[method], chunks):
+                    job.progress("coreml convert", done, steps)
+                    part = len(chunks) > 1
+                    entry = self._build_decoder(job, keep_prints, samples, staging / name, report["quantization"],
+                                                layers if part else None)
+                    finalize_package(staging / name, meta, method)
+                    entry["bytes"] = package_bytes(staging / name)
+                    entries.append({"package": name, "layers": list(layers), **entry} if part else entry)
+                    done += 1
+                report["packages"][method] = entries[0] if len(entries) == 1 else {
+                    "chunks": entries, "bytes": sum(e["bytes"] for e in entries),
+                    "weight_bytes": sum(e["weight_bytes"] for e in entries)}
             else:
+                job.progress("coreml convert", done, steps)
+                dest = staging / files[method][0]
                 mlmodel = convert_method(components, method)
                 mlmodel, report["quantization"][method] = self._quantize(job, mlmodel, keep_prints, samples, method, "main")
                 save_model(mlmodel, dest)
                 del mlmodel
                 report["packages"][method] = {"weight_bytes": weight_bytes(dest)}
-            finalize_package(dest, meta, method)
-            report["packages"][method]["bytes"] = package_bytes(dest)
+                finalize_package(dest, meta, method)
+                report["packages"][method]["bytes"] = package_bytes(dest)
+                done += 1
             report["convert_s"][method] = round(time.perf_counter() - m0, 2)
         job.progress("coreml convert", steps, steps)
         report["total_bytes"] = sum(report["packages"][m]["bytes"] for m in methods)
         report["convert_wall_s"] = round(time.perf_counter() - t0, 2)
         report.update(deployment_target=DEPLOYMENT_TARGET, compute_precision=COMPUTE_PRECISION,
                       execution_on_this_host=execution_note())
-        return Built(files=[package_name(m) for m in methods], programs=coreml_programs(staging, methods),
+        return Built(files=[f for m in methods for f in files[m]], programs=coreml_programs(staging, files),
                      report=report, metadata=meta)
 
     def _build_decoder(self, job: BuildJob, keep_prints: set[tuple], samples: dict[str, list[dict[str, Any]]],
-                       dest: Path, quantization: dict[str, Any]) -> dict[str, Any]:
-        """text_decoder: ``prefill`` and ``decode`` converted and quantized apart (same deterministic weights,
-        so the combined package keeps one copy), then saved as one multifunction package at ``dest``."""
+                       dest: Path, quantization: dict[str, Any], layers: tuple[int, int] | None) -> dict[str, Any]:
+        """text_decoder (or the chunk ``layers`` of it): ``prefill`` and ``decode`` converted and quantized apart
+        (same deterministic weights, so the combined package keeps one copy), then saved as one multifunction
+        package at ``dest``."""
         method = "text_decoder"
+        key = method if layers is None else f"{method}[{layers[0]}:{layers[1]}]"
         parts = {}
         for function in DECODER_FUNCTIONS:
-            mlmodel = convert_decoder(job.components, function)
-            mlmodel, quantization[f"{method}.{function}"] = self._quantize(job, mlmodel, keep_prints, samples, method, function)
-            parts[function] = job.work / f"{method}.{function}.mlpackage"
+            mlmodel = convert_decoder(job.components, function, layers)
+            mlmodel, quantization[f"{key}.{function}"] = self._quantize(job, mlmodel, keep_prints, samples, method, function)
+            parts[function] = job.work / f"{dest.stem}.{function}.mlpackage"
             save_model(mlmodel, parts[function])
             del mlmodel
         combine_decoder(parts["prefill"], parts["decode"], dest)
+        per_function = {f: weight_bytes(p) for f, p in parts.items()}
+        for p in parts.values():  # the combined package holds their weights once
+            shutil.rmtree(p, ignore_errors=True)
         return {
             "functions": list(DECODER_FUNCTIONS),
             "default_function": DEFAULT_DECODER_FUNCTION,
             "weight_bytes": weight_bytes(dest),
-            "weight_bytes_per_function": {f: weight_bytes(p) for f, p in parts.items()},
+            "weight_bytes_per_function": per_function,
         }
 
     def _quantize(self, job: BuildJob, mlmodel: Any, keep_prints: set[tuple], samples: dict[str, list[dict[str, Any]]],
