@@ -224,3 +224,31 @@ def test_shard_sizes_parse_as_transformers_does():
     assert parse_size("5GB") == 5_000_000_000 and parse_size("500MiB") == 500 * 2**20 and parse_size("100KB") == 100_000
     with pytest.raises(ConfigError, match="not a size"):
         parse_size("five gigs")
+
+
+@pytest.mark.slow
+def test_coreml_export_of_the_bf16_checkpoint_in_chunks(ckpt, tmp_path, monkeypatch):
+    """Core ML reads the kept bf16 weights itself (no fp32 copy of the model): each method and decoder chunk is
+    copied to fp16 from them (the vision merger's LayerNorm to fp32). Split one layer per package, the decoder
+    gives the whole package's numbers. (This narrow random GLM decoder loses more to fp16 compute than tiny:
+    cosine 0.987 against eager, split or not, and with the earlier fp32-copy path too; hence the floor.)"""
+    from typer.testing import CliRunner
+
+    from cli import app
+    from core.artifact import read_artifact
+    from targets.coreml import spec as coreml_spec
+
+    checks = {}
+    for name, limit in (("whole", coreml_spec.DECODER_CHUNK_BYTES), ("split", 1)):
+        monkeypatch.setattr(coreml_spec, "DECODER_CHUNK_BYTES", limit)  # 1: one layer per package
+        out = tmp_path / name
+        result = CliRunner().invoke(app, ["export", "--checkpoint", str(ckpt), "--target", "coreml", "--recipe", "fp16",
+                                          "--out", str(out), "--check-floor", "0.9"])
+        assert result.exit_code == 0, result.output
+        art = read_artifact(out)
+        checks[name] = art.info["report"]["export_check"]["methods"]
+        chunks = [c["layers"] for c in art.metadata["decoder_chunks"]]
+        assert chunks == ([[0, 2]] if name == "whole" else [[0, 1], [1, 2]])
+    for method, c in checks["split"].items():
+        assert c["cosine"] == pytest.approx(checks["whole"][method]["cosine"], abs=1e-6), method
+        assert c["cosine"] > (0.98 if method == "text_decoder" else 0.999), (method, c)

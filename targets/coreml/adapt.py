@@ -129,10 +129,10 @@ def fp16_copy(module: nn.Module, safe_rmsnorm: bool = False) -> nn.Module:
             continue
         half = t.detach().to(torch.float16)
         memo[id(t)] = nn.Parameter(half, requires_grad=False) if isinstance(t, nn.Parameter) else half
-    for m in module.modules():  # LayerNorm keeps float32 parameters (see _Float32LayerNorm)
+    for m in module.modules():  # LayerNorm keeps (or gets) float32 parameters (see _Float32LayerNorm)
         if isinstance(m, nn.LayerNorm):
             for p in m.parameters(recurse=False):
-                memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=False)
+                memo[id(p)] = nn.Parameter(p.detach().to(torch.float32, copy=True), requires_grad=False)
     for m in module.modules():
         if "_mapped" in m.__dict__:  # the checkpoint's pages, not copied
             memo[id(m.__dict__["_mapped"])] = {}

@@ -20,6 +20,9 @@ What is reached, and why:
   ``PassOption``, ``models.utils._apply_graph_pass``) and its concat range rule
   (``optimize.coreml.experimental._post_training_quantization._adjust_concat_surrounding_activation_stats``):
   int8-static with ranges measured by the interpreter instead of ``MLModel.predict``;
+* ``converters.mil.mil.passes.defs.quantization.FP16ComputePrecision.fp16_overflow``: replaced by an
+  equivalent that scans a constant in slices (9.0's builds an int64 index array of every element:
+  13.9 GiB for the 9B's lm_head, which killed the conversion);
 * ``coremltools.libcoremlpython``: the native library, present only where Core ML can predict.
 
 Every import is inside a function: importing this module imports nothing of coremltools.
@@ -116,6 +119,38 @@ def alias_torch_op(name: str, as_op: str) -> None:
 
     if _TORCH_OPS_REGISTRY.get_func(name) is None:
         _TORCH_OPS_REGISTRY.set_func_by_name(_TORCH_OPS_REGISTRY.get_func(as_op), name)
+
+
+_SCAN_ELEMENTS = 1 << 24
+
+
+def lean_fp16_overflow_check() -> None:
+    """Make the FLOAT16 compute-precision pass's overflow test scan constants in slices.
+
+    coremltools 9.0's ``FP16ComputePrecision.fp16_overflow(op)`` is True when a float32 constant input of
+    ``op`` holds a finite (< 1e38) magnitude above 65504 (the op then stays fp32); it finds those with
+    ``abs_value[np.where(abs_value < 1e38)]``, an int64 index per element and dimension (13.9 GiB for the
+    9B's 151552 x 4096 lm_head). This answers the same question over 16M-element slices.
+    """
+    import numpy as np
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    if getattr(FP16ComputePrecision.fp16_overflow, "_lean", False):
+        return
+
+    def fp16_overflow(self: Any, op: Any) -> bool:
+        for _, inputs in op.inputs.items():
+            for var in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+                if var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32"):
+                    flat = np.asarray(var.op.val.val).reshape(-1)
+                    for i in range(0, flat.size, _SCAN_ELEMENTS):
+                        a = np.abs(flat[i : i + _SCAN_ELEMENTS])
+                        if np.max(a, where=a < 1e38, initial=0.0) > 65504:
+                            return True
+        return False
+
+    fp16_overflow._lean = True  # type: ignore[attr-defined]
+    FP16ComputePrecision.fp16_overflow = fp16_overflow
 
 
 # --- activation quantization with ranges from elsewhere ----------------------------------------

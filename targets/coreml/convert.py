@@ -25,8 +25,10 @@ from targets.coreml.util import error_cause, quiet
 
 
 def _register_converters() -> None:
-    """torch.export's ``alias`` (a view, left by run_decompositions in the audio encoder) is a no-op."""
+    """torch.export's ``alias`` (a view, left by run_decompositions in the audio encoder) is a no-op; the
+    FLOAT16 pass's overflow test scans large constants in slices (compat.lean_fp16_overflow_check)."""
     compat.alias_torch_op("alias", "clone")
+    compat.lean_fp16_overflow_check()
 
 
 def convert_method(components: Any, method: str) -> Any:
@@ -71,6 +73,7 @@ def convert_decoder(components: Any, function: str, layers: tuple[int, int] | No
     """
     import coremltools as ct
 
+    _register_converters()
     num_layers = components.config.text.num_layers
     first, stop = layers or (0, num_layers)
     head = stop == num_layers
