@@ -5,7 +5,10 @@
 #
 #   examples/export_9b.sh [WORK_DIR]        # default /work; needs ~20 GB for the checkpoint + ~6-12 GB per artifact
 #   RECIPES="int4-weight" STEPS=4 examples/export_9b.sh /work
-#   BLOCKWISE=1 ... parity also compares each decoder layer and vision block (parity --blockwise)
+#   BLOCKWISE=1 ... parity also compares each decoder layer and vision block (parity --blockwise, ort only)
+#   TARGET=coreml RECIPES=int4-weight examples/export_9b.sh /work   # Core ML: the decoder in chunk packages; no bench
+#     (Core ML cannot execute on Linux: generate and parity run the packages in the NumPy MIL interpreter, whose
+#     speed says nothing about a phone's)
 #
 # One 9B process at a time. Peak RSS is /usr/bin/time -v's "Maximum resident set size". Parity runs the eager
 # reference first and the artifact after (never both resident) on examples/heldout-9b.jsonl (two held-out prompts,
@@ -18,6 +21,7 @@ WORK=${1:-/work}
 CKPT=$WORK/ckpt9b
 OUT=$WORK/out16
 ROOT=$WORK/logs16
+TARGET=${TARGET:-ort}
 RECIPES=${RECIPES:-"int4-weight int8-weight"}
 STEPS=${STEPS:-4}
 # per-recipe export options: on make-checkpoint's random weights 4 bits miss the int4-weight gate (decoder cosine
@@ -39,30 +43,35 @@ if [ ! -f "$CKPT/model.safetensors.index.json" ]; then
     measure make-checkpoint autoglm-export make-checkpoint --preset autoglm-phone-9b --out "$CKPT"
 fi
 
+# artifact and log names: 9b-RECIPE for ort (the first rows), 9b-TARGET-RECIPE for the others
+prefix=9b-; [ "$TARGET" = ort ] || prefix=9b-$TARGET-
 for recipe in $RECIPES; do
-    art=$OUT/9b-$recipe
+    name=$prefix$recipe
+    art=$OUT/$name
     if [ ! -f "$art/artifact.json" ]; then
         rm -rf "$art"
         args="ARGS_${recipe//-/_}"
         # shellcheck disable=SC2086  # the options are words
-        measure "9b-$recipe" autoglm-export export --checkpoint "$CKPT" --target ort --recipe "$recipe" --out "$art" ${!args:-}
+        measure "$name" autoglm-export export --checkpoint "$CKPT" --target "$TARGET" --recipe "$recipe" --out "$art" ${!args:-}
     fi
-    [ -f "$art/artifact.json" ] || { echo "export $recipe failed: see $ROOT/9b-$recipe.log"; continue; }
-    MEASURE_LINES='^(error|tokens|text)' measure "9b-$recipe-generate" \
+    [ -f "$art/artifact.json" ] || { echo "export $recipe failed: see $ROOT/$name.log"; continue; }
+    MEASURE_LINES='^(error|tokens|text)' measure "$name-generate" \
         autoglm-export generate --artifact "$art" --prompt "Open the settings app" --max-new-tokens 8
-    measure "9b-$recipe-bench" autoglm-export bench "$art" --no-eager --prompt-len 64 --steps 16 --repeats 1 \
-        --json "$ROOT/9b-$recipe-bench.json"
-    rm -rf "$ROOT/9b-$recipe-parity"
+    if [ "$TARGET" != coreml ]; then
+        measure "$name-bench" autoglm-export bench "$art" --no-eager --prompt-len 64 --steps 16 --repeats 1 \
+            --json "$ROOT/$name-bench.json"
+    fi
+    rm -rf "$ROOT/$name-parity"
     # shellcheck disable=SC2086  # BLOCKWISE=1 adds --blockwise: every decoder layer and vision block on its own
-    measure "9b-$recipe-parity" autoglm-export parity "$art" --inputs "$HERE/heldout-9b.jsonl" --steps "$STEPS" \
-        --out "$ROOT/9b-$recipe-parity" ${BLOCKWISE:+--blockwise}
+    measure "$name-parity" autoglm-export parity "$art" --inputs "$HERE/heldout-9b.jsonl" --steps "$STEPS" \
+        --out "$ROOT/$name-parity" ${BLOCKWISE:+--blockwise}
 done
 
-python - "$OUT" "$ROOT" $RECIPES <<'EOF'
+python - "$OUT" "$ROOT" "$TARGET" "$prefix" $RECIPES <<'EOF'
 import json, re, sys
 from pathlib import Path
 
-out, root, recipes = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+out, root, target, prefix, recipes = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:]
 
 def timed(name):
     try:
@@ -84,29 +93,30 @@ print("| target | recipe | export wall | export peak RSS | artifact | export che
       "| parity top-1 / greedy / decoder cosine | parity peak RSS | generate peak RSS | decode tok/s (% of bound) |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for recipe in recipes:
-    art = out / f"9b-{recipe}"
+    name = f"{prefix}{recipe}"
+    art = out / name
     try:
         info = json.loads((art / "artifact.json").read_text())
     except OSError:
-        print(f"| ort | {recipe} | failed: see {root}/9b-{recipe}.log |")
+        print(f"| {target} | {recipe} | failed: see {root}/{name}.log |")
         continue
     size = sum(m["bytes"] for m in info["files"].values())
     check = info["report"]["export_check"].get("methods", {})
-    ew, er = timed(f"9b-{recipe}")
-    _, pr = timed(f"9b-{recipe}-parity")
-    _, gr = timed(f"9b-{recipe}-generate")
+    ew, er = timed(name)
+    _, pr = timed(f"{name}-parity")
+    _, gr = timed(f"{name}-generate")
     try:
-        p = json.loads((root / f"9b-{recipe}-parity" / "report.json").read_text())
+        p = json.loads((root / f"{name}-parity" / "report.json").read_text())
         parity = (f"{p['decoder']['top1_agreement']:.3f} / {p['decoder']['greedy_match']:.3f} / "
                   f"{p['methods']['text_decoder']['cosine']:.4f}")
     except (OSError, KeyError):
         parity = "-"
     try:
-        b = json.loads((root / f"9b-{recipe}-bench.json").read_text())["runtimes"][0]
+        b = json.loads((root / f"{name}-bench.json").read_text())["runtimes"][0]
         tok = f"{b['decode_tok_s']:.2f} ({100 * b['decode_fraction_of_bound']:.0f}%)"
     except (OSError, KeyError, IndexError):
         tok = "-"
     cos = " / ".join(f(check.get(m, {}).get("cosine"), ".4f") for m in ("text_decoder", "vision_encoder"))
-    print(f"| ort | {recipe} | {f(ew and ew / 60, '.1f')} min | {f(er, '.2f')} GiB | {size / 1e9:.2f} GB | {cos} "
+    print(f"| {target} | {recipe} | {f(ew and ew / 60, '.1f')} min | {f(er, '.2f')} GiB | {size / 1e9:.2f} GB | {cos} "
           f"| {parity} | {f(pr, '.2f')} GiB | {f(gr, '.2f')} GiB | {tok} |")
 EOF

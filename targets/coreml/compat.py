@@ -23,6 +23,10 @@ What is reached, and why:
 * ``converters.mil.mil.passes.defs.quantization.FP16ComputePrecision.fp16_overflow``: replaced by an
   equivalent that scans a constant in slices (9.0's builds an int64 index array of every element:
   13.9 GiB for the 9B's lm_head, which killed the conversion);
+* the ``np`` that ``converters.mil.mil.passes.defs.cleanup.const_deduplication`` calls ``allclose`` through
+  (``save_multifunction`` compares each weight of one function with its twin in the other): given a
+  NumPy whose ``allclose`` compares equal-shaped arrays in slices (9.0's held ~20 GiB of float64
+  temporaries for the 9B's lm_head);
 * ``coremltools.libcoremlpython``: the native library, present only where Core ML can predict.
 
 Every import is inside a function: importing this module imports nothing of coremltools.
@@ -151,6 +155,32 @@ def lean_fp16_overflow_check() -> None:
 
     fp16_overflow._lean = True  # type: ignore[attr-defined]
     FP16ComputePrecision.fp16_overflow = fp16_overflow
+
+
+class _SlicedAllclose:
+    """NumPy, except that ``allclose`` of two equal-shaped arrays runs over 16M-element slices (same answer)."""
+
+    def __init__(self, np: Any):
+        self._np = np
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._np, name)
+
+    def allclose(self, a: Any, b: Any, rtol: float = 1e-05, atol: float = 1e-08, equal_nan: bool = False) -> bool:
+        np = self._np
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape or a.size <= _SCAN_ELEMENTS:
+            return bool(np.allclose(a, b, rtol=rtol, atol=atol, equal_nan=equal_nan))
+        fa, fb = a.reshape(-1), b.reshape(-1)
+        return all(np.allclose(fa[i : i + _SCAN_ELEMENTS], fb[i : i + _SCAN_ELEMENTS], rtol=rtol, atol=atol,
+                               equal_nan=equal_nan) for i in range(0, fa.size, _SCAN_ELEMENTS))
+
+
+def lean_const_deduplication() -> None:
+    """``save_multifunction``'s weight deduplication with slice-wise comparisons (see the module docstring)."""
+    mod = importlib.import_module("coremltools.converters.mil.mil.passes.defs.cleanup.const_deduplication")
+    if not isinstance(mod.np, _SlicedAllclose):
+        mod.np = _SlicedAllclose(mod.np)
 
 
 # --- activation quantization with ranges from elsewhere ----------------------------------------

@@ -35,6 +35,7 @@ def combine_decoder(prefill: Path, decode: Path, dest: Path) -> None:
     """
     import coremltools as ct
 
+    compat.lean_const_deduplication()
     desc = ct.utils.MultiFunctionDescriptor()
     desc.add_function(str(prefill), src_function_name="main", target_function_name="prefill")
     desc.add_function(str(decode), src_function_name="main", target_function_name="decode")

@@ -35,7 +35,7 @@ def package_name(method: str) -> str:
 # the decoder goes into several packages ("chunks", each a run of layers with their KV-cache states, the last
 # one also the final norm and lm_head), run one after the other, once its fp16 weights pass this: converting a
 # chunk holds a few copies of its weights, and a 9B decoder (18 GB in fp16) does not convert whole in 16 GiB
-DECODER_CHUNK_BYTES = 2 << 30
+DECODER_CHUNK_BYTES = 1 << 30
 
 
 def plan_decoder_chunks(layer_bytes: list[int], head_bytes: int, limit: int) -> list[tuple[int, int]]:
@@ -95,7 +95,7 @@ SPEC = TargetSpec(
         "token_embedding / vision_encoder / audio_encoder / text_decoder .mlpackage: the app loads each with "
         "MLModel; text_decoder with function_name prefill (T > 1) or decode (T = 1) and one make_state() shared by both",
         "tokens and positions are int32 in the packages; float inputs and outputs float32",
-        "a decoder whose fp16 weights pass 2 GiB comes as text_decoder.chunk0..N.mlpackage (artifact.json "
+        "a decoder whose fp16 weights pass 1 GiB comes as text_decoder.chunk0..N.mlpackage (artifact.json "
         "metadata.decoder_chunks): each a run of layers with its own states, taking embeds and giving hidden; "
         "the app runs them in order, feeding each chunk's hidden to the next as embeds; the last gives logits",
         "Core ML cannot execute on Linux: there, the export check and parity run the saved ML programs in "
