@@ -12,6 +12,7 @@ from typing import Any
 from core.artifact import Artifact
 from core.errors import ArtifactError, BadInputError, ExportError
 from core.recipes import RecipeName
+from targets.coreml import compat
 from targets.coreml import spec as coreml_spec
 from targets.coreml.activations import calibration_samples, quantize_activations_int8
 from targets.coreml.convert import convert_decoder, convert_method
@@ -36,6 +37,12 @@ from targets.coreml.spec import (
 )
 from targets.coreml.weights import kept_arrays, quantize_weights_int4, quantize_weights_int8
 from targets.spec import BuildJob, Built
+
+
+def _discard_replaced(old: Any, new: Any) -> None:
+    """A quantization pass returned ``new`` for ``old``: remove ``old``'s temporary package now."""
+    if new is not old:
+        compat.discard_temp_package(old)
 
 
 def decoder_chunks(components: Any) -> list[tuple[int, int]]:
@@ -104,6 +111,7 @@ class CoreMLTarget:
                 mlmodel = convert_method(components, method)
                 mlmodel, report["quantization"][method] = self._quantize(job, mlmodel, keep_prints, samples, method, "main")
                 save_model(mlmodel, dest)
+                compat.discard_temp_package(mlmodel)
                 del mlmodel
                 report["packages"][method] = {"weight_bytes": weight_bytes(dest)}
                 finalize_package(dest, meta, method)
@@ -131,6 +139,7 @@ class CoreMLTarget:
             mlmodel, quantization[f"{key}.{function}"] = self._quantize(job, mlmodel, keep_prints, samples, method, function)
             parts[function] = job.work / f"{dest.stem}.{function}.mlpackage"
             save_model(mlmodel, parts[function])
+            compat.discard_temp_package(mlmodel)
             del mlmodel
         combine_decoder(parts["prefill"], parts["decode"], dest)
         per_function = {f: weight_bytes(p) for f, p in parts.items()}
@@ -150,14 +159,19 @@ class CoreMLTarget:
         if name == RecipeName.FP16:
             return mlmodel, {}
         if name == RecipeName.INT4_WEIGHT:
-            return quantize_weights_int4(mlmodel, keep_prints, job.recipe.group_size)
-        report: dict[str, Any] = {}
+            quantized, report = quantize_weights_int4(mlmodel, keep_prints, job.recipe.group_size)
+            _discard_replaced(mlmodel, quantized)
+            return quantized, report
+        report = {}
         if name == RecipeName.INT8_STATIC:
-            mlmodel, areport = quantize_activations_int8(mlmodel, keep_prints, samples[method], method, function, job.work)
+            activated, areport = quantize_activations_int8(mlmodel, keep_prints, samples[method], method, function, job.work)
+            _discard_replaced(mlmodel, activated)
+            mlmodel = activated
             report.update(areport)
-        mlmodel, wreport = quantize_weights_int8(mlmodel, keep_prints)
+        quantized, wreport = quantize_weights_int8(mlmodel, keep_prints)
+        _discard_replaced(mlmodel, quantized)
         report.update(wreport)
-        return mlmodel, report
+        return quantized, report
 
     def open(self, artifact: Artifact, variant: str | None = None) -> CoreMLSession:
         """A session on ``artifact``'s packages (Core ML on macOS, else the NumPy interpreter)."""
