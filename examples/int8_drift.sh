@@ -63,11 +63,10 @@ def size(d):
 def algorithm(art):
     comp = art["metadata"].get("compression") or {}
     sm = comp.get("smooth")
-    name = f"smooth {sm['alpha']:g}" if sm else ("minmax" if "static" in art["recipe"] else "")
-    name += " + gptq" if comp.get("gptq") else ""
-    name += " + keep-float search" if comp.get("parity_search") else ""
+    parts = [f"smooth {sm['alpha']:g}" if sm else ("minmax" if "static" in art["recipe"] else ""),
+             "gptq" if comp.get("gptq") else "", "keep-float search" if comp.get("parity_search") else ""]
     gs = art["metadata"].get("group_size")  # the weight block (absent or 0: one scale per output channel)
-    return ", ".join(filter(None, (name, f"block {gs}" if gs else "")))
+    return ", ".join(filter(None, (" + ".join(filter(None, parts)), f"block {gs}" if gs else "")))
 def recipe(art):
     floor = art["report"].get("export_check", {}).get("floor_set_by_user")
     return art["recipe"] + (f" (`--check-floor {floor['floor_cosine']:g}`)" if floor else "")
