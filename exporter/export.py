@@ -90,6 +90,10 @@ def plan(
         if parity_target:
             raise BadInputError("--gptq with --parity-target: not combined yet (the layers the search keeps in float "
                                 "would keep GPTQ-rounded weights); use one or the other")
+        if rec.group_size:
+            raise BadInputError(f"--gptq with --group-size {rec.group_size}: GPTQ rounds each row to one int8 scale, and "
+                                "the target's block quantizer would round every block again to its own scale; use one "
+                                "or the other")
     if calibration is not None and not (rec.needs_calibration or parity_target or prune_heads or skip_layers or smooth
                                         or gptq):
         if shared_calibration:

@@ -257,6 +257,7 @@ def test_gptq_rounds_the_decoder_linears_not_lm_head_or_kept_layers(planted):
 @pytest.mark.parametrize("args", [
     ["--recipe", "8da4w", "--gptq"],
     ["--recipe", "int8-static", "--gptq", "--parity-target", "cos=0.999"],
+    ["--recipe", "int8-weight", "--gptq", "--group-size", "32"],  # GPTQ's per-row grid, then rounded per block again
 ])
 def test_export_refuses_gptq_where_it_does_not_apply(args, tmp_path):
     from typer.testing import CliRunner

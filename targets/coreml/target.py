@@ -36,6 +36,7 @@ from targets.coreml.spec import (
     plan_decoder_chunks,
 )
 from targets.coreml.weights import kept_arrays, quantize_weights_int4, quantize_weights_int8
+from targets.coreml.util import temp_packages
 from targets.spec import BuildJob, Built
 
 
@@ -89,35 +90,38 @@ class CoreMLTarget:
             meta["decoder_chunks"] = [{"package": f, "layers": list(c)} for f, c in zip(files["text_decoder"], chunks)]
         report: dict[str, Any] = {"quantization": {}, "convert_s": {}, "packages": {}}
         steps, done = sum(len(f) for f in files.values()), 0
-        for method in methods:
-            m0 = time.perf_counter()
-            if method == "text_decoder":
-                entries = []
-                for name, layers in zip(files[method], chunks):
+        with temp_packages(job.work / "coremltools-tmp") as clear_temp:
+            for method in methods:
+                m0 = time.perf_counter()
+                if method == "text_decoder":
+                    entries = []
+                    for name, layers in zip(files[method], chunks):
+                        job.progress("coreml convert", done, steps)
+                        part = len(chunks) > 1
+                        entry = self._build_decoder(job, keep_prints, samples, staging / name, report["quantization"],
+                                                    layers if part else None)
+                        finalize_package(staging / name, meta, method)
+                        entry["bytes"] = package_bytes(staging / name)
+                        entries.append({"package": name, "layers": list(layers), **entry} if part else entry)
+                        done += 1
+                        clear_temp()
+                    report["packages"][method] = entries[0] if len(entries) == 1 else {
+                        "chunks": entries, "bytes": sum(e["bytes"] for e in entries),
+                        "weight_bytes": sum(e["weight_bytes"] for e in entries)}
+                else:
                     job.progress("coreml convert", done, steps)
-                    part = len(chunks) > 1
-                    entry = self._build_decoder(job, keep_prints, samples, staging / name, report["quantization"],
-                                                layers if part else None)
-                    finalize_package(staging / name, meta, method)
-                    entry["bytes"] = package_bytes(staging / name)
-                    entries.append({"package": name, "layers": list(layers), **entry} if part else entry)
+                    dest = staging / files[method][0]
+                    mlmodel = convert_method(components, method)
+                    mlmodel, report["quantization"][method] = self._quantize(job, mlmodel, keep_prints, samples, method, "main")
+                    save_model(mlmodel, dest)
+                    compat.discard_temp_package(mlmodel)
+                    del mlmodel
+                    report["packages"][method] = {"weight_bytes": weight_bytes(dest)}
+                    finalize_package(dest, meta, method)
+                    report["packages"][method]["bytes"] = package_bytes(dest)
                     done += 1
-                report["packages"][method] = entries[0] if len(entries) == 1 else {
-                    "chunks": entries, "bytes": sum(e["bytes"] for e in entries),
-                    "weight_bytes": sum(e["weight_bytes"] for e in entries)}
-            else:
-                job.progress("coreml convert", done, steps)
-                dest = staging / files[method][0]
-                mlmodel = convert_method(components, method)
-                mlmodel, report["quantization"][method] = self._quantize(job, mlmodel, keep_prints, samples, method, "main")
-                save_model(mlmodel, dest)
-                compat.discard_temp_package(mlmodel)
-                del mlmodel
-                report["packages"][method] = {"weight_bytes": weight_bytes(dest)}
-                finalize_package(dest, meta, method)
-                report["packages"][method]["bytes"] = package_bytes(dest)
-                done += 1
-            report["convert_s"][method] = round(time.perf_counter() - m0, 2)
+                    clear_temp()
+                report["convert_s"][method] = round(time.perf_counter() - m0, 2)
         job.progress("coreml convert", steps, steps)
         report["total_bytes"] = sum(report["packages"][m]["bytes"] for m in methods)
         report["convert_wall_s"] = round(time.perf_counter() - t0, 2)
