@@ -52,9 +52,10 @@ def value_type(vt: Any) -> TensorType | None:
 
 
 # a weight blob whose run-time form (float32) passes this many bytes is not decoded at load: it stays in the
-# mapped file and is decoded again each time an op reads it (:class:`Lazy`), so a 9B program does not become
-# 41 GB of float32 constants
-LAZY_BYTES = 64 << 20
+# mapped file and is decoded again each time an op reads it (:class:`Lazy`), its pages handed back after
+# each read, so a 9B program does not become 41 GB of float32 constants (at 64 MiB, the 4096 x 4096
+# projections alone were still 5.6 GB of them, and the 9B's check was OOM-killed at 21.7 GiB)
+LAZY_BYTES = 4 << 20
 
 
 class Lazy:
@@ -104,7 +105,16 @@ class _BlobFile:
         if version != 2:
             raise ArtifactError(f"{path}: unknown weight storage version {version} (expected 2)")
 
-    def read(self, offset: int, dtype_num: int, shape: tuple, check_only: bool = False) -> np.ndarray | None:
+    def drop(self, start: int, stop: int) -> None:
+        """Hand the mapped pages of bytes [start, stop) back to the kernel (a later read maps them again)."""
+        if isinstance(self.data, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            first = start // mmap.PAGESIZE * mmap.PAGESIZE
+            last = min(-(-stop // mmap.PAGESIZE) * mmap.PAGESIZE, self.size)
+            if last > first:
+                self.data.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def read(self, offset: int, dtype_num: int, shape: tuple, check_only: bool = False,
+             release: bool = False) -> np.ndarray | None:
         where = f"{self.path} at offset {offset}"
         if offset + 64 > self.size:
             raise ArtifactError(f"{where}: blob metadata lies past the end of the file ({self.size} bytes); the file is truncated")
@@ -126,11 +136,20 @@ class _BlobFile:
             nbits = SUB_BYTE_BITS[dtype_num]
             if nbytes * 8 < count * nbits:
                 raise ArtifactError(f"{where}: blob has {nbytes} bytes, too few for {count} {nbits}-bit values")
-            return None if check_only else unpack_bits(raw, nbits, count, dtype_num in SIGNED_SUB_BYTE).reshape(shape)
-        np_dtype = np.dtype(PROTO_DTYPES[dtype_num][1])
-        if nbytes != count * np_dtype.itemsize:
-            raise ArtifactError(f"{where}: blob has {nbytes} bytes but the program expects {count} x {np_dtype.name}")
-        return None if check_only else np.array(raw.view(np_dtype)).reshape(shape)
+            if check_only:
+                return None
+            out = unpack_bits(raw, nbits, count, dtype_num in SIGNED_SUB_BYTE).reshape(shape)
+        else:
+            np_dtype = np.dtype(PROTO_DTYPES[dtype_num][1])
+            if nbytes != count * np_dtype.itemsize:
+                raise ArtifactError(f"{where}: blob has {nbytes} bytes but the program expects {count} x {np_dtype.name}")
+            if check_only:
+                return None
+            out = np.array(raw.view(np_dtype)).reshape(shape)
+        del raw
+        if release:  # ``out`` is a copy: the file's pages are not needed until the next read
+            self.drop(data_off, data_off + nbytes)
+        return out
 
 
 class Weights:
@@ -164,7 +183,7 @@ class Weights:
             if count * 4 > LAZY_BYTES:
                 blob.read(offset, dtype_num, shape, check_only=True)
                 self.lazy_files.add(name)
-                self.cache[key] = Lazy(lambda: cast(blob.read(offset, dtype_num, shape)))
+                self.cache[key] = Lazy(lambda: cast(blob.read(offset, dtype_num, shape, release=True)))
             else:
                 # held in the run-time representation, shared by every function that names this blob
                 self.cache[key] = cast(blob.read(offset, dtype_num, shape))
