@@ -54,7 +54,7 @@ def value_type(vt: Any) -> TensorType | None:
 # a weight blob whose run-time form (float32) passes this many bytes is not decoded at load: it stays in the
 # mapped file and is decoded again each time an op reads it (:class:`Lazy`), its pages handed back after
 # each read, so a 9B program does not become 41 GB of float32 constants (at 64 MiB, the 4096 x 4096
-# projections alone were still 5.6 GB of them, and the 9B's check was OOM-killed at 21.7 GiB)
+# projections alone were still 5.6 GB of them, and the 9B's check was OOM-killed at 20.8 GiB)
 LAZY_BYTES = 4 << 20
 
 
