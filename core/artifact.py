@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import mmap
 import os
 import resource
 import shutil
@@ -273,6 +274,18 @@ def verify_artifact(art: Artifact) -> None:
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def drop_mapped_pages(mm: Any, start: int, stop: int) -> None:
+    """Hand the whole pages of a memory mapping inside bytes [start, stop) (page-aligned outward) back to the
+    kernel (MADV_DONTNEED): a page read once stays in the process's RSS until then; a read-only or
+    never-written mapping simply reads it from the file again. A no-op where the OS lacks MADV_DONTNEED."""
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    first = start // mmap.PAGESIZE * mmap.PAGESIZE
+    last = min(-(-stop // mmap.PAGESIZE) * mmap.PAGESIZE, len(mm))
+    if last > first:
+        mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def runtime_versions(*packages: str) -> dict[str, str]:

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
+from core.artifact import drop_mapped_pages
 from core.chat import read_template, read_tokenizer_config, render, token_content
 from core.errors import BadInputError, CheckpointError, ConfigError
 from exporter.model.config import ExportShape, ModelConfig, SpecialTokens, TextConfig, VisionConfig
@@ -342,13 +343,8 @@ class _Pages:
 
     def drop(self, start: int = 0, stop: int | None = None) -> None:
         """Drop the whole pages inside bytes [start, stop) of the tensor (page-aligned outward)."""
-        if self.mm is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
         stop = self.nbytes if stop is None else stop
-        first = (self.offset + start) // mmap.PAGESIZE * mmap.PAGESIZE
-        last = min(-(-(self.offset + stop) // mmap.PAGESIZE) * mmap.PAGESIZE, len(self.mm))
-        if last > first:
-            self.mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+        drop_mapped_pages(self.mm, self.offset + start, self.offset + stop)
 
 
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from core.artifact import drop_mapped_pages
 from core.errors import ArtifactError
 from targets.coreml.mil.dtypes import PROTO_DTYPES, SIGNED_SUB_BYTE, SUB_BYTE_BITS, internal
 
@@ -105,14 +106,6 @@ class _BlobFile:
         if version != 2:
             raise ArtifactError(f"{path}: unknown weight storage version {version} (expected 2)")
 
-    def drop(self, start: int, stop: int) -> None:
-        """Hand the mapped pages of bytes [start, stop) back to the kernel (a later read maps them again)."""
-        if isinstance(self.data, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-            first = start // mmap.PAGESIZE * mmap.PAGESIZE
-            last = min(-(-stop // mmap.PAGESIZE) * mmap.PAGESIZE, self.size)
-            if last > first:
-                self.data.madvise(mmap.MADV_DONTNEED, first, last - first)
-
     def read(self, offset: int, dtype_num: int, shape: tuple, check_only: bool = False,
              release: bool = False) -> np.ndarray | None:
         where = f"{self.path} at offset {offset}"
@@ -147,8 +140,8 @@ class _BlobFile:
                 return None
             out = np.array(raw.view(np_dtype)).reshape(shape)
         del raw
-        if release:  # ``out`` is a copy: the file's pages are not needed until the next read
-            self.drop(data_off, data_off + nbytes)
+        if release and isinstance(self.data, mmap.mmap):  # ``out`` is a copy: the pages wait for the next read
+            drop_mapped_pages(self.data, data_off, data_off + nbytes)
         return out
 
 
