@@ -27,9 +27,6 @@ What is reached, and why:
   (``save_multifunction`` compares each weight of one function with its twin in the other): given a
   NumPy whose ``allclose`` compares equal-shaped arrays in slices (9.0's held ~20 GiB of float64
   temporaries for the 9B's lm_head);
-* ``MLModel.is_temp_package`` / ``package_path``: each converted or compressed in-memory model is a package
-  in the temp directory that coremltools removes only at exit; the build removes each one once saved
-  (the 9B's would fill the disk: ~2 GB per decoder chunk and function);
 * ``coremltools.libcoremlpython``: the native library, present only where Core ML can predict.
 
 Every import is inside a function: importing this module imports nothing of coremltools.
@@ -184,15 +181,6 @@ def lean_const_deduplication() -> None:
     mod = importlib.import_module("coremltools.converters.mil.mil.passes.defs.cleanup.const_deduplication")
     if not isinstance(mod.np, _SlicedAllclose):
         mod.np = _SlicedAllclose(mod.np)
-
-
-def discard_temp_package(mlmodel: Any) -> None:
-    """Remove the temporary package behind an in-memory model now (coremltools would at exit); the model
-    must not be used after this."""
-    import shutil
-
-    if getattr(mlmodel, "is_temp_package", False) and getattr(mlmodel, "package_path", None):
-        shutil.rmtree(mlmodel.package_path, ignore_errors=True)
 
 
 # --- activation quantization with ranges from elsewhere ----------------------------------------

@@ -12,7 +12,6 @@ from typing import Any
 from core.artifact import Artifact
 from core.errors import ArtifactError, BadInputError, ExportError
 from core.recipes import RecipeName
-from targets.coreml import compat
 from targets.coreml import spec as coreml_spec
 from targets.coreml.activations import calibration_samples, quantize_activations_int8
 from targets.coreml.convert import convert_decoder, convert_method
@@ -38,12 +37,6 @@ from targets.coreml.spec import (
 from targets.coreml.weights import kept_arrays, quantize_weights_int4, quantize_weights_int8
 from targets.coreml.util import temp_packages
 from targets.spec import BuildJob, Built
-
-
-def _discard_replaced(old: Any, new: Any) -> None:
-    """A quantization pass returned ``new`` for ``old``: remove ``old``'s temporary package now."""
-    if new is not old:
-        compat.discard_temp_package(old)
 
 
 def decoder_chunks(components: Any) -> list[tuple[int, int]]:
@@ -72,7 +65,8 @@ class CoreMLTarget:
         components, recipe = job.components, job.recipe
         methods = list(components.methods())
         chunks = decoder_chunks(components) if "text_decoder" in methods else []
-        if len(chunks) > 1 and recipe.name == RecipeName.INT8_STATIC:
+        split = len(chunks) > 1
+        if split and recipe.name == RecipeName.INT8_STATIC:
             raise ExportError(
                 f"int8-static on Core ML needs the whole decoder in one package; this one is split into {len(chunks)} "
                 f"chunks (its fp16 weights pass {coreml_spec.DECODER_CHUNK_BYTES >> 30} GiB): use int8-weight or int4-weight"
@@ -88,41 +82,37 @@ class CoreMLTarget:
         if chunks:
             files["text_decoder"] = decoder_package_names(chunks)
             meta["decoder_chunks"] = [{"package": f, "layers": list(c)} for f, c in zip(files["text_decoder"], chunks)]
-        report: dict[str, Any] = {"quantization": {}, "convert_s": {}, "packages": {}}
-        steps, done = sum(len(f) for f in files.values()), 0
+        report: dict[str, Any] = {"quantization": {}, "packages": {}}
+        convert_s = dict.fromkeys(methods, 0.0)
+        # (method, package, the decoder chunk's layers), one per package, built in this order
+        packages = [(m, f, c) for m in methods for f, c in zip(files[m], chunks if m == "text_decoder" else [None])]
+        entries: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
         with temp_packages(job.work / "coremltools-tmp") as clear_temp:
-            for method in methods:
+            for done, (method, name, layers) in enumerate(packages):
+                job.progress("coreml convert", done, len(packages))
                 m0 = time.perf_counter()
+                dest = staging / name
                 if method == "text_decoder":
-                    entries = []
-                    for name, layers in zip(files[method], chunks):
-                        job.progress("coreml convert", done, steps)
-                        part = len(chunks) > 1
-                        entry = self._build_decoder(job, keep_prints, samples, staging / name, report["quantization"],
-                                                    layers if part else None)
-                        finalize_package(staging / name, meta, method)
-                        entry["bytes"] = package_bytes(staging / name)
-                        entries.append({"package": name, "layers": list(layers), **entry} if part else entry)
-                        done += 1
-                        clear_temp()
-                    report["packages"][method] = entries[0] if len(entries) == 1 else {
-                        "chunks": entries, "bytes": sum(e["bytes"] for e in entries),
-                        "weight_bytes": sum(e["weight_bytes"] for e in entries)}
+                    entry = self._build_decoder(job, keep_prints, samples, dest, report["quantization"],
+                                                layers if split else None)
+                    if split:
+                        entry = {"package": name, "layers": list(layers), **entry}
                 else:
-                    job.progress("coreml convert", done, steps)
-                    dest = staging / files[method][0]
                     mlmodel = convert_method(components, method)
                     mlmodel, report["quantization"][method] = self._quantize(job, mlmodel, keep_prints, samples, method, "main")
                     save_model(mlmodel, dest)
-                    compat.discard_temp_package(mlmodel)
                     del mlmodel
-                    report["packages"][method] = {"weight_bytes": weight_bytes(dest)}
-                    finalize_package(dest, meta, method)
-                    report["packages"][method]["bytes"] = package_bytes(dest)
-                    done += 1
-                    clear_temp()
-                report["convert_s"][method] = round(time.perf_counter() - m0, 2)
-        job.progress("coreml convert", steps, steps)
+                    entry = {"weight_bytes": weight_bytes(dest)}
+                finalize_package(dest, meta, method)
+                entry["bytes"] = package_bytes(dest)
+                entries[method].append(entry)
+                convert_s[method] += time.perf_counter() - m0
+                clear_temp()  # no in-memory model is in use any more
+        for method, es in entries.items():
+            report["packages"][method] = es[0] if len(es) == 1 else {
+                "chunks": es, "bytes": sum(e["bytes"] for e in es), "weight_bytes": sum(e["weight_bytes"] for e in es)}
+        report["convert_s"] = {m: round(t, 2) for m, t in convert_s.items()}
+        job.progress("coreml convert", len(packages), len(packages))
         report["total_bytes"] = sum(report["packages"][m]["bytes"] for m in methods)
         report["convert_wall_s"] = round(time.perf_counter() - t0, 2)
         report.update(deployment_target=DEPLOYMENT_TARGET, compute_precision=COMPUTE_PRECISION,
@@ -143,7 +133,6 @@ class CoreMLTarget:
             mlmodel, quantization[f"{key}.{function}"] = self._quantize(job, mlmodel, keep_prints, samples, method, function)
             parts[function] = job.work / f"{dest.stem}.{function}.mlpackage"
             save_model(mlmodel, parts[function])
-            compat.discard_temp_package(mlmodel)
             del mlmodel
         combine_decoder(parts["prefill"], parts["decode"], dest)
         per_function = {f: weight_bytes(p) for f, p in parts.items()}
@@ -163,19 +152,14 @@ class CoreMLTarget:
         if name == RecipeName.FP16:
             return mlmodel, {}
         if name == RecipeName.INT4_WEIGHT:
-            quantized, report = quantize_weights_int4(mlmodel, keep_prints, job.recipe.group_size)
-            _discard_replaced(mlmodel, quantized)
-            return quantized, report
-        report = {}
+            return quantize_weights_int4(mlmodel, keep_prints, job.recipe.group_size)
+        report: dict[str, Any] = {}
         if name == RecipeName.INT8_STATIC:
-            activated, areport = quantize_activations_int8(mlmodel, keep_prints, samples[method], method, function, job.work)
-            _discard_replaced(mlmodel, activated)
-            mlmodel = activated
+            mlmodel, areport = quantize_activations_int8(mlmodel, keep_prints, samples[method], method, function, job.work)
             report.update(areport)
-        quantized, wreport = quantize_weights_int8(mlmodel, keep_prints)
-        _discard_replaced(mlmodel, quantized)
+        mlmodel, wreport = quantize_weights_int8(mlmodel, keep_prints)
         report.update(wreport)
-        return quantized, report
+        return mlmodel, report
 
     def open(self, artifact: Artifact, variant: str | None = None) -> CoreMLSession:
         """A session on ``artifact``'s packages (Core ML on macOS, else the NumPy interpreter)."""
