@@ -236,8 +236,11 @@ def test_coreml_export_of_the_bf16_checkpoint_in_chunks(ckpt, tmp_path, monkeypa
 
     from cli import app
     from core.artifact import read_artifact
+    from exporter import checkpoint
     from targets.coreml import spec as coreml_spec
 
+    monkeypatch.setattr(checkpoint, "KEEP_STORED_ABOVE", 0)  # keep this small checkpoint in bf16, as the 9B is kept
+    assert checkpoint.load_checkpoint(ckpt).visual.merger.post_projection_norm.weight.dtype == torch.bfloat16
     checks = {}
     for name, limit in (("whole", coreml_spec.DECODER_CHUNK_BYTES), ("split", 1)):
         monkeypatch.setattr(coreml_spec, "DECODER_CHUNK_BYTES", limit)  # 1: one layer per package
