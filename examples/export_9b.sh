@@ -9,6 +9,7 @@
 #   TARGET=coreml RECIPES=int4-weight examples/export_9b.sh /work   # Core ML: the decoder in chunk packages; no bench
 #     (Core ML cannot execute on Linux: generate and parity run the packages in the NumPy MIL interpreter, whose
 #     speed says nothing about a phone's)
+#   TARGET=executorch RECIPES=8da4w examples/export_9b.sh /work   # ExecuTorch: the decoder lowered piece by piece
 #
 # One 9B process at a time. Peak RSS is /usr/bin/time -v's "Maximum resident set size". Parity runs the eager
 # reference first and the artifact after (never both resident) on examples/heldout-9b.jsonl (two held-out prompts,
@@ -30,6 +31,7 @@ STEPS=${STEPS:-4}
 # random weights and still far above a broken 4-bit program (cosine 0.04); parity then reports the drift.
 # Trained weights should not need it (override: ARGS_int4_weight="").
 ARGS_int4_weight=${ARGS_int4_weight---check-floor 0.5}
+ARGS_8da4w=${ARGS_8da4w---check-floor 0.5}  # ExecuTorch's 4-bit recipe: the same reason
 # int8-weight as 8-bit MatMulNBits in blocks of 128: onnxruntime opens the per-channel DequantizeLinear form by fusing
 # it into block-32 MatMulNBits, holding 15.6 GiB of sessions for the 9B (above the 16 GiB target with the rest);
 # written directly at block 128 the sessions hold ~1.1x the int8 bytes (examples/ort_session_memory.py).

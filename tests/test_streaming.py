@@ -82,7 +82,9 @@ def test_slices_are_joined_along_the_output_channels(tiny_components, tmp_path, 
     assert whole.graph.node == cut.graph.node
 
 
-CHILD = r"""
+# a decoder of 1024-wide layers with a 4096 MLP (58 MB of fp32 weights each), kept in bf16 as a large checkpoint
+# is, built in a fresh process; argv: layers, mode, out
+CHILD_MODEL = r"""
 import dataclasses, gc, json, sys, types
 from pathlib import Path
 import torch
@@ -90,11 +92,6 @@ from torch import nn
 from exporter.model import get_preset
 from exporter.model.decoder import TextModel
 from exporter.model.upcast import compute_in_float32
-from core.recipes import Recipe, RecipeName
-from targets.ort import streaming
-from targets.ort.files import load_model, save_model
-from targets.ort.graphs import export_onnx
-from targets.ort.quantize_int4 import quantize_nbits
 
 layers, mode, out = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 torch.manual_seed(0)
@@ -102,23 +99,32 @@ base = get_preset("tiny")
 text = dataclasses.replace(base.text, hidden_size=1024, intermediate_size=4096, num_heads=8, num_kv_heads=2,
                            mrope_section=(8, 12, 12), num_layers=layers, vocab_size=2048)
 cfg = base.replace(text=text, vision=dataclasses.replace(base.vision, out_hidden_size=1024))  # only text is built
-
-class Model(nn.Module):  # what the decoder graph reads: model.text
-    def __init__(self):
-        super().__init__()
-        self.text = TextModel(cfg.text)
-
-model = Model().eval()
+text_model = TextModel(cfg.text).eval()
 with torch.no_grad():
-    model.to(torch.bfloat16)  # held as a kept checkpoint is: bf16, upcast per module
-compute_in_float32(model)
-comps = types.SimpleNamespace(config=cfg, model=model)
-layer_bytes = 4 * sum(p.numel() for p in model.text.layers[0].parameters())
-gc.collect()
+    text_model.to(torch.bfloat16)  # held as a kept checkpoint is: bf16, upcast per module
+compute_in_float32(text_model)
+layer_bytes = 4 * sum(p.numel() for p in text_model.layers[0].parameters())
 
 def status(key):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key + ":"))
     return int(line.split()[1]) * 1024
+"""
+
+CHILD = CHILD_MODEL + r"""
+from core.recipes import Recipe, RecipeName
+from targets.ort import streaming
+from targets.ort.files import load_model, save_model
+from targets.ort.graphs import export_onnx
+from targets.ort.quantize_int4 import quantize_nbits
+
+class Model(nn.Module):  # what the decoder graph reads: model.text
+    def __init__(self):
+        super().__init__()
+        self.text = text_model
+
+model = Model().eval()
+comps = types.SimpleNamespace(config=cfg, model=model)
+gc.collect()
 
 Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from here
 before = status("VmRSS")
@@ -139,21 +145,116 @@ print(json.dumps({"before": before, "peak": status("VmHWM"), "layer_bytes": laye
 """
 
 
-def _export_peak(layers: int, mode: str, tmp_path: Path) -> dict[str, int]:
-    """One export in a fresh process: RSS before the export and the peak during it (VmHWM, reset first)."""
-    out = tmp_path / f"{mode}-{layers}.onnx"
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(layers), mode, str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _peak_rise(child: str, suffix: str, tmp_path: Path) -> tuple[dict[str, int], int]:
+    """Per mode (stream, whole): how much more the export's peak RSS rises (VmHWM from a reset, less RSS
+    before) for a 4-layer decoder than for a 2-layer one, each exported in a fresh process; and one layer's
+    fp32 bytes."""
+    def peak(layers: int, mode: str) -> dict[str, int]:
+        out = tmp_path / f"{mode}-{layers}{suffix}"
+        proc = subprocess.run([sys.executable, "-c", child, str(layers), mode, str(out)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=900, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    rise = {}
+    for mode in ("stream", "whole"):
+        small, large = peak(2, mode), peak(4, mode)
+        rise[mode] = (large["peak"] - large["before"]) - (small["peak"] - small["before"])
+    return rise, small["layer_bytes"]  # 58 MB: fp32 weights of one 1024-wide layer with a 4096 MLP
 
 
 def test_twice_the_layers_costs_less_than_one_layer_of_peak_memory(tmp_path):
-    rise = {}
-    for mode in ("stream", "whole"):
-        small, large = (_export_peak(n, mode, tmp_path) for n in (2, 4))
-        rise[mode] = (large["peak"] - large["before"]) - (small["peak"] - small["before"])
-    layer = small["layer_bytes"]  # 58 MB: fp32 weights of one 1024-wide layer with a 4096 MLP
+    rise, layer = _peak_rise(CHILD, ".onnx", tmp_path)
     assert rise["stream"] < layer, f"streamed: +{rise['stream'] >> 20} MiB for 2 more layers of {layer >> 20} MiB"
     # the measure sees layers: the whole-model path holds each layer's weights several times over
+    assert rise["whole"] > 2 * layer, f"whole: +{rise['whole'] >> 20} MiB for 2 more layers of {layer >> 20} MiB"
+
+
+# --- ExecuTorch: the decoder lowered piece by piece (targets/executorch/streaming.py) -------------------
+
+
+@pytest.mark.slow
+def test_executorch_streamed_decoder_equals_whole_export(exported, tiny_components, tmp_path):
+    """tiny 8da4w with the decoder lowered piece by piece: the same numbers as the whole-method .pte, bit for
+    bit, in ExecuTorch's runtime (prefill and a decode step), and the same export check."""
+    from targets.executorch.session import ExecuTorchSession
+    from targets.executorch.target import ExecuTorchTarget
+    from targets.lifecycle import export
+
+    whole = exported("executorch", RecipeName.W4_DA8)
+    tiny_components.text_decoder.cache.reset()
+    streamed = export(ExecuTorchTarget(stream_above=0), tiny_components, Recipe(RecipeName.W4_DA8), tmp_path / "s")
+    report = streamed.info["report"]
+    layers = tiny_components.config.text.num_layers
+    assert report["streamed_decoder"]["pieces"] == layers + 1
+    assert "streamed_decoder" not in whole.info["report"]
+    assert report["quantization"]["text_decoder"]["quantized_linears"] == \
+        whole.info["report"]["quantization"]["text_decoder"]["quantized_linears"]
+    for method, numbers in whole.info["report"]["export_check"]["methods"].items():
+        assert report["export_check"]["methods"][method]["cosine"] == pytest.approx(numbers["cosine"], abs=1e-6)
+    hidden = tiny_components.config.text.hidden_size
+    embeds = np.random.RandomState(0).randn(1, 7, hidden).astype(np.float32)
+    outs = []
+    for art in (whole, streamed):
+        s = ExecuTorchSession(art.dir / "model.pte")
+        prefill = s.run("text_decoder", embeds=embeds, cache_position=np.arange(7))
+        step = s.run("text_decoder", embeds=embeds[:, :1], cache_position=np.array([7]))
+        outs.append((prefill, step))
+    assert np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1])
+
+
+def test_executorch_streamed_decoder_refuses_int8_static(tiny_components, tiny_calibration, tmp_path):
+    """Static activation calibration needs the whole decoder: refused before any work, nothing written."""
+    from core.errors import ExportError
+    from targets.executorch.target import ExecuTorchTarget
+    from targets.lifecycle import export
+
+    out = tmp_path / "static"
+    with pytest.raises(ExportError, match="piece by piece"):
+        export(ExecuTorchTarget(stream_above=0), tiny_components, Recipe(RecipeName.INT8_STATIC), out,
+               calibration=tiny_calibration)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+ET_CHILD = CHILD_MODEL + r"""
+from core.recipes import RecipeName
+from exporter.model.upcast import typed_copy
+from targets.executorch.llm_decoder import EtTextModel
+from targets.executorch.lower import lower, to_executorch
+from targets.executorch.quantize import quantize_linears
+from targets.executorch.spec import SPEC
+from targets.executorch.streaming import stream_decoder
+
+model = text_model
+method = types.SimpleNamespace(text=model, max_seq_len=64, cache=types.SimpleNamespace(k_0=torch.zeros(1)))
+et = EtTextModel(method)
+scheme = SPEC.recipe(RecipeName.W4_DA8).scheme
+gc.collect()
+
+Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from here
+before = status("VmRSS")
+if mode == "stream":
+    module, _ = stream_decoder(et, model, lambda piece, copied: quantize_linears(copied, scheme, 32, set()),
+                               lambda *a: None)
+else:
+    module = typed_copy(et, torch.float32)
+    quantize_linears(module, scheme, 32, set())
+t = torch.export.Dim("seq_len", min=1, max=64)
+with torch.no_grad():
+    program = torch.export.export(module, (torch.zeros(1, 4, 1024), torch.zeros(3, 4, dtype=torch.long),
+                                           torch.arange(4)), dynamic_shapes=({1: t}, {1: t}, {0: t}), strict=False)
+del module
+with open(out, "wb") as f:
+    to_executorch(lower({"forward": program}, {})).write_to_file(f)
+print(json.dumps({"before": before, "peak": status("VmHWM"), "layer_bytes": layer_bytes}))
+"""
+
+
+@pytest.mark.slow
+def test_executorch_twice_the_layers_costs_less_than_one_layer_of_peak_memory(tmp_path):
+    """The streamed decoder's peak grows by the packed 4-bit weights of the added layers (~1/7 of their
+    float32 bytes), the whole-method path's by their float32 copy and more."""
+    rise, layer = _peak_rise(ET_CHILD, ".pte", tmp_path)
+    print({mode: r >> 20 for mode, r in rise.items()}, "MiB; one layer", layer >> 20, "MiB")
+    assert rise["stream"] < layer, f"streamed: +{rise['stream'] >> 20} MiB for 2 more layers of {layer >> 20} MiB"
     assert rise["whole"] > 2 * layer, f"whole: +{rise['whole'] >> 20} MiB for 2 more layers of {layer >> 20} MiB"

@@ -22,6 +22,8 @@ Our own RMSNorm needs no switch: ``weight * x`` promotes a bf16 weight to fp32.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -160,3 +162,53 @@ def base_class(module: nn.Module) -> None:
     if type(module) in _BASE:
         module.__class__ = _BASE[type(module)]
 UPCASTING = tuple(_SWITCH.values())  # the module classes that upcast (and release) their weights per call
+
+
+def typed_copy(module: nn.Module, dtype: torch.dtype, float32_types: tuple[type, ...] = ()) -> nn.Module:
+    """A deep copy of ``module`` whose floating parameters and buffers are ``dtype`` (those of modules of
+    ``float32_types``: float32), in eval mode, its upcasting modules switched to their base class.
+
+    Each copied tensor is made first and handed to ``deepcopy`` through its memo, so the copy is made one
+    tensor at a time in the target dtype (no intermediate float32 copy of the module). ``module`` itself is
+    not touched, except that the mapped checkpoint pages of its weights are handed back once copied: the
+    exporters that read a kept (bf16) checkpoint's weights themselves copy one method, chunk or layer at a time.
+    """
+    import copy
+    import itertools
+
+    memo: dict[int, Any] = {}
+
+    def put(t: torch.Tensor, to: torch.dtype) -> None:
+        c = t.detach().to(to, copy=True)
+        memo[id(t)] = nn.Parameter(c, requires_grad=False) if isinstance(t, nn.Parameter) else c
+
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if id(t) not in memo and t.is_floating_point():
+            put(t, dtype)
+    for m in module.modules():
+        if float32_types and isinstance(m, float32_types):
+            for t in m.parameters(recurse=False):
+                put(t, torch.float32)
+        if "_mapped" in m.__dict__:  # the checkpoint's pages, not copied
+            memo[id(m.__dict__["_mapped"])] = {}
+    copied = copy.deepcopy(module, memo).eval()
+    release_pages(module)
+    for m in copied.modules():
+        base_class(m)
+        m.__dict__.pop("_mapped", None)
+    return copied
+
+
+def float_bytes(module: nn.Module) -> int:
+    """The module's parameters' size in fp32 (tied tensors once)."""
+    seen = {id(p): p.numel() for p in module.parameters()}
+    return 4 * sum(seen.values())
+
+
+def as_float32(module: nn.Module) -> nn.Module:
+    """``module`` itself when every floating tensor in it is float32, else its float32 :func:`typed_copy`."""
+    import itertools
+
+    if all(t.dtype == torch.float32 for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()):
+        return module
+    return typed_copy(module, torch.float32)

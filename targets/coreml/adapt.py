@@ -13,7 +13,7 @@ from torch import nn
 
 from core.errors import ExportError
 from exporter.model.decoder import RMSNorm, Rope
-from exporter.model.upcast import base_class, release_pages
+from exporter.model.upcast import typed_copy
 
 
 class CoreMLDecoder(nn.Module):
@@ -120,27 +120,7 @@ def fp16_copy(module: nn.Module, safe_rmsnorm: bool = False) -> nn.Module:
     (exporter.model.upcast) become their base class in the copy, which computes in fp16.
     ``safe_rmsnorm`` swaps every RMSNorm for :class:`Fp16SafeRMSNorm` (the decoder).
     """
-    import copy
-    import itertools
-
-    memo: dict[int, Any] = {}
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        if id(t) in memo or not t.is_floating_point():
-            continue
-        half = t.detach().to(torch.float16)
-        memo[id(t)] = nn.Parameter(half, requires_grad=False) if isinstance(t, nn.Parameter) else half
-    for m in module.modules():  # LayerNorm keeps (or gets) float32 parameters (see _Float32LayerNorm)
-        if isinstance(m, nn.LayerNorm):
-            for p in m.parameters(recurse=False):
-                memo[id(p)] = nn.Parameter(p.detach().to(torch.float32, copy=True), requires_grad=False)
-    for m in module.modules():
-        if "_mapped" in m.__dict__:  # the checkpoint's pages, not copied
-            memo[id(m.__dict__["_mapped"])] = {}
-    copied = copy.deepcopy(module, memo).eval()
-    release_pages(module)
-    for m in copied.modules():
-        base_class(m)
-        m.__dict__.pop("_mapped", None)
+    copied = typed_copy(module, torch.float16, float32_types=(nn.LayerNorm,))
     for parent in list(copied.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.LayerNorm):

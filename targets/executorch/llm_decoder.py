@@ -117,15 +117,26 @@ class EtAttention(nn.Module):
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + self.rotation(x) * sin
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q, k, v [1, T, heads, D] of the normed input, q and k rotated (all XNNPACK)."""
         d = self.head_dim
         q = self.rope(self.q_proj(x).view(1, -1, self.heads, d), cos, sin)
         k = self.rope(self.k_proj(x).view(1, -1, self.kv_heads, d), cos, sin)
         v = self.v_proj(x).view(1, -1, self.kv_heads, d)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start) -> torch.Tensor:
+        """The cache writes and SDPA (the custom ops, outside XNNPACK): [1, T, heads, D]."""
         torch.ops.llama.update_cache(k, self.k_cache, start)
         torch.ops.llama.update_cache(v, self.v_cache, start)
-        out = torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0.0, True, d**-0.5)
-        return self.o_proj(out.view(1, -1, self.heads * d))
+        return torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, start, None, 0.0, True, self.head_dim**-0.5)
+
+    def output(self, attended: torch.Tensor) -> torch.Tensor:
+        """o_proj of the SDPA output [1, T, heads, D] (XNNPACK)."""
+        return self.o_proj(attended.view(1, -1, self.heads * self.head_dim))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start) -> torch.Tensor:
+        return self.output(self.attend(*self.project(x, cos, sin), start))
 
 
 def split_linear(linear: nn.Linear, lo: int, hi: int) -> nn.Linear:
@@ -167,8 +178,13 @@ class EtLayer(nn.Module):
             if hasattr(layer, name):
                 setattr(self, name, getattr(layer, name))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start) -> torch.Tensor:
-        h = self.self_attn(rms_norm(self.input_layernorm, x), cos, sin, start)
+    def pre(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Before the cache ops: q, k, v of the normed residual stream ``x``."""
+        return self.self_attn.project(rms_norm(self.input_layernorm, x), cos, sin)
+
+    def post(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """After them: o_proj, the residual, the MLP and its residual; the next layer's input."""
+        h = self.self_attn.output(attended)
         if self.sandwich:
             h = rms_norm(self.post_self_attn_layernorm, h)
         x = x + h
@@ -176,6 +192,9 @@ class EtLayer(nn.Module):
         if self.sandwich:
             h = rms_norm(self.post_mlp_layernorm, h)
         return x + h
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start) -> torch.Tensor:
+        return self.post(x, self.self_attn.attend(*self.pre(x, cos, sin), start))
 
 
 class EtTextModel(nn.Module):

@@ -88,14 +88,22 @@ class EtTextDecoder(nn.Module):
 class ByteEmbedding(nn.Module):
     """An embedding table stored as int8 rows + one fp32 scale per row (ExecuTorch embedding_byte)."""
 
+    ROWS = 8192  # rows quantized at a time
+
     def __init__(self, emb: nn.Embedding):
         super().__init__()
         importlib.import_module("executorch.exir.passes._quant_patterns_and_replacements")  # registers the op
 
-        w = emb.weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        self.register_buffer("weight", torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8))
-        self.register_buffer("scales", scale)
+        table = emb.weight.detach()
+        weight = torch.empty(table.shape, dtype=torch.int8)
+        scales = torch.empty(table.shape[0], dtype=torch.float32)
+        for lo in range(0, table.shape[0], self.ROWS):  # in row blocks: no float temporaries of the whole table
+            w = table[lo : lo + self.ROWS].float()
+            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+            weight[lo : lo + self.ROWS] = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+            scales[lo : lo + self.ROWS] = scale
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return torch.ops.quantized_decomposed.embedding_byte.dtype(

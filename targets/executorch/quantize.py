@@ -11,7 +11,6 @@ Modules named in ``Recipe.keep_float`` stay float on every path.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -21,6 +20,7 @@ from torch import nn
 from calibration.stats import spread
 from core.errors import BadInputError, ExportError
 from core.recipes import QuantScheme, Recipe
+from exporter.model.upcast import typed_copy
 from targets.executorch.llm_decoder import Rotation
 from targets.executorch.program import COMPONENT_INPUTS, STATE, ByteEmbedding, export_module
 
@@ -34,10 +34,10 @@ def quantize_method(components: Any, method: str, module: nn.Module, recipe: Rec
                     recorded: dict[str, list[dict]] | None) -> tuple[Any, dict[str, Any]]:
     """``module`` (method ``method``) quantized as ``scheme`` says and exported; (program, report entry).
 
-    The module is copied first: quantization rewrites modules, and the eager reference stays float.
+    The module is copied first (in float32): quantization rewrites modules, and the eager reference stays as it is.
     """
     keep = keep_names(module, components.model, recipe.keep_float)
-    module = copy.deepcopy(module)
+    module = typed_copy(module, torch.float32)  # (a kept bf16 checkpoint's weights: float32 for this method only)
     q: dict[str, Any] = {"embeddings_int8": quantize_embedding(module, keep) if scheme.embedding_bits == 8 else 0}
     if scheme.activations == "static":
         samples, before = calibration_calls(method, recorded or {})
@@ -46,6 +46,18 @@ def quantize_method(components: Any, method: str, module: nn.Module, recipe: Rec
         return pt2e_quantize(components, method, module, samples, keep | rotation_names(module), before), q
     q.update(quantize_linears(module, scheme, recipe.group_size, keep))
     return export_module(components, method, module), q
+
+
+def piece_quantizer(components: Any, recipe: Recipe, scheme: QuantScheme):
+    """The streamed decoder's quantizer (targets.executorch.streaming.PieceQuantizer): the linears of a piece's
+    float32 copy as :func:`quantize_linears` does the whole method's, keep_float found on the piece itself."""
+
+    def run(piece: nn.Module, copied: nn.Module) -> dict[str, Any]:
+        if not scheme.quantized:
+            return {}
+        return quantize_linears(copied, scheme, recipe.group_size, keep_names(piece, components.model, recipe.keep_float))
+
+    return run
 
 
 def keep_names(module: nn.Module, model: nn.Module, keep_float: tuple[str, ...]) -> set[str]:

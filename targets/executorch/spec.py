@@ -28,6 +28,9 @@ SPEC = TargetSpec(
         RecipeSpec(RecipeName.INT8_STATIC, QuantScheme(8, activations="static", embedding_bits=8), Gate(0.95, 0.35)),
     ),
     runtime_packages=("executorch", "torchao"),
+    # every method is copied to float32 on its own as it is exported, a large decoder piece by piece
+    # (targets/executorch/streaming.py): a kept bf16 checkpoint is never copied whole
+    reads_stored_weights=True,
     notes=(
         f"{PTE}: ExecuTorch's stock MultimodalRunner runs it as exported (methods token_embedding, "
         "vision_encoder, audio_encoder, text_decoder; the decoder keeps its own M-RoPE positions)",

@@ -16,6 +16,7 @@ import torch
 from calibration.stats import resolve_method_inputs
 from core.artifact import Artifact
 from core.errors import ArtifactError, BadInputError, ExportError
+from exporter.model.upcast import as_float32, float_bytes, release_pages
 from targets.base import method_signatures
 from targets.executorch.lower import check_lowering, lower, lowering_report, to_executorch
 from targets.executorch.program import (
@@ -27,9 +28,10 @@ from targets.executorch.program import (
     program_modules,
 )
 from targets.executorch.program_io import read_program_io, user_input_names
-from targets.executorch.quantize import quantize_method
+from targets.executorch.quantize import piece_quantizer, quantize_method
 from targets.executorch.session import ExecuTorchSession
 from targets.executorch.spec import PTE, SPEC
+from targets.executorch.streaming import STREAM_ABOVE_BYTES, stream_decoder
 from targets.spec import BuildJob, Built
 
 KERNELS = ("XNNPACK delegate + portable kernels + ExecuTorch's LLM custom ops (its custom_ops library: "
@@ -58,12 +60,31 @@ class _Steps:
 
 
 class ExecuTorchTarget:
-    spec = SPEC
+    """``stream_above``: the text decoder is quantized and lowered piece by piece (targets/executorch/streaming.py)
+    when its float32 weights would exceed this many bytes; smaller decoders and the other methods take the
+    whole-method path. Every method reads the checkpoint's stored weights (a kept bf16 checkpoint) and is
+    copied to float32 on its own as it is exported."""
+
+    spec = SPEC  # reads_stored_weights
+
+    def __init__(self, stream_above: int = STREAM_ABOVE_BYTES):
+        self.stream_above = stream_above
+
+    def streams(self, components: Any) -> bool:
+        """Whether this model's text decoder is exported piece by piece."""
+        return float_bytes(components.text_decoder) > self.stream_above
 
     def build(self, job: BuildJob, staging: Path) -> Built:
         """Export, quantize (as the recipe's scheme says), lower and emit every method into one model.pte,
         then read the saved program back: its <|begin_of_image|> row and each method's I/O."""
         components, scheme = job.components, job.spec.scheme
+        streamed = self.streams(components)
+        if streamed and scheme.activations == "static":
+            raise ExportError(
+                f"{job.recipe.name}: this text decoder ({float_bytes(components.text_decoder) / 2**30:.1f} GiB in "
+                f"float32, over {self.stream_above / 2**30:.1f} GiB) is lowered piece by piece, and static "
+                "activation calibration needs the whole decoder in one program; use int8-weight or 8da4w"
+            )
         report: dict[str, Any] = {"quantization": {}}
         marker = image_start_row(components)
         if marker is not None:
@@ -76,7 +97,7 @@ class ExecuTorchTarget:
         if scheme.activations == "static":  # the calibration calls each method's observers will see
             recorded = resolve_method_inputs(job.calibration, components, job.progress)
             steps.lap("calibration_inputs")
-        programs = self._export_methods(job, modules, recorded, report, steps)
+        programs = self._export_methods(job, modules, recorded, report, steps, streamed)
         names = {m: user_input_names(ep) for m, ep in programs.items()}
         steps.lap("quantize_and_export")
         edge = self._lower(job, programs, report)
@@ -114,20 +135,28 @@ class ExecuTorchTarget:
 
     @staticmethod
     def _export_methods(job: BuildJob, modules: dict[str, torch.nn.Module], recorded: dict[str, list] | None,
-                        report: dict[str, Any], steps: _Steps) -> dict[str, Any]:
-        """Each method torch.exported (quantized first unless the scheme is float); one progress step each."""
+                        report: dict[str, Any], steps: _Steps, streamed: bool) -> dict[str, Any]:
+        """Each method torch.exported (quantized first unless the scheme is float); one progress step each.
+        A streamed decoder is quantized and lowered piece by piece first, then exported as their composition."""
         components, recipe, scheme = job.components, job.recipe, job.spec.scheme
         programs: dict[str, Any] = {}
         for m, module in modules.items():
             try:
-                if scheme.quantized:
+                if m == "text_decoder" and streamed:
+                    module.inner, report["quantization"][m] = stream_decoder(
+                        module.inner, components.text_decoder, piece_quantizer(components, recipe, scheme), job.progress)
+                    report["streamed_decoder"] = {"pieces": report["quantization"][m].pop("pieces"),
+                                                  "why": "float32 weights over stream_above bytes"}
+                    programs[m] = export_module(components, m, module)
+                elif scheme.quantized:
                     programs[m], report["quantization"][m] = quantize_method(components, m, module, recipe, scheme, recorded)
                 else:
-                    programs[m] = export_module(components, m, module)
+                    programs[m] = export_module(components, m, as_float32(module))
             except (ExportError, BadInputError):
                 raise
             except Exception as e:
                 raise ExportError(f"torch.export of {m} for ExecuTorch ({recipe.name}) failed: {str(e).splitlines()[0]}") from e
+            release_pages(module)
             gc.collect()
             steps.step()
         return programs

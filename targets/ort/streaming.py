@@ -36,6 +36,7 @@ from torch import nn
 
 from core.errors import ExportError
 from exporter.model.upcast import _BASE as _UPCAST_BASE  # Float32Linear -> nn.Linear, ... (read only)
+from exporter.model.upcast import float_bytes
 from targets.ort.files import EXTERNAL_DATA_BYTES
 from targets.ort.graphs import _graph, graph_io, name_by_module
 from targets.ort.quiet import quiet
@@ -81,12 +82,6 @@ class Source:
         if self.transpose:
             t = t.T
         return np.ascontiguousarray(t.numpy())
-
-
-def float_bytes(module: nn.Module) -> int:
-    """The module's parameters' size in fp32 (tied tensors once)."""
-    seen = {id(p): p.numel() for p in module.parameters()}
-    return 4 * sum(seen.values())
 
 
 @contextlib.contextmanager
