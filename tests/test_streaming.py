@@ -174,16 +174,29 @@ def test_twice_the_layers_costs_less_than_one_layer_of_peak_memory(tmp_path):
 
 
 @pytest.mark.slow
-def test_executorch_streamed_decoder_equals_whole_export(exported, tiny_components, tmp_path):
-    """tiny 8da4w with the decoder lowered piece by piece: the same numbers as the whole-method .pte, bit for
-    bit, in ExecuTorch's runtime (prefill and a decode step), and the same export check."""
+def test_executorch_streamed_decoder_equals_whole_export(exported, tiny_components, tmp_path, monkeypatch):
+    """tiny 8da4w with the decoder lowered piece by piece, its packed weights moved to files until the program
+    is written: the same numbers as the whole-method .pte, bit for bit, in ExecuTorch's runtime (prefill and a
+    decode step), and the same export check."""
+    import targets.executorch.streaming as streaming
     from targets.executorch.session import ExecuTorchSession
     from targets.executorch.target import ExecuTorchTarget
     from targets.lifecycle import export
 
+    from executorch.exir._serialize._cord import FileBackedData
+
+    spilled, original = [], streaming.spill
+
+    def spill(lowered, stem):
+        original(lowered, stem)
+        spilled.append(all(isinstance(b, FileBackedData) for b in lowered.named_data_store_output.buffers))
+
+    monkeypatch.setattr(streaming, "SPILL_BYTES", 1)  # tiny's packed weights are a few KiB
+    monkeypatch.setattr(streaming, "spill", spill)
     whole = exported("executorch", RecipeName.W4_DA8)
     tiny_components.text_decoder.cache.reset()
     streamed = export(ExecuTorchTarget(stream_above=0), tiny_components, Recipe(RecipeName.W4_DA8), tmp_path / "s")
+    assert spilled == [True] * (tiny_components.config.text.num_layers + 1)
     report = streamed.info["report"]
     layers = tiny_components.config.text.num_layers
     assert report["streamed_decoder"]["pieces"] == layers + 1

@@ -24,7 +24,9 @@ with the cache writes and SDPA between them, on the same caches and M-RoPE table
 are unchanged; it is exported (ExecuTorch's composite-lowering flow: a module calling lowered modules) and
 emitted with the other methods.
 
-Peak memory: the packed weights so far, plus one piece's float32 copy and its quantized form.
+The packed weights of each piece are moved to files in the build's work directory as it is lowered
+(ExecuTorch's serializer copies file-backed data into the .pte in chunks). Peak memory: one piece's float32
+copy and its quantized and packed forms, beside the other methods.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import copy
 import operator
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -44,6 +47,8 @@ from targets.executorch.llm_decoder import EtLayer, EtTextModel, register_custom
 
 # the decoder is streamed when its float32 weights would exceed this (the whole-method path below it)
 STREAM_ABOVE_BYTES = 2 << 30
+# packed weights of a lowered piece at least this large wait on disk until the program is written
+SPILL_BYTES = 1 << 20
 # a constant a piece's delegate reads as an input (norm weights, scalars) is kept beside it up to this size;
 # anything larger would be a weight XNNPACK did not pack, held unquantized: refused
 CONSTANT_INPUT_BYTES = 1 << 20
@@ -207,10 +212,27 @@ def strip_constants(program: Any) -> None:
 PieceQuantizer = Callable[[nn.Module, nn.Module], dict[str, Any]]
 
 
+def spill(lowered: nn.Module, stem: Path) -> None:
+    """Move the packed weights of a lowered module (the named data XNNPACK handed the program) to files
+    ``stem.N.bin``: ExecuTorch's serializer takes file-backed buffers (``FileBackedData``) and copies them
+    into the .pte in chunks, so the packed model never has to be in memory whole."""
+    from executorch.exir._serialize._cord import FileBackedData
+
+    store = lowered.named_data_store_output
+    if store is None:
+        return
+    for i, data in enumerate(store.buffers):
+        if isinstance(data, (bytes, bytearray)) and len(data) >= SPILL_BYTES:
+            path = stem.with_name(f"{stem.name}.{i}.bin")
+            path.write_bytes(data)
+            store.buffers[i] = FileBackedData(str(path))
+
+
 def lower_piece(piece: nn.Module, args: tuple, dynamic_shapes: tuple, quantize: PieceQuantizer,
-                name: str) -> tuple[LoweredPiece, dict[str, Any]]:
+                name: str, spill_dir: Path | None = None) -> tuple[LoweredPiece, dict[str, Any]]:
     """``piece`` copied to float32, quantized by ``quantize``, exported and lowered to one XNNPACK
-    delegate; (the lowered piece, the quantization report)."""
+    delegate; (the lowered piece, the quantization report). With ``spill_dir``, its packed weights wait
+    there as files (:func:`spill`)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
     from executorch.exir.delegate import executorch_call_delegate
@@ -258,15 +280,19 @@ def lower_piece(piece: nn.Module, args: tuple, dynamic_shapes: tuple, quantize: 
         outputs.append(out.args[1])
     lowered = getattr(graph, call.args[0].target)
     strip_constants(lowered.original_module)
+    if spill_dir is not None:
+        spill(lowered, spill_dir / name.replace(" ", "_"))
     return LoweredPiece(lowered, args, outputs, constants), report
 
 
 def stream_decoder(model: EtTextModel, source: nn.Module, quantize: PieceQuantizer,
-                   progress: Callable[[str, int, int], None]) -> tuple[StreamedTextModel, dict[str, Any]]:
+                   progress: Callable[[str, int, int], None],
+                   spill_dir: Path | None = None) -> tuple[StreamedTextModel, dict[str, Any]]:
     """Every piece of ``model`` lowered in turn (progress "executorch decoder i/n"); the composed model and
     the summed quantization report. ``source`` is the eager module ``model`` was made from: its mapped pages
     are handed back after each piece (a piece's gate and up halves are views of the source's fused
-    gate_up_proj, whose pages the piece's own release does not reach)."""
+    gate_up_proj, whose pages the piece's own release does not reach). ``spill_dir``: where the pieces'
+    packed weights wait until the program is written (a directory that outlives the write)."""
     register_custom_ops()
     pieces = pieces_of(model)
     lowered: list[LoweredPiece] = []
@@ -274,7 +300,7 @@ def stream_decoder(model: EtTextModel, source: nn.Module, quantize: PieceQuantiz
     progress("executorch decoder", 0, len(pieces))
     for i, piece in enumerate(pieces):
         args, shapes = piece_inputs(piece, model)
-        done, report = lower_piece(piece, args, shapes, quantize, f"piece {i}")
+        done, report = lower_piece(piece, args, shapes, quantize, f"piece {i}", spill_dir)
         lowered.append(done)
         release_pages(source)
         for key, value in report.items():

@@ -144,7 +144,8 @@ class ExecuTorchTarget:
             try:
                 if m == "text_decoder" and streamed:
                     module.inner, report["quantization"][m] = stream_decoder(
-                        module.inner, components.text_decoder, piece_quantizer(components, recipe, scheme), job.progress)
+                        module.inner, components.text_decoder, piece_quantizer(components, recipe, scheme), job.progress,
+                        spill_dir=job.work)
                     report["streamed_decoder"] = {"pieces": report["quantization"][m].pop("pieces"),
                                                   "why": "float32 weights over stream_above bytes"}
                     programs[m] = export_module(components, m, module)
