@@ -119,18 +119,9 @@ class StreamedTextModel(nn.Module):
         super().__init__()
         self.max_seq_len = model.max_seq_len
         self.rope_tables = model.rope_tables
-        self.attention = [layer.self_attn for layer in model.layers]  # a plain list: caches registered below
-        for i, attn in enumerate(self.attention):
-            self.register_buffer(f"k_cache_{i}", attn.k_cache, persistent=False)
-            self.register_buffer(f"v_cache_{i}", attn.v_cache, persistent=False)
+        # each layer's attention without its projections: its caches and EtAttention.attend (the custom ops)
+        self.attention = nn.ModuleList(_caches_only(layer.self_attn) for layer in model.layers)
         self.pieces = nn.ModuleList(pieces)
-
-    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start) -> torch.Tensor:
-        k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-        torch.ops.llama.update_cache(k, k_cache, start)
-        torch.ops.llama.update_cache(v, v_cache, start)
-        d = self.attention[i].head_dim
-        return torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True, d**-0.5)
 
     def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         start = cache_position[0].item()
@@ -141,8 +132,8 @@ class StreamedTextModel(nn.Module):
         x = embeds
         last = len(self.attention) - 1
         for i in range(last):
-            x, q, k, v = self.pieces[i + 1](x, self.attend(i, q, k, v, start), cos, sin)
-        return self.pieces[-1](x, self.attend(last, q, k, v, start))
+            x, q, k, v = self.pieces[i + 1](x, self.attention[i].attend(q, k, v, start), cos, sin)
+        return self.pieces[-1](x, self.attention[last].attend(q, k, v, start))
 
 
 def _part(layer: EtLayer, own: tuple[str, ...], attention: tuple[str, ...]) -> EtLayer:
@@ -155,6 +146,13 @@ def _part(layer: EtLayer, own: tuple[str, ...], attention: tuple[str, ...]) -> E
     part = copy.copy(layer)
     part._modules = OrderedDict((n, m) for n, m in layer._modules.items() if n in own)
     part._modules["self_attn"] = attn
+    return part
+
+
+def _caches_only(attn: nn.Module) -> nn.Module:
+    """A shallow copy of an EtAttention with its caches and no children (no projection weights)."""
+    part = copy.copy(attn)
+    part._modules = OrderedDict()
     return part
 
 
