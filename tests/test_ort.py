@@ -303,8 +303,9 @@ def test_int8_static_wraps_every_decoder_weight_matmul_in_qdq_and_leaves_attenti
         assert n.input[0] in prod and prod[n.input[0]].op_type == "DequantizeLinear", n.name
         # int8 inputs, float outputs (the residual stream and attention stay float)
         assert not any(c.op_type == "QuantizeLinear" for c in consumers.get(n.output[0], [])), n.name
-    attention = [n for n in mm if n not in weighted]
-    assert len(attention) == 2 * cfg.num_layers  # q.k^T and probs.v
+    assert [n for n in mm if n not in weighted] == []  # attention is onnxruntime's fused op, one per layer:
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == cfg.num_layers and all(n.domain == "com.microsoft" for n in attention)
     for n in attention:
         assert not any(i in prod and prod[i].op_type == "DequantizeLinear" for i in n.input), n.name
 
@@ -751,3 +752,98 @@ def test_cli_generate_runs_the_artifact_as_onnx_and_as_ort(ort_artifacts, tiny_c
     )
     assert f"tokens: {expected.tokens}" in result.output
     assert ("(ort, fp32)" if path.endswith(".ort") else "(onnx, fp32)") in result.output
+
+
+# --- the decoder's attention as onnxruntime's GroupQueryAttention (targets/ort/attention.py) -----------
+
+
+class _AttentionGraph(torch.nn.Module):
+    """One attention call through ``gqa_attend``: q/k/v projections in, output and presents out."""
+
+    def __init__(self, rope, heads):
+        super().__init__()
+        self.rope, self.heads = rope, heads
+
+    def forward(self, q, k, v, attention_mask, position_ids, past_key, past_value):
+        from targets.ort.attention import gqa_attend
+
+        presents: list = []
+        cos, sin = self.rope(position_ids)
+        out = gqa_attend([(past_key, past_value)], attention_mask, presents)(0, q, k, v, self.heads, self.rope, cos, sin)
+        return out, presents[0][0], presents[0][1]
+
+
+@pytest.mark.parametrize("rotary_dim,interleaved,fused", [(32, True, True), (64, False, True), (8, True, False)],
+                         ids=["partial-interleaved-fused", "halves-fused", "rotated-before"])
+def test_group_query_attention_node_equals_the_reference_attention(tmp_path, rotary_dim, interleaved, fused):
+    """The GroupQueryAttention node onnxruntime runs (its own rotation from per-call M-RoPE tables, or ours before
+    it) equals the eager attention (masked_attention over a concatenated cache) on a prompt, a decode step and a
+    chunk after a past, with 3-D positions that differ per axis (an image's)."""
+    from torch.export import Dim
+
+    from exporter.model.config import TextConfig
+    from exporter.model.decoder import Rope, masked_attention
+    from targets.ort.attention import TRANSLATIONS, fused_rotary
+
+    n, n_kv, d = 4, 2, 64
+    cfg = TextConfig(vocab_size=8, hidden_size=n * d, num_layers=1, num_heads=n, num_kv_heads=n_kv,
+                     intermediate_size=8, partial_rotary_factor=rotary_dim / d,
+                     mrope_section=(rotary_dim // 8, rotary_dim // 8, rotary_dim // 4), rope_interleaved=interleaved)
+    rope = Rope(cfg)
+    assert fused_rotary(rope, d) == fused
+    graph = _AttentionGraph(rope, (n, n_kv, d)).eval()
+    seq, past = Dim("sequence_length", min=1, max=64), Dim("past_sequence_length", min=0, max=63)
+    g = torch.Generator().manual_seed(0)
+
+    def inputs(p, t):
+        pos = torch.stack([torch.arange(p, p + t), torch.arange(p, p + t) % 3 + p, torch.arange(p, p + t) // 2 + p])
+        return (torch.randn(1, t, n * d, generator=g), torch.randn(1, t, n_kv * d, generator=g),
+                torch.randn(1, t, n_kv * d, generator=g), torch.ones(1, p + t, dtype=torch.long), pos,
+                torch.randn(1, n_kv, p, d, generator=g), torch.randn(1, n_kv, p, d, generator=g))
+
+    args = inputs(2, 3)
+    shapes = ({1: seq}, {1: seq}, {1: seq}, {1: Dim.AUTO}, {1: seq}, {2: past}, {2: past})
+    names = ["q", "k", "v", "attention_mask", "position_ids", "past_key", "past_value"]
+    with torch.no_grad():
+        program = torch.onnx.export(graph, args, dynamo=True, dynamic_shapes=shapes, input_names=names,
+                                    output_names=["out", "present_key", "present_value"], optimize=True,
+                                    custom_translation_table=TRANSLATIONS)
+    model = program.model_proto
+    ops = [nd.op_type for nd in model.graph.node]
+    assert ops.count("GroupQueryAttention") == 1 and "Softmax" not in ops and "MatMul" not in ops
+    gqa = next(nd for nd in model.graph.node if nd.op_type == "GroupQueryAttention")
+    assert {a.name: a.i for a in gqa.attribute}.get("do_rotary", 0) == int(fused)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for p, t in [(0, 5), (5, 1), (6, 3)]:
+        q, k, v, mask, pos, pk, pv = inputs(p, t)
+        got = session.run(None, dict(zip(names, (x.numpy() for x in (q, k, v, mask, pos, pk, pv)))))
+        cache = []
+
+        def kv_fn(layer, kk, vv):
+            cache.append((torch.cat((pk, kk), 2), torch.cat((pv, vv), 2)))
+            return cache[-1]
+
+        causal = torch.arange(p + t)[None] <= (torch.arange(t) + p)[:, None]
+        cos, sin = rope(pos)
+        want = masked_attention(causal, kv_fn)(0, q, k, v, (n, n_kv, d), rope, cos, sin)
+        for a, b in zip(got, (want, *cache[0])):
+            np.testing.assert_allclose(a, b.numpy(), atol=2e-5, rtol=1e-4)
+
+
+def test_decoder_graph_fuses_attention_and_norms(ort_artifacts, tiny_components):
+    """tiny's fp32 decoder: one GroupQueryAttention per layer rotating itself, the norm after attention's residual
+    add fused with it (SkipSimplifiedLayerNormalization), every fused node named after its layer's module; none of
+    the op-by-op attention and rotation (Softmax, the GQA Expand, the KV Concat, Neg) left in a layer."""
+    graph = onnx.load(ort_artifacts[RecipeName.FP32].dir / "text_decoder.onnx").graph
+    layers = tiny_components.config.text.num_layers
+    ops = [n.op_type for n in graph.node]
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == layers and all({a.name: a.i for a in n.attribute}["do_rotary"] == 1 for n in gqa)
+    skip = [n for n in graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert [n.name.split("/")[0] for n in skip] == [f"text.layers.{i}.post_attention_layernorm" for i in range(layers)]
+    assert not {"Softmax", "Pow", "Sqrt"} & set(ops)
+    # past the first layer (which makes the per-call rotary tables), a layer is its linears, norms, GQA and the MLP
+    last = {n.op_type for n in graph.node if n.name.startswith(f"text.layers.{layers - 1}.")}
+    assert not {"Concat", "Expand", "Transpose", "Reshape", "Where", "Neg"} & last, last

@@ -4,7 +4,11 @@ One decoder core, two ways to hold the KV cache:
 
 * ``forward_step``: the cache lives in :class:`~exporter.model.kv_cache.KVCache`
   buffers written in place at ``cache_position`` (ExecuTorch, Core ML).
-* ``forward_with_past``: explicit past key/values in, presents out (ONNX Runtime).
+* ``forward_with_past``: explicit past key/values in, presents out (the eager reference).
+
+Both are an ``attend`` function handed to :meth:`TextModel.run`: each layer's attention computes
+q, k, v and their rotation, and ``attend`` does the rest (cache, GQA, mask, softmax). The ONNX Runtime
+graph hands in its own (targets/ort/attention.py: onnxruntime's fused GroupQueryAttention).
 """
 
 from __future__ import annotations
@@ -23,6 +27,40 @@ from exporter.model.kv_cache import KVCache
 MASK_VALUE = -30000.0
 
 KVFn = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (layer, q [1, T, heads * D], k / v [1, T, kv_heads * D] as projected, (heads, kv_heads, D), rope, cos, sin)
+# -> attention output [1, T, heads * D]; the function rotates q and k itself (cos / sin: [T, rotary_dim]).
+# The head counts travel as Python ints: sizes read off traced shapes become tensor arithmetic in a trace,
+# which Core ML's converter cannot make constants (see rotate_halves).
+AttendFn = Callable[..., torch.Tensor]
+Heads = tuple[int, int, int]
+
+
+def split_heads(x: torch.Tensor, n: int, head_dim: int) -> torch.Tensor:
+    """[1, T, n * D] -> [1, n, T, D]."""
+    b, t, _ = x.shape
+    return x.view(b, t, n, head_dim).transpose(1, 2)
+
+
+def masked_attention(mask: torch.Tensor, kv_fn: KVFn) -> AttendFn:
+    """``attend`` over a cache that ``kv_fn`` keeps: mask [T, S] bool (True = may attend)."""
+
+    def attend(layer: int, q, k, v, heads: Heads, rope: "Rope", cos, sin) -> torch.Tensor:
+        n, n_kv, d = heads
+        b, t, _ = q.shape
+        q = rope.apply(split_heads(q, n, d), cos, sin)
+        k = rope.apply(split_heads(k, n_kv, d), cos, sin)
+        k, v = kv_fn(layer, k, split_heads(v, n_kv, d))  # [1, kv_heads, S, head_dim]
+        rep = n // n_kv
+        if rep > 1:
+            s = k.shape[2]
+            k = k[:, :, None].expand(b, n_kv, rep, s, d).reshape(b, n, s, d)
+            v = v[:, :, None].expand(b, n_kv, rep, s, d).reshape(b, n, s, d)
+        scores = torch.matmul(q, k.transpose(2, 3)) * (d**-0.5)
+        scores = torch.where(mask, scores, torch.full_like(scores, MASK_VALUE))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return torch.matmul(probs, v).transpose(1, 2).reshape(b, t, n * d)
+
+    return attend
 
 
 class RMSNorm(nn.Module):
@@ -102,25 +140,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, rope: Rope, cos, sin, mask, kv_fn: KVFn, layer: int) -> torch.Tensor:
-        # x: [1, T, H]; mask: [T, S] bool (True = may attend)
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = rope.apply(q, cos, sin)
-        k = rope.apply(k, cos, sin)
-        k, v = kv_fn(layer, k, v)  # [1, kv_heads, S, head_dim]
-        rep = self.num_heads // self.num_kv_heads
-        if rep > 1:
-            s = k.shape[2]
-            k = k[:, :, None].expand(b, self.num_kv_heads, rep, s, self.head_dim).reshape(b, self.num_heads, s, self.head_dim)
-            v = v[:, :, None].expand(b, self.num_kv_heads, rep, s, self.head_dim).reshape(b, self.num_heads, s, self.head_dim)
-        scores = torch.matmul(q, k.transpose(2, 3)) * (self.head_dim**-0.5)
-        scores = torch.where(mask, scores, torch.full_like(scores, MASK_VALUE))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+    def forward(self, x, rope: Rope, cos, sin, attend: AttendFn, layer: int) -> torch.Tensor:
+        # x: [1, T, H]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(attend(layer, q, k, v, (self.num_heads, self.num_kv_heads, self.head_dim), rope, cos, sin))
 
 
 class MLP(nn.Module):
@@ -146,8 +169,8 @@ class DecoderLayer(nn.Module):
             self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
             self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
 
-    def forward(self, x, rope, cos, sin, mask, kv_fn: KVFn, layer: int) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), rope, cos, sin, mask, kv_fn, layer)
+    def forward(self, x, rope, cos, sin, attend: AttendFn, layer: int) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), rope, cos, sin, attend, layer)
         if self.sandwich:
             h = self.post_self_attn_layernorm(h)
         x = x + h
@@ -171,11 +194,12 @@ class TextModel(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def _run(self, embeds, position_ids, mask, kv_fn: KVFn) -> torch.Tensor:
+    def run(self, embeds, position_ids, attend: AttendFn) -> torch.Tensor:
+        # embeds: [1, T, H]; position_ids: [3, T] -> logits [1, T, V]
         cos, sin = self.rope(position_ids)
         x = embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, self.rope, cos, sin, mask, kv_fn, i)
+            x = layer(x, self.rope, cos, sin, attend, i)
         return self.lm_head(self.norm(x))
 
     def forward_step(self, embeds, position_ids, cache_position, cache: KVCache) -> torch.Tensor:
@@ -185,7 +209,7 @@ class TextModel(nn.Module):
         def kv_fn(layer: int, k: torch.Tensor, v: torch.Tensor):
             return cache.update(layer, k, v, cache_position)
 
-        return self._run(embeds, position_ids, mask, kv_fn)
+        return self.run(embeds, position_ids, masked_attention(mask, kv_fn))
 
     def forward_with_past(
         self, embeds, position_ids, past: list[tuple[torch.Tensor, torch.Tensor]], key_mask: torch.Tensor | None = None
@@ -207,7 +231,7 @@ class TextModel(nn.Module):
             presents.append((kk, vv))
             return kk, vv
 
-        logits = self._run(embeds, position_ids, mask, kv_fn)
+        logits = self.run(embeds, position_ids, masked_attention(mask, kv_fn))
         return logits, presents
 
     def forward_full(self, embeds, position_ids) -> torch.Tensor:

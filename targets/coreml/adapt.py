@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from core.errors import ExportError
-from exporter.model.decoder import RMSNorm, Rope
+from exporter.model.decoder import RMSNorm, Rope, masked_attention
 from exporter.model.upcast import typed_copy
 
 
@@ -64,11 +64,12 @@ class CoreMLDecoder(nn.Module):
             v_cache[:, :, start : start + n] = v.to(v_cache.dtype)
             return k_cache.to(k.dtype), v_cache.to(v.dtype)
 
-        # as TextModel._run, over this chunk's layers
+        # as TextModel.run, over this chunk's layers
         cos, sin = self.rope(position_ids)
+        attend = masked_attention(mask, kv_fn)
         x = embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, self.rope, cos, sin, mask, kv_fn, self.first + i)
+            x = layer(x, self.rope, cos, sin, attend, self.first + i)
         return self.lm_head(self.norm(x)) if self.head else x
 
 

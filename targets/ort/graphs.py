@@ -30,7 +30,9 @@ from torch import nn
 
 from core.artifact import METHODS
 from core.errors import BadInputError, ExportError
-from targets.ort.files import EXTERNAL_DATA_BYTES
+from targets.ort.attention import TRANSLATIONS, gqa_attend
+from targets.ort.files import EXTERNAL_DATA_BYTES, save_model
+from targets.ort.fusions import fuse_norms
 from targets.ort.quiet import quiet
 
 class EmbeddingGraph(nn.Module):
@@ -73,7 +75,8 @@ class MediaGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """The decoder core with explicit past key/values in and presents out."""
+    """The decoder core with explicit past key/values in and presents out, attention as onnxruntime's fused
+    GroupQueryAttention (targets/ort/attention.py; it reads ``attention_mask`` as lengths, as genai's graphs do)."""
 
     def __init__(self, components: Any):
         super().__init__()
@@ -82,7 +85,9 @@ class DecoderGraph(nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, past):
         # inputs_embeds: [1, T, H]; attention_mask: [1, P+T]; position_ids: [3, 1, T];
         # past[i]: ([1, kv, P, D], [1, kv, P, D]) -> logits [1, T, V], presents [1, kv, P+T, D]
-        return self.text.forward_with_past(inputs_embeds, position_ids[:, 0, :], past, key_mask=attention_mask[0].bool())
+        presents: list[tuple[torch.Tensor, torch.Tensor]] = []
+        logits = self.text.run(inputs_embeds, position_ids[:, 0, :], gqa_attend(past, attention_mask, presents))
+        return logits, presents
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -178,11 +183,17 @@ def export_onnx(components: Any, method: str, path: Path) -> None:
                 output_names=outputs,
                 optimize=True,
                 verbose=False,
+                custom_translation_table=TRANSLATIONS,
             )
     except Exception as e:  # torch.onnx raises its own error types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"torch.onnx export of {method} failed: {first}") from e
     name_by_module(program.model.graph, module, components.model)
+    if method == "text_decoder":  # residual add + RMSNorm fused (targets/ort/fusions.py)
+        import onnx_ir as ir
+
+        save_model(fuse_norms(ir.serde.serialize_model(program.model)), path)
+        return
     program.save(str(path), external_data=_param_bytes(module) > EXTERNAL_DATA_BYTES)
 
 

@@ -169,7 +169,8 @@ def quantize_static_model(src: Path, dst: Path, feeds: list[dict[str, np.ndarray
     keep = tuple(keep)
     exclude = [n.name for n in model.graph.node if kept_float(n.name, keep)]
     # the layers' MatMuls (a weight initializer on one side) are W8A8; attention's activation x activation
-    # MatMuls (q.k^T, probs.v) stay float, as in ExecuTorch's int8-static and in the sensitivity simulation
+    # MatMuls (q.k^T, probs.v: the vision tower's; the decoder's attention is one GroupQueryAttention, never
+    # quantized) stay float, as in ExecuTorch's int8-static and in the sensitivity simulation
     exclude += activation_matmuls(model)
     if not any(n.op_type in QUANTIZED_OPS and n.name not in exclude for n in model.graph.node):
         # nothing to calibrate (the token embedding): onnxruntime's histogram calibrators raise on an empty

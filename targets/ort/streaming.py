@@ -37,7 +37,9 @@ from torch import nn
 from core.errors import ExportError
 from exporter.model.upcast import _BASE as _UPCAST_BASE  # Float32Linear -> nn.Linear, ... (read only)
 from exporter.model.upcast import float_bytes
+from targets.ort.attention import TRANSLATIONS
 from targets.ort.files import EXTERNAL_DATA_BYTES
+from targets.ort.fusions import fuse_norms
 from targets.ort.graphs import _graph, graph_io, name_by_module
 from targets.ort.quiet import quiet
 
@@ -191,7 +193,8 @@ def export_graph(components: Any, method: str) -> tuple[Any, dict[str, Source]]:
         try:
             with torch.no_grad(), quiet():
                 program = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=shapes, input_names=inputs,
-                                            output_names=outputs, optimize=False, verbose=False)
+                                            output_names=outputs, optimize=False, verbose=False,
+                                            custom_translation_table=TRANSLATIONS)
                 sources = _fold_weight_transposes(program.model.graph, stand_ins)
                 program.optimize()
         except Exception as e:  # torch.onnx raises its own error types
@@ -204,7 +207,8 @@ def export_graph(components: Any, method: str) -> tuple[Any, dict[str, Source]]:
             del sources[name]
             continue
         del graph.initializers[name]  # the nodes keep reading the name; the streaming pass adds it back
-    return ir.serde.serialize_model(program.model), sources
+    model = ir.serde.serialize_model(program.model)
+    return (fuse_norms(model) if method == "text_decoder" else model), sources
 
 
 def _real_tensors(module: nn.Module, originals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
