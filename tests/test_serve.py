@@ -526,8 +526,11 @@ def test_cli_serve_runs_until_interrupted_and_shuts_down_cleanly():
     import subprocess
     import sys
 
+    # SIGINT as a terminal's Ctrl-C finds it: a test run started in the background by a non-interactive shell
+    # (`cmd &`) hands its children SIGINT ignored, and then uvicorn shuts down on it but exits 0
     proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", "0", "--served-model-name", "autoglm-phone-9b"],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = []
         for line in proc.stderr:
