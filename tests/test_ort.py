@@ -830,6 +830,10 @@ def test_group_query_attention_node_equals_the_reference_attention(tmp_path, rot
         want = masked_attention(causal, kv_fn)(0, q, k, v, (n, n_kv, d), rope, cos, sin)
         for a, b in zip(got, (want, *cache[0])):
             np.testing.assert_allclose(a, b.numpy(), atol=2e-5, rtol=1e-4)
+        with torch.no_grad():  # the custom ops' eager bodies (what the graph module computes in PyTorch) agree too
+            eager = graph(q, k, v, mask, pos, pk, pv)
+        for a, b in zip(eager, (want, *cache[0])):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=2e-5, rtol=1e-4)
 
 
 def test_decoder_graph_fuses_attention_and_norms(ort_artifacts, tiny_components):

@@ -41,24 +41,32 @@ def split_heads(x: torch.Tensor, n: int, head_dim: int) -> torch.Tensor:
     return x.view(b, t, n, head_dim).transpose(1, 2)
 
 
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, heads: Heads,
+                      scale: float | None = None) -> torch.Tensor:
+    """q [1, heads, T, D] (rotated), k / v [1, kv_heads, S, D] (the whole cache), mask [T, S] bool (True = may
+    attend) -> [1, T, heads * D]: each group of heads reads its one key/value head; scale D ** -0.5 by default."""
+    n, n_kv, d = heads
+    b, _, t, _ = q.shape
+    rep = n // n_kv
+    if rep > 1:
+        s = k.shape[2]
+        k = k[:, :, None].expand(b, n_kv, rep, s, d).reshape(b, n, s, d)
+        v = v[:, :, None].expand(b, n_kv, rep, s, d).reshape(b, n, s, d)
+    scores = torch.matmul(q, k.transpose(2, 3)) * (d**-0.5 if scale is None else scale)
+    scores = torch.where(mask, scores, torch.full_like(scores, MASK_VALUE))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v).transpose(1, 2).reshape(b, t, n * d)
+
+
 def masked_attention(mask: torch.Tensor, kv_fn: KVFn) -> AttendFn:
     """``attend`` over a cache that ``kv_fn`` keeps: mask [T, S] bool (True = may attend)."""
 
     def attend(layer: int, q, k, v, heads: Heads, rope: "Rope", cos, sin) -> torch.Tensor:
         n, n_kv, d = heads
-        b, t, _ = q.shape
         q = rope.apply(split_heads(q, n, d), cos, sin)
         k = rope.apply(split_heads(k, n_kv, d), cos, sin)
         k, v = kv_fn(layer, k, split_heads(v, n_kv, d))  # [1, kv_heads, S, head_dim]
-        rep = n // n_kv
-        if rep > 1:
-            s = k.shape[2]
-            k = k[:, :, None].expand(b, n_kv, rep, s, d).reshape(b, n, s, d)
-            v = v[:, :, None].expand(b, n_kv, rep, s, d).reshape(b, n, s, d)
-        scores = torch.matmul(q, k.transpose(2, 3)) * (d**-0.5)
-        scores = torch.where(mask, scores, torch.full_like(scores, MASK_VALUE))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        return torch.matmul(probs, v).transpose(1, 2).reshape(b, t, n * d)
+        return grouped_attention(q, k, v, mask, heads)
 
     return attend
 
@@ -211,18 +219,14 @@ class TextModel(nn.Module):
 
         return self.run(embeds, position_ids, masked_attention(mask, kv_fn))
 
-    def forward_with_past(
-        self, embeds, position_ids, past: list[tuple[torch.Tensor, torch.Tensor]], key_mask: torch.Tensor | None = None
-    ):
-        # embeds: [1, T, H]; past[i]: ([1, kv, P, D], [1, kv, P, D]); key_mask: [P+T] bool (None = all)
+    def forward_with_past(self, embeds, position_ids, past: list[tuple[torch.Tensor, torch.Tensor]]):
+        # embeds: [1, T, H]; past[i]: ([1, kv, P, D], [1, kv, P, D])
         # -> logits [1, T, V], presents [1, kv, P+T, D]
         t = embeds.shape[1]
         p = past[0][0].shape[2]
         q_pos = torch.arange(t, device=embeds.device) + p
         k_pos = torch.arange(p + t, device=embeds.device)
         mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # [T, P+T]
-        if key_mask is not None:
-            mask = mask & key_mask.unsqueeze(0)
         presents: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def kv_fn(layer: int, k: torch.Tensor, v: torch.Tensor):

@@ -24,7 +24,8 @@ import onnxscript
 import torch
 from onnx.defs import OpSchema
 
-from exporter.model.decoder import AttendFn, Heads, Rope, split_heads
+from exporter.model.decoder import (AttendFn, Heads, Rope, grouped_attention, rotate_halves, rotate_pairs,
+                                    split_heads)
 
 MSFT = onnxscript.values.Opset("com.microsoft", 1)
 
@@ -58,24 +59,17 @@ _GQA = onnxscript.values.Op(MSFT, "GroupQueryAttention", _schema(rotary=False))
 _GQA_ROTARY = onnxscript.values.Op(MSFT, "GroupQueryAttention", _schema(rotary=True))
 
 
-def _attention(q: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, num_heads: int, kv_num_heads: int, scale: float):
-    """GroupQueryAttention's semantics on rotated heads (q [1, heads, T, D], key / value [1, kv, T, D]),
-    every key position up to the query's own (an all-ones mask)."""
-    b, _, t, _ = q.shape
+def _attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, past_key: torch.Tensor,
+               past_value: torch.Tensor, num_heads: int, kv_num_heads: int, scale: float) -> tuple[torch.Tensor, ...]:
+    """GroupQueryAttention's semantics on rotated heads (q [1, heads, T, D], key / value [1, kv, T, D]) after
+    the past: the reference attention (grouped_attention), every key position up to the query's own (an
+    all-ones mask); returns the output and the presents."""
+    t = q.shape[2]
     k = torch.cat((past_key, key), dim=2)
     v = torch.cat((past_value, value), dim=2)
     s = k.shape[2]
-    rep = num_heads // kv_num_heads
     causal = torch.arange(s, device=q.device)[None] <= (torch.arange(t, device=q.device) + s - t)[:, None]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=causal, scale=scale)
-    return out.transpose(1, 2).reshape(b, t, -1), k, v
-
-
-def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
-    b, t, width = x.shape
-    return x.view(b, t, n, width // n).transpose(1, 2)
+    return grouped_attention(q, k, v, causal, (num_heads, kv_num_heads, q.shape[-1]), scale), k, v
 
 
 def _fake(query, past_key, past_value, num_heads, kv_num_heads):
@@ -92,8 +86,10 @@ def group_query_attention(
     seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor, num_heads: int, kv_num_heads: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GroupQueryAttention without rotation: query / key / value ``[1, T, n * D]``, rotated already."""
-    return _attention(_heads(query, num_heads), past_key, past_value, _heads(key, kv_num_heads),
-                      _heads(value, kv_num_heads), num_heads, kv_num_heads, scale)
+    d = past_key.shape[-1]
+    return _attention(split_heads(query, num_heads, d), split_heads(key, kv_num_heads, d),
+                      split_heads(value, kv_num_heads, d),
+                      past_key, past_value, num_heads, kv_num_heads, scale)
 
 
 @group_query_attention.register_fake
@@ -112,23 +108,19 @@ def group_query_attention_rotary(
     rotary_dim channels (pairs interleaved, or halves)."""
     cos, sin = cos_cache[position_ids[0]], sin_cache[position_ids[0]]  # [T, rotary_dim / 2]
     if rotary_interleaved:
-        cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+        cos, sin, turn = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1), rotate_pairs
     else:
-        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+        cos, sin, turn = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1), rotate_halves
     dim = cos.shape[-1]
+    d = past_key.shape[-1]
 
-    def rotate(x: torch.Tensor) -> torch.Tensor:
+    def rotate(x: torch.Tensor, n: int) -> torch.Tensor:  # [1, T, n * D] -> [1, n, T, D], as Rope.apply rotates
+        x = split_heads(x, n, d)
         rot, keep = x[..., :dim], x[..., dim:]
-        if rotary_interleaved:
-            pairs = rot.unflatten(-1, (-1, 2))
-            turned = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-        else:
-            a, b = rot.chunk(2, dim=-1)
-            turned = torch.cat((-b, a), dim=-1)
-        return torch.cat((rot * cos + turned * sin, keep), dim=-1)
+        return torch.cat((rot * cos + turn(rot) * sin, keep), dim=-1)
 
-    return _attention(rotate(_heads(query, num_heads)), past_key, past_value, rotate(_heads(key, kv_num_heads)),
-                      _heads(value, kv_num_heads), num_heads, kv_num_heads, scale)
+    return _attention(rotate(query, num_heads), rotate(key, kv_num_heads), split_heads(value, kv_num_heads, d),
+                      past_key, past_value, num_heads, kv_num_heads, scale)
 
 
 @group_query_attention_rotary.register_fake
