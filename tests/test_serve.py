@@ -394,9 +394,17 @@ def test_client_that_disconnects_cancels_its_generation(tiny_server, stream, mon
                 for line in r.iter_lines():
                     if '"content": "' in line and '"content": ""' not in line:
                         break  # the first token arrived: go away
-    else:
-        with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting for the whole answer
-            httpx.post(f"{tiny_server.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.1))
+    else:  # the client gives up waiting for the whole answer once the server is generating it and hangs up
+        # (not a fixed read timeout: on a loaded machine that fired before the first token, CI run 14)
+        host, port = tiny_server.url.split("//", 1)[1].split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            payload = json.dumps(body).encode()
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(payload), payload))
+            deadline = time.monotonic() + 30
+            while engine.stats["generated_tokens"] == before["generated_tokens"] and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert engine.stats["generated_tokens"] > before["generated_tokens"], "the server never started generating"
     deadline = time.monotonic() + 10
     while engine.stats["cancelled"] == before["cancelled"] and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -405,7 +413,7 @@ def test_client_that_disconnects_cancels_its_generation(tiny_server, stream, mon
     _wait_idle(engine)
     generated = engine.stats["generated_tokens"] - before["generated_tokens"]
     # stopped mid-way: the whole answer runs to the context's end (235 tokens, no eos on tiny for this prompt);
-    # the client left after 0.1 s (non-stream) or at the first token, i.e. within ~10-20 paced tokens
+    # the client left at the first token generated (non-stream) or received, i.e. within ~10-20 paced tokens
     assert 0 < generated < 120, generated
     # and the handler returned (nothing waits for ever), and the server goes on answering
     deadline = time.monotonic() + 10
