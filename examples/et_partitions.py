@@ -51,7 +51,9 @@ def describe(path: Path, ops: bool) -> None:
 
 
 def profile(pte: Path, steps: int, top: int = 20) -> None:
-    """ETDump of text_decoder over a prefill and ``steps`` decode calls: time per event name, largest first."""
+    """ETDump of the decoder over a 16-token prefill and ``steps`` decode calls: time per event name, largest
+    first. Ours: ``text_decoder(embeds, cache_position)``; optimum-executorch's .pte (no artifact.json):
+    ``forward(input_ids, cache_position)``, as its ``ExecuTorchModelForCausalLM`` calls it."""
     import collections
     import tempfile
 
@@ -62,13 +64,23 @@ def profile(pte: Path, steps: int, top: int = 20) -> None:
     from targets.executorch.session import load_runtime_kernels
 
     load_runtime_kernels()
-    info = json.loads((pte.parent / "artifact.json").read_text())
-    h = info["programs"]["text_decoder"]["inputs"][0]["shape"][2]
     module = _load_for_executorch(str(pte), enable_etdump=True, debug_buffer_size=0)
     gen = torch.Generator().manual_seed(0)
-    module.run_method("text_decoder", (torch.randn(1, 16, h, generator=gen) * 0.1, torch.arange(16)))
+    if (pte.parent / "artifact.json").exists():
+        method = "text_decoder"
+        h = json.loads((pte.parent / "artifact.json").read_text())["programs"][method]["inputs"][0]["shape"][2]
+
+        def call(n: int, start: int) -> None:
+            module.run_method(method, (torch.randn(1, n, h, generator=gen) * 0.1, torch.arange(start, start + n)))
+    else:
+        method = "forward"
+
+        def call(n: int, start: int) -> None:  # token ids well inside any vocabulary
+            ids = torch.randint(100, 1000, (1, n), generator=gen)
+            module.run_method(method, (ids, torch.arange(start, start + n)))
+    call(16, 0)
     for i in range(steps):
-        module.run_method("text_decoder", (torch.randn(1, 1, h, generator=gen) * 0.1, torch.tensor([16 + i])))
+        call(1, 16 + i)
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "etdump.bin"
         module.write_etdump_result_to_file(str(dump))
@@ -81,7 +93,7 @@ def profile(pte: Path, steps: int, top: int = 20) -> None:
                 total[ev.name] += sum(ev.perf_data.raw)
                 calls[ev.name] += len(ev.perf_data.raw)
     run = sum(t for n, t in total.items() if n == "Method::execute") or 1.0
-    print(f"  ETDump, text_decoder: prefill 16 + {steps} decode calls, {run:.1f} ms in Method::execute")
+    print(f"  ETDump, {method}: prefill 16 + {steps} decode calls, {run:.1f} ms in Method::execute")
     for name, t in total.most_common(top):
         if name.startswith(("Program::", "Method::init")):
             continue
