@@ -105,18 +105,34 @@ def test_generate_checkpoint_equals_transformers_greedy(pair):
     assert re.search(r"prompt tokens: (\d+)", r.output).group(1) == str(len(ids))
 
 
+def _export_one_family(pair, tmp_path, target: str, recipe: str) -> dict:
+    """``export --checkpoint`` of the llama pair to tmp_path/a (the qwen2 one is skipped: the path does not depend
+    on the family); its artifact.json."""
+    d, _, _ = pair
+    if "qwen2" in d.name:
+        pytest.skip("one family is enough: the path does not depend on it")
+    r = CliRunner().invoke(app, ["export", "--checkpoint", str(d), "--target", target, "--recipe", recipe,
+                                 "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    return json.loads((tmp_path / "a" / "artifact.json").read_text())
+
+
 @pytest.mark.slow
 def test_executorch_int8_static_of_a_text_only_model(pair, tmp_path):
     """PT2E calibration of a decoder without vision: no image-marker state to check (torch.export drops the
     unused buffer; asking for it failed with "Module has no attribute `image_next`" on SmolLM2)."""
-    d, _, _ = pair
-    if "qwen2" in d.name:
-        pytest.skip("one family is enough: the path does not depend on it")
-    r = CliRunner().invoke(app, ["export", "--checkpoint", str(d), "--target", "executorch", "--recipe", "int8-static",
-                                 "--out", str(tmp_path / "a")])
-    assert r.exit_code == 0, r.output
-    info = json.loads((tmp_path / "a" / "artifact.json").read_text())
+    info = _export_one_family(pair, tmp_path, "executorch", "int8-static")
     assert info["recipe"] == "int8-static" and info["report"]["export_check"]["measured"]
+
+
+def test_text_only_ort_folder_says_genai_cannot_open_it(pair, tmp_path):
+    """onnxruntime-genai 0.18's qwen2_5_vl type (3-D M-RoPE positions from the host) opens only with a vision
+    model: a text-only folder's report says so instead of promising og.Model(dir), and og refuses it."""
+    og = pytest.importorskip("onnxruntime_genai")
+    genai = _export_one_family(pair, tmp_path, "ort", "fp32")["report"]["genai"]
+    assert genai["loads"] is False and "not loadable" in genai["text"]
+    with pytest.raises(Exception):
+        og.Model(str(tmp_path / "a"))
 
 
 def test_rope_scaling_is_refused(tmp_path, pair):

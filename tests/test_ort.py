@@ -269,12 +269,44 @@ def test_session_keeps_and_slices_the_past(ort_artifacts, tiny_components, eager
     half = n // 2
     args = dict(embeds=emb[:, half:], position_ids=segs[0].position_ids[:, half:], cache_position=np.arange(half, n))
     assert np.abs(session.run("text_decoder", **args) - eager.run("text_decoder", **args)).max() <= 1e-4
-    assert session.past[0][0].shape[2] == n
+    assert session.cached == n
+    assert session.kv, "the GroupQueryAttention decoder runs on shared past/present buffers (genai_config.json)"
     from core.errors import RuntimeFailure
 
     with pytest.raises(RuntimeFailure, match="cache_position starts at"):
         session.run("text_decoder", embeds=emb[:, :1], position_ids=segs[0].position_ids[:, :1],
                     cache_position=np.array([n + 5]))
+
+
+def test_shared_kv_buffers_equal_the_copied_presents(ort_artifacts, eager_run, tmp_path):
+    """The same folder with genai_config.json's past_present_share_buffer false (as artifacts before the
+    GroupQueryAttention graph say): the session feeds each call's presents back as arrays, and the logits are
+    the shared buffers' bit for bit, through a prefill, decode steps and a replay at an earlier position."""
+    art = ort_artifacts[FP32]
+    copy = tmp_path / "copied"
+    copy.mkdir()
+    for f in art.dir.iterdir():
+        if f.name != "genai_config.json":
+            (copy / f.name).symlink_to(f)
+    g = json.loads((art.dir / "genai_config.json").read_text())
+    assert g["search"]["past_present_share_buffer"] is True
+    g["search"]["past_present_share_buffer"] = False
+    (copy / "genai_config.json").write_text(json.dumps(g))
+    shared, copied = _open(art), _open(read_artifact(copy))
+    assert shared.kv and not copied.kv
+    seg, runner = eager_run["segments"][0], eager_run["runner"]
+    emb, n = runner.embed(seg), seg.length
+
+    def both(lo, hi):
+        args = dict(embeds=emb[:, lo:hi], position_ids=seg.position_ids[:, lo:hi], cache_position=np.arange(lo, hi))
+        a, b = shared.run("text_decoder", **args), copied.run("text_decoder", **args)
+        np.testing.assert_array_equal(a, b)
+
+    both(0, n - 3)
+    both(n - 3, n - 2)
+    both(n - 2, n - 1)
+    both(n // 2, n)  # replayed from an earlier position
+    assert shared.cached == copied.cached == n
 
 
 # --- int8 ----------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ graph's ``attend`` (exporter.model.decoder.AttendFn) is one custom torch op per 
 ``autoglm_ort::group_query_attention[_rotary]``, whose eager body is the reference math and which
 torch.onnx translates into one ``GroupQueryAttention`` node: past key/value ``[1, kv, P, D]`` in, the
 projected query, key and value of the new tokens ``[1, T, n * D]`` in, present key/value
-``[1, kv, P + T, D]`` out (no shared buffer: the graph's I/O is unchanged). The M-RoPE rotation is the
-kernel's too where its CPU kernel can do it (``do_rotary``, from per-call tables: :func:`gqa_attend`),
-else ours before the node.
+``[1, kv, P + T, D]`` out (the graph's I/O is unchanged; a runner may also bind one max-length buffer as both,
+which the kernel appends to in place: targets/ort/session.py, genai's past_present_share_buffer). The M-RoPE
+rotation is the kernel's too where its CPU kernel can do it (``do_rotary``, from per-call tables:
+:func:`gqa_attend`), else ours before the node.
 
 The mask: ``GroupQueryAttention`` is causal over ``seqlens_k`` (keys per row - 1) and
 ``total_sequence_length``, both taken from ``attention_mask`` as onnxruntime-genai's graphs take them

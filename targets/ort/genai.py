@@ -78,7 +78,9 @@ def genai_config(config: Any, files: dict[str, str]) -> dict[str, Any]:
         "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": config.shape.max_seq_len,
         "min_length": 0, "temperature": 1.0, "top_k": 1, "top_p": 1.0, "repetition_penalty": 1.0,
         "length_penalty": 1.0, "diversity_penalty": 0.0, "no_repeat_ngram_size": 0, "early_stopping": True,
-        "past_present_share_buffer": False,
+        # the decoder's attention is GroupQueryAttention (targets/ort/attention.py), which appends to a shared
+        # [1, kv, max_length, D] past/present buffer in place, as genai's own graphs do
+        "past_present_share_buffer": True,
     }
     return {"model": model, "search": search}
 
@@ -129,8 +131,13 @@ def genai_usage(config: Any, tokenizer_files: list[str]) -> dict[str, Any]:
     else:  # og.Tokenizer needs both files
         text = (f"og.Model(dir), generator.append_tokens(prompt ids); no og.Tokenizer: model '{config.name}' ships "
                 "no tokenizer.json + tokenizer_config.json, so the app tokenizes")
+    if not config.vision:  # measured with 0.18.0 on SmolLM2's folder (README "Running the ONNX folder ...")
+        text = ("not loadable by onnxruntime-genai: its qwen2_5_vl type (the one whose host computes the 3-D M-RoPE "
+                "positions this decoder takes) opens only with a vision model, and a decoder-only type with this "
+                "folder's separate embedding graph needs genai's dynamic-batching Engine and feeds 2-D positions; "
+                "run the graphs with onnxruntime directly (as OrtSession does)")
     out: dict[str, Any] = {"package": GENAI_PACKAGE, "written_for": GENAI_VERSION, "config": GENAI_CONFIG,
-                           "model_type": "qwen2_5_vl", "text": text}
+                           "model_type": "qwen2_5_vl", "loads": bool(config.vision), "text": text}
     if config.vision:
         v = config.vision
         s = config.shape.image_size
