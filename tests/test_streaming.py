@@ -152,10 +152,14 @@ def _peak_rise(child: str, suffix: str, tmp_path: Path) -> tuple[dict[str, int],
     def peak(layers: int, mode: str) -> dict[str, int]:
         out = tmp_path / f"{mode}-{layers}{suffix}"
         proc = subprocess.run([sys.executable, "-c", child, str(layers), mode, str(out)], cwd=ROOT, capture_output=True,
-                              text=True, timeout=900, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                              text=True, timeout=900, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                                                           "MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
+    # glibc's malloc raises its mmap threshold as large blocks are freed, after which freed blocks stay in the heap
+    # (RSS): without a fixed threshold the 2-layer ExecuTorch peak alone varied by 90 MiB between identical runs (CI
+    # run 18 measured +131 MiB where the run before measured +32). With it: 178/179 MiB for 2 layers, 212/209 for 4.
     rise = {}
     for mode in ("stream", "whole"):
         small, large = peak(2, mode), peak(4, mode)
@@ -268,10 +272,10 @@ print(json.dumps({"before": before, "peak": status("VmHWM"), "layer_bytes": laye
 @pytest.mark.slow
 def test_executorch_twice_the_layers_costs_less_than_one_layer_of_peak_memory(tmp_path):
     """The streamed decoder, its packed pieces waiting in files as export's own call keeps them (spill_dir),
-    grows by less than one layer's float32 weights (measured +32 MiB of 58; without the spill the packed
-    4-bit weights and their serialized copies stay in memory: +84-88 MiB); the whole-method path's peak grows
-    by their float32 copy and more."""
+    grows by less than one layer's float32 weights (measured +31-34 MiB of 58 with a fixed mmap threshold); the
+    whole-method path's peak grows by their float32 copy."""
     rise, layer = _peak_rise(ET_CHILD, ".pte", tmp_path)
     print({mode: r >> 20 for mode, r in rise.items()}, "MiB; one layer", layer >> 20, "MiB")
     assert rise["stream"] < layer, f"streamed: +{rise['stream'] >> 20} MiB for 2 more layers of {layer >> 20} MiB"
-    assert rise["whole"] > 2 * layer, f"whole: +{rise['whole'] >> 20} MiB for 2 more layers of {layer >> 20} MiB"
+    # the whole method holds the 2 more layers' float32 copy (measured +114 MiB of 116): the measure sees layers
+    assert rise["whole"] > 1.5 * layer, f"whole: +{rise['whole'] >> 20} MiB for 2 more layers of {layer >> 20} MiB"
