@@ -276,6 +276,39 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def memory_mib() -> dict[str, float]:
+    """This process's resident set now and its own peak so far (VmRSS, VmHWM), in MiB: ru_maxrss would carry a
+    parent's peak across fork/exec. Where /proc is missing both fall back to ru_maxrss."""
+    try:
+        status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return {"rss_mib": round(int(status["VmRSS"].split()[0]) / 1024, 1),
+                "peak_mib": round(int(status["VmHWM"].split()[0]) / 1024, 1)}
+    except (OSError, KeyError, ValueError):
+        peak = round(peak_rss_mb(), 1)
+        return {"rss_mib": peak, "peak_mib": peak}
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free memory back to the kernel (glibc's malloc_trim). Freed blocks under malloc's mmap
+    threshold, which glibc raises up to 32 MiB as large blocks are freed, stay in the heap and in RSS: a 9B
+    method's float32 copy, freed after its export, is mostly such blocks. Call after gc.collect() once a large
+    working set is released. A no-op where the C library has no malloc_trim."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+            import ctypes.util
+
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
+
+
 def drop_mapped_pages(mm: Any, start: int, stop: int) -> None:
     """Hand the whole pages of a memory mapping inside bytes [start, stop) (page-aligned outward) back to the
     kernel (MADV_DONTNEED): a page read once stays in the process's RSS until then; a read-only or

@@ -71,15 +71,9 @@ def decoder_weight_elements(config: Any) -> int:
 
 def _peak_rss_mb() -> float:
     """This process's own peak RSS (VmHWM; ru_maxrss would carry the parent's peak across fork/exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    from core.artifact import peak_rss_mb
+    from core.artifact import memory_mib
 
-    return peak_rss_mb()
+    return memory_mib()["peak_mib"]
 
 
 def _bench_tokens(config: Any, tokenizer: Any, n: int) -> np.ndarray:

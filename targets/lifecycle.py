@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import time
 from pathlib import Path
@@ -23,10 +24,12 @@ from core.artifact import (
     Progress,
     atomic_artifact_dir,
     check_output_dir,
+    memory_mib,
     no_progress,
     peak_rss_mb,
     read_artifact,
     runtime_versions,
+    trim_heap,
     write_artifact_json,
 )
 from core.errors import MissingRuntimeError
@@ -66,6 +69,8 @@ def export(
         job = BuildJob(components=components, recipe=recipe, spec=rspec, metadata=dict(metadata),
                        calibration=calibration, work=Path(work), tokenizer_files=tokenizer_files, progress=progress)
         built = target.build(job, root)
+        gc.collect()
+        trim_heap()  # what the build freed leaves the heap before the check opens the program beside the eager pass
         meta = dict(built.metadata if built.metadata is not None else metadata)
         if source is not None:
             meta["source"] = source  # parity rebuilds the reference from it
@@ -80,14 +85,19 @@ def export(
                          info={"target": spec.name, "recipe": recipe.name, "metadata": meta, "runner_interface": interface})
         progress(f"{spec.name} check", 0, 1)
         t = time.perf_counter()
+        # where the memory went, phase by phase (resident at the end of each, and the process's peak so far)
+        memory = {"built": memory_mib()}
         # eager first, then the program: at 9B the two working sets do not fit in memory together
         reference = held_out_reference(components)
+        memory["eager_reference"] = memory_mib()
         try:
             session = target.open(draft, built.check_variant)
         except MissingRuntimeError as e:  # no runtime (nor emulation) on this host: said, not hidden
             check: dict[str, Any] = {"measured": False, "why": str(e)}
         else:
+            memory["program_opened"] = memory_mib()
             check = export_gate(spec.name, recipe, session, reference, gate)
+            memory["checked"] = memory_mib()
             del session
             if check_floor is not None:
                 check["floor_set_by_user"] = {"floor_cosine": check_floor, "recipe_default": {
@@ -103,7 +113,8 @@ def export(
             "programs": built.programs,
             "metadata": meta,
             "runtime_versions": runtime_versions(*spec.runtime_packages),
-            "export": {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_mb(), 1)},
+            "export": {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+                       "memory_mib": memory},
             "report": report,
         }
         write_artifact_json(root, info)

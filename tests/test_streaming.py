@@ -180,7 +180,7 @@ def test_twice_the_layers_costs_less_than_one_layer_of_peak_memory(tmp_path):
 @pytest.mark.slow
 def test_executorch_streamed_decoder_equals_whole_export(exported, tiny_components, tmp_path, monkeypatch):
     """tiny 8da4w with the decoder lowered piece by piece, its packed weights moved to files until the program
-    is written: the same numbers as the whole-method .pte, bit for bit, in ExecuTorch's runtime (prefill and a
+    is written and its lm_head in row slices: the same numbers as the whole-method .pte, bit for bit, in ExecuTorch's runtime (prefill and a
     decode step), and the same export check."""
     import targets.executorch.streaming as streaming
     from targets.executorch.session import ExecuTorchSession
@@ -196,17 +196,21 @@ def test_executorch_streamed_decoder_equals_whole_export(exported, tiny_componen
         spilled.append(all(isinstance(b, FileBackedData) for b in lowered.named_data_store_output.buffers))
 
     monkeypatch.setattr(streaming, "SPILL_BYTES", 1)  # tiny's packed weights are a few KiB
+    lm_head = tiny_components.text_decoder.text.lm_head  # in 3 row slices, as the 9B's 2.5 GB one is in 5
+    monkeypatch.setattr(streaming, "SLICE_BYTES", lm_head.weight.numel() * 4 // 3 + 1)
     monkeypatch.setattr(streaming, "spill", spill)
     whole = exported("executorch", RecipeName.W4_DA8)
     tiny_components.text_decoder.cache.reset()
     streamed = export(ExecuTorchTarget(stream_above=0), tiny_components, Recipe(RecipeName.W4_DA8), tmp_path / "s")
     assert spilled == [True] * (tiny_components.config.text.num_layers + 1)
+    last = streaming.pieces_of(streaming.EtTextModel(tiny_components.text_decoder))[-1]
+    assert isinstance(last.lm_head, streaming.RowSlices) and len(last.lm_head.parts) == 3
     report = streamed.info["report"]
     layers = tiny_components.config.text.num_layers
     assert report["streamed_decoder"]["pieces"] == layers + 1
     assert "streamed_decoder" not in whole.info["report"]
     assert report["quantization"]["text_decoder"]["quantized_linears"] == \
-        whole.info["report"]["quantization"]["text_decoder"]["quantized_linears"]
+        whole.info["report"]["quantization"]["text_decoder"]["quantized_linears"] + 2  # the lm_head's 3 slices
     for method, numbers in whole.info["report"]["export_check"]["methods"].items():
         assert report["export_check"]["methods"][method]["cosine"] == pytest.approx(numbers["cosine"], abs=1e-6)
     hidden = tiny_components.config.text.hidden_size

@@ -32,6 +32,7 @@ copy and its quantized and packed forms, beside the other methods.
 from __future__ import annotations
 
 import copy
+import gc
 import operator
 from collections import OrderedDict
 from pathlib import Path
@@ -41,9 +42,10 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from core.artifact import trim_heap
 from core.errors import ExportError
 from exporter.model.upcast import release_pages, typed_copy
-from targets.executorch.llm_decoder import EtLayer, EtTextModel, register_custom_ops, rms_norm
+from targets.executorch.llm_decoder import EtLayer, EtTextModel, register_custom_ops, rms_norm, split_linear
 
 # the decoder is streamed when its float32 weights would exceed this (the whole-method path below it)
 STREAM_ABOVE_BYTES = 2 << 30
@@ -78,12 +80,41 @@ class MiddlePiece(nn.Module):
         return x, q, k, v
 
 
+# a linear of a piece whose float32 weight passes this is quantized and packed in row slices (RowSlices)
+SLICE_BYTES = 512 << 20
+
+
+class RowSlices(nn.Module):
+    """A wide linear (the 9B's 151552 x 4096 lm_head: 2.5 GB in float32) as linears over slices of its output
+    rows, their outputs concatenated. The slices are views of the source weight (no copy); the piece's float32
+    copy is then made, and quantized by torchao, one slice at a time: the whole lm_head's quantization made
+    temporaries of about twice its float32 bytes (the last piece of a 2-layer cut of the 9B peaked at 9.5 GiB
+    from 2.0 GiB resident). Per output row the weights, their scales (per row or per group along the input) and the dynamic
+    activation scales are those of the whole linear, so the numbers are unchanged."""
+
+    def __init__(self, linear: nn.Linear, parts: int):
+        super().__init__()
+        rows = -(-linear.out_features // parts)
+        self.parts = nn.ModuleList(split_linear(linear, lo, min(lo + rows, linear.out_features))
+                                   for lo in range(0, linear.out_features, rows))
+
+    @staticmethod
+    def of(linear: nn.Module) -> nn.Module:
+        """``linear`` itself, or its RowSlices when its float32 weight passes :data:`SLICE_BYTES`."""
+        if not isinstance(linear, nn.Linear) or linear.weight.numel() * 4 <= SLICE_BYTES:
+            return linear
+        return RowSlices(linear, -(-linear.weight.numel() * 4 // SLICE_BYTES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
 class LastPiece(nn.Module):
-    """The last layer's stream and SDPA output -> logits."""
+    """The last layer's stream and SDPA output -> logits (a wide lm_head in :class:`RowSlices`)."""
 
     def __init__(self, prev: EtLayer, norm: nn.Module, lm_head: nn.Module):
         super().__init__()
-        self.prev, self.norm, self.lm_head = prev, norm, lm_head
+        self.prev, self.norm, self.lm_head = prev, norm, RowSlices.of(lm_head)
 
     def forward(self, x: torch.Tensor, attended: torch.Tensor):
         return self.lm_head(rms_norm(self.norm, self.prev.post(x, attended)))
@@ -301,6 +332,8 @@ def stream_decoder(model: EtTextModel, source: nn.Module, quantize: PieceQuantiz
         done, report = lower_piece(piece, args, shapes, quantize, f"piece {i}", spill_dir)
         lowered.append(done)
         release_pages(source)
+        gc.collect()
+        trim_heap()  # the piece's float32 copy and lowering temporaries, freed, leave the heap too
         for key, value in report.items():
             if isinstance(value, int):
                 total[key] = total.get(key, 0) + value

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from calibration.stats import resolve_method_inputs
-from core.artifact import Artifact
+from core.artifact import Artifact, memory_mib, trim_heap
 from core.errors import ArtifactError, BadInputError, ExportError
 from exporter.model.upcast import as_float32, float_bytes, release_pages
 from targets.base import method_signatures
@@ -43,8 +43,9 @@ KERNELS_INT8_EMBEDDING = (f"{KERNELS}; int8 embeddings need ExecuTorch's quantiz
 class _Steps:
     """The build's progress bar and its per-step wall times (report["timings_s"])."""
 
-    def __init__(self, progress: Callable[[str, int, int], None], total: int, timings: dict[str, float]):
-        self.progress, self.total, self.timings, self.done = progress, total, timings, 0
+    def __init__(self, progress: Callable[[str, int, int], None], total: int, timings: dict[str, float],
+                 memory: dict[str, dict[str, float]]):
+        self.progress, self.total, self.timings, self.memory, self.done = progress, total, timings, memory, 0
         self.t = time.perf_counter()
         progress("executorch export", 0, total)
 
@@ -53,9 +54,10 @@ class _Steps:
         self.progress("executorch export", self.done, self.total)
 
     def lap(self, name: str) -> None:
-        """Record the time since the last lap as ``name``."""
+        """Record the time since the last lap as ``name``, and the memory at its end (report["memory_mib"])."""
         now = time.perf_counter()
         self.timings[name] = round(now - self.t, 2)
+        self.memory[name] = memory_mib()
         self.t = now
 
 
@@ -91,8 +93,8 @@ class ExecuTorchTarget:
             report["image_marker"] = check_marker_unique(components, marker)
         modules = program_modules(components, marker)
         methods = list(modules)
-        report["timings_s"] = {}
-        steps = _Steps(job.progress, len(methods) + 3, report["timings_s"])
+        report["timings_s"], report["memory_mib"] = {}, {}
+        steps = _Steps(job.progress, len(methods) + 3, report["timings_s"], report["memory_mib"])
         recorded = None
         if scheme.activations == "static":  # the calibration calls each method's observers will see
             recorded = resolve_method_inputs(job.calibration, components, job.progress)
@@ -103,18 +105,23 @@ class ExecuTorchTarget:
         edge = self._lower(job, programs, report)
         del programs
         gc.collect()
+        trim_heap()
         steps.step()
         steps.lap("lower_xnnpack")
         pte = staging / PTE
         self._emit(job, edge, pte)
         del edge
         gc.collect()
+        trim_heap()
         steps.step()
         steps.lap("emit")
         if marker is not None:
             session = ExecuTorchSession(pte, job.recipe.name)
             report["image_marker"].update(check_marker_in_program(session, components, marker))
             del session
+            gc.collect()
+            trim_heap()
+            report["memory_mib"]["image_marker_checked"] = memory_mib()
         outputs = {m: list(sig["outputs"]) for m, sig in method_signatures(components).items()}
         program_io = read_program_io(pte, {m: (names[m], outputs[m]) for m in methods})
         steps.lap("read_back")
@@ -159,6 +166,8 @@ class ExecuTorchTarget:
                 raise ExportError(f"torch.export of {m} for ExecuTorch ({recipe.name}) failed: {str(e).splitlines()[0]}") from e
             release_pages(module)
             gc.collect()
+            trim_heap()
+            report["memory_mib"][f"export {m}"] = memory_mib()
             steps.step()
         return programs
 
