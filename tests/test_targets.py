@@ -80,6 +80,9 @@ def test_export_writes_a_complete_verified_artifact(artifact, tiny_components):
     for m, r in check["methods"].items():
         assert r["cosine"] >= gate.floor_cosine, (artifact.target, m, r)
     assert info["export"]["wall_s"] > 0 and info["export"]["peak_rss_mb"] > 0
+    memory = info["export"]["memory_mib"]  # phase by phase: resident at its end <= the peak so far
+    assert {"built", "eager_reference", "program_opened", "checked"} == set(memory)
+    assert all(0 < m["rss_mib"] <= m["peak_mib"] for m in memory.values())
 
 
 def test_session_runs_every_method_with_the_interface_shapes(artifact, eager_run):
