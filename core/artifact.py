@@ -277,15 +277,17 @@ def peak_rss_mb() -> float:
 
 
 def memory_mib() -> dict[str, float]:
-    """This process's resident set now and its own peak so far (VmRSS, VmHWM), in MiB: ru_maxrss would carry a
-    parent's peak across fork/exec. Where /proc is missing both fall back to ru_maxrss."""
+    """This process's resident set now, the part of it that is mapped file pages (a checkpoint, a program: the
+    kernel can drop them) and its own peak so far (VmRSS, RssFile, VmHWM), in MiB: ru_maxrss would carry a
+    parent's peak across fork/exec. Where /proc is missing all fall back to ru_maxrss."""
     try:
         status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
         return {"rss_mib": round(int(status["VmRSS"].split()[0]) / 1024, 1),
+                "file_mib": round(int(status["RssFile"].split()[0]) / 1024, 1),
                 "peak_mib": round(int(status["VmHWM"].split()[0]) / 1024, 1)}
     except (OSError, KeyError, ValueError):
         peak = round(peak_rss_mb(), 1)
-        return {"rss_mib": peak, "peak_mib": peak}
+        return {"rss_mib": peak, "file_mib": 0.0, "peak_mib": peak}
 
 
 def trim_heap() -> None:
