@@ -262,9 +262,9 @@ def lower_piece(piece: nn.Module, args: tuple, dynamic_shapes: tuple, quantize: 
     """``piece`` copied to float32, quantized by ``quantize``, exported and lowered to one XNNPACK
     delegate; (the lowered piece, the quantization report). With ``spill_dir``, its packed weights wait
     there as files (:func:`spill`)."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
     from executorch.exir.delegate import executorch_call_delegate
+
+    from targets.executorch.lower import lower
 
     module = typed_copy(piece, torch.float32)
     release_pages(piece)
@@ -272,8 +272,7 @@ def lower_piece(piece: nn.Module, args: tuple, dynamic_shapes: tuple, quantize: 
     with torch.no_grad():
         program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
     del module
-    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
-                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    edge = lower(program)
     del program
     graph = edge.exported_program().graph_module
     placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
