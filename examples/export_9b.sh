@@ -36,7 +36,7 @@ ARGS_8da4w=${ARGS_8da4w---check-floor 0.5}  # ExecuTorch's 4-bit recipe: the sam
 # it into block-32 MatMulNBits, holding 15.6 GiB of sessions for the 9B (above the 16 GiB target with the rest);
 # written directly at block 128 the sessions hold ~1.1x the int8 bytes (examples/ort_session_memory.py).
 # The per-channel default: ARGS_int8_weight="".
-ARGS_int8_weight=${ARGS_int8_weight---group-size 128}
+ARGS_int8_weight=${ARGS_int8_weight---group-size 128}  # (ort; TARGET=executorch / coreml: ARGS_int8_weight="")
 mkdir -p "$OUT" "$ROOT"
 # shellcheck source=examples/measure.sh
 . "$HERE/measure.sh"
