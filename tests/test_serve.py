@@ -367,17 +367,16 @@ def _wait_idle(engine) -> None:
     assert not engine.busy
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_client_that_disconnects_cancels_its_generation(tiny_server, stream, monkeypatch):
-    engine = tiny_server.engine
-    _wait_idle(engine)
+def _pace(engine, monkeypatch, seconds: float) -> None:
+    """The engine's real runner, ``seconds`` per token: tiny decodes ~400 tok/s, so an answer of a few hundred
+    tokens can end before a test's client has done what it is testing."""
     stream_tokens = engine.runner.stream
 
-    def paced(*args, **kwargs):  # tiny decodes ~400 tok/s: pace it so the whole answer takes ~2.4 s on any machine
+    def paced(*args, **kwargs):
         steps = stream_tokens(*args, **kwargs)
         try:
             while True:
-                time.sleep(0.01)
+                time.sleep(seconds)
                 yield next(steps)
         except StopIteration as done:
             return done.value
@@ -385,6 +384,13 @@ def test_client_that_disconnects_cancels_its_generation(tiny_server, stream, mon
             steps.close()
 
     monkeypatch.setattr(engine.runner, "stream", paced)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_that_disconnects_cancels_its_generation(tiny_server, stream, monkeypatch):
+    engine = tiny_server.engine
+    _wait_idle(engine)
+    _pace(engine, monkeypatch, 0.01)  # the whole answer takes ~2.4 s on any machine
     before = dict(engine.stats)
     body = {"model": "tiny", "messages": _user(), "max_tokens": 240, "temperature": 0, "stream": stream}
     if stream:
@@ -460,6 +466,9 @@ def test_a_client_that_leaves_while_queued_is_skipped_and_its_handler_returns(ti
     monkeypatch.setattr(exporter.serve, "QUEUED_POLL_S", 0.02)  # see the queued client leave well within one answer
     engine = tiny_server.engine
     _wait_idle(engine)
+    # 240 tokens in ~4.8 s: unpaced, the first answer could end within the second client's 0.2 s wait, and the worker
+    # then took the queued job before the test saw it cancelled (CI run 20)
+    _pace(engine, monkeypatch, 0.02)
     before = dict(engine.stats)
     url = f"{tiny_server.url}/v1/chat/completions"
     long = {"model": "tiny", "messages": _user(), "max_tokens": 240, "temperature": 0, "stream": True}
