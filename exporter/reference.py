@@ -46,9 +46,12 @@ def _checkpoint_kind(checkpoint: str | Path) -> tuple[str, Path]:
     from core.errors import CheckpointError
     from exporter.hf_text import FAMILIES, model_type
 
-    path = Path(checkpoint)
+    path = Path(checkpoint).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint directory not found")
+    # every path the config derives from it (tokenizer.json, ...) as source_of records it: parity rebuilds the
+    # reference from that record and refuses a config that differs (a checkpoint reached through a symlink did)
+    path = path.resolve()
     if path.is_file():
         if path.suffix == ".gguf":
             return "gguf", path
@@ -87,5 +90,5 @@ def load_reference(preset: str | None = "tiny", checkpoint: str | Path | None = 
 def source_of(preset: str | None, checkpoint: str | Path | None, layers: int | None) -> dict[str, Any]:
     """Where the weights came from, recorded in every artifact so parity can rebuild the reference."""
     if checkpoint:
-        return {"checkpoint": str(Path(checkpoint).resolve())}
+        return {"checkpoint": str(Path(checkpoint).expanduser().resolve())}
     return {"preset": preset or "tiny", "layers": layers}

@@ -46,6 +46,25 @@ def _copy(ckpt, tmp_path):
     return dst
 
 
+def test_a_checkpoint_reached_through_a_symlink_gives_the_config_parity_rebuilds(ckpt, tmp_path):
+    """The config's paths (tokenizer.json) are the resolved checkpoint's, as the source record parity rebuilds the
+    reference from: a build of ~/models/X -> /data/X failed parity with "does not have the artifact's model config"."""
+    from exporter.reference import resolve_config, source_of
+
+    real = _copy(ckpt, tmp_path)
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    Tokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(real / "tokenizer.json"))
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    record = source_of(None, link, None)
+    assert record == {"checkpoint": str(real.resolve())}
+    via_link = resolve_config(None, link, None).to_dict()
+    assert via_link["tokenizer"] == str(real.resolve() / "tokenizer.json")
+    assert via_link == resolve_config(None, record["checkpoint"], None).to_dict()
+
+
 def test_sharded_checkpoint_loads(ckpt):
     assert (ckpt / "model.safetensors.index.json").exists()
     model = load_checkpoint(ckpt)
