@@ -23,6 +23,8 @@ def main() -> None:
     ap.add_argument("--judge-on", default=None, help="judge on this manifest's prompts (default: held-back calibration prompts)")
     ap.add_argument("--act-block", type=int, default=0, help="int8 inputs in blocks of N (ORT accuracy_level 4)")
     ap.add_argument("--smooth", type=float, default=None, help="SmoothQuant the decoder first (calibration/smooth.py)")
+    ap.add_argument("--int8-table", action="store_true",
+                    help="also the runtime's int8 (per row) embedding rows and lm_head (round to nearest in both rows)")
     ap.add_argument("--fit-search-only", action="store_true", help="with --judge-on: Hessians from the search prompts only")
     a = ap.parse_args()
 
@@ -55,8 +57,13 @@ def main() -> None:
         comps = build_components(model)
     rounded, record = round_weights(comps, fit)
     names = [n for n, m in model.named_modules() if n.startswith("text.layers.") and isinstance(m, nn.Linear)]
+    if a.int8_table:  # int8-weight on every target quantizes lm_head (SmolLM2: the tied table) and the table's rows
+        names.append("text.lm_head")
+        held_q = [[{**c, "embeds": _rows_int8(c["embeds"])} for c in u] for u in held]
+    else:
+        held_q = held
     print(f"{a.preset}: {len(names)} decoder linears int8 per channel, float inputs; {len(held)} judged prompts ({a.judge_on or 'held back from the calibration set'}), "
-          f"Hessians from {len(fit['text_decoder'])} decoder calls; smooth {a.smooth}; int8 input blocks {a.act_block or 'no'}; "
+          f"Hessians from {len(fit['text_decoder'])} decoder calls; smooth {a.smooth}; int8 input blocks {a.act_block or 'no'}; int8 table and lm_head {a.int8_table}; "
           f"GPTQ/RTN layer output error on its calibration inputs, median {record['output_error_vs_rtn_median']}\n")
     print("| rounding | worst-position cosine | mean cosine | top-1 agreement |")
     print("|---|---|---|---|")
@@ -70,7 +77,7 @@ def main() -> None:
         cos, agree, rows = [], 0, 0
         hooks = [mods[n].register_forward_pre_hook(_block_int8(a.act_block)) for n in names] if a.act_block else []
         with torch.no_grad():
-            for ref, unit in zip(refs, held):
+            for ref, unit in zip(refs, held_q):
                 weights = S._attributing(layers, calib, "w8", record=False) if quantized else contextlib.nullcontext()
                 with weights:  # RTN of GPTQ's grid weights is exact
                     test = S._unit_output(c, "text_decoder", unit)
@@ -81,6 +88,14 @@ def main() -> None:
             h.remove()
         allc = torch.cat(cos)
         print(f"| {label} | {float(allc.min()):.5f} | {float(allc.mean()):.5f} | {agree / rows:.4f} |", flush=True)
+
+
+def _rows_int8(x):
+    """Each embedding row on its own symmetric int8 grid (as the int8 table's rows are: per-row scale)."""
+    import numpy as np
+
+    s = np.abs(x).max(-1, keepdims=True) / 127.0
+    return (np.round(x / np.where(s > 0, s, 1.0)) * s).astype(x.dtype)
 
 
 def _block_int8(n: int):
