@@ -92,23 +92,20 @@ def main() -> None:
 
 def _rows_int8(x):
     """Each embedding row on its own symmetric int8 grid (as the int8 table's rows are: per-row scale)."""
-    import numpy as np
+    import torch
 
-    s = np.abs(x).max(-1, keepdims=True) / 127.0
-    return (np.round(x / np.where(s > 0, s, 1.0)) * s).astype(x.dtype)
+    from calibration.sensitivity import _fq_weight  # symmetric int8 per row of a 2-D tensor
+
+    return _fq_weight(torch.from_numpy(x.reshape(-1, x.shape[-1]))).numpy().reshape(x.shape)
 
 
 def _block_int8(n: int):
     """A forward pre-hook rounding the input to symmetric int8 in blocks of n along its last dim."""
-    import torch
+    from calibration.sensitivity import _fq_weight  # each block a row of its own
 
     def pre(_m, args):
         x = args[0]
-        k = x.shape[-1]
-        xb = x.reshape(*x.shape[:-1], k // n, n)
-        s = xb.abs().amax(-1, keepdim=True) / 127.0
-        q = torch.where(s > 0, torch.round(xb / torch.where(s > 0, s, 1.0)), 0.0) * s
-        return (q.reshape(x.shape).to(x.dtype),) + tuple(args[1:])
+        return (_fq_weight(x.reshape(-1, n)).reshape(x.shape),) + tuple(args[1:])
 
     return pre
 

@@ -41,17 +41,22 @@ def resolve_config(preset: str | None = "tiny", checkpoint: str | Path | None = 
 GGUF_PRESET = "smollm2-135m"
 
 
+def _checkpoint_path(checkpoint: str | Path) -> Path:
+    """The one spelling of a checkpoint's path: the config's paths (tokenizer.json, ...) derive from it and
+    source_of records it, and parity refuses a reference rebuilt from the record whose config differs (a
+    checkpoint reached through a symlink once did)."""
+    return Path(checkpoint).expanduser().resolve()
+
+
 def _checkpoint_kind(checkpoint: str | Path) -> tuple[str, Path]:
     """("glm4v" | "hf-text" | "gguf", path): a Glm4v directory, a Llama/Qwen2 directory, or a .gguf file."""
     from core.errors import CheckpointError
     from exporter.hf_text import FAMILIES, model_type
 
-    path = Path(checkpoint).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint directory not found")
-    # every path the config derives from it (tokenizer.json, ...) as source_of records it: parity rebuilds the
-    # reference from that record and refuses a config that differs (a checkpoint reached through a symlink did)
-    path = path.resolve()
+    given = Path(checkpoint).expanduser()
+    if not given.exists():  # (named as the user spelled it)
+        raise CheckpointError(f"{given}: checkpoint directory not found")
+    path = _checkpoint_path(given)
     if path.is_file():
         if path.suffix == ".gguf":
             return "gguf", path
@@ -90,5 +95,5 @@ def load_reference(preset: str | None = "tiny", checkpoint: str | Path | None = 
 def source_of(preset: str | None, checkpoint: str | Path | None, layers: int | None) -> dict[str, Any]:
     """Where the weights came from, recorded in every artifact so parity can rebuild the reference."""
     if checkpoint:
-        return {"checkpoint": str(Path(checkpoint).expanduser().resolve())}
+        return {"checkpoint": str(_checkpoint_path(checkpoint))}
     return {"preset": preset or "tiny", "layers": layers}

@@ -49,12 +49,12 @@ def _copy(ckpt, tmp_path):
 def test_a_checkpoint_reached_through_a_symlink_gives_the_config_parity_rebuilds(ckpt, tmp_path):
     """The config's paths (tokenizer.json) are the resolved checkpoint's, as the source record parity rebuilds the
     reference from: a build of ~/models/X -> /data/X failed parity with "does not have the artifact's model config"."""
-    from exporter.reference import resolve_config, source_of
-
-    real = _copy(ckpt, tmp_path)
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
 
+    from exporter.reference import resolve_config, source_of
+
+    real = _copy(ckpt, tmp_path)
     Tokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(real / "tokenizer.json"))
     link = tmp_path / "link"
     link.symlink_to(real)
