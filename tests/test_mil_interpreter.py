@@ -617,6 +617,33 @@ def test_int4_per_block_and_odd_count_per_channel_weights_from_the_blob(work, mo
         np.testing.assert_array_equal(b2, b)
 
 
+@pytest.mark.parametrize("low,high,dtype", [(-128, 128, np.int8), (0, 256, np.uint8), (-8, 8, np.int8)])
+def test_weight_decompression_through_torch_gives_numpys_values(low, high, dtype):
+    """Weights of at least TORCH_CAST_MIN values are decompressed and cast to fp16 by torch (the 9B's speed): the
+    values must be NumPy's float32 product rounded to fp16, bit for bit, over the whole fp16 range of scales
+    (subnormal products, products that overflow to inf)."""
+    from targets.coreml.mil.dtypes import TORCH_CAST_MIN, round_fp16
+    from targets.coreml.mil.ops.quant import _blockwise_shift_scale
+
+    rng = np.random.default_rng(0)
+    rows, cols, block = 256, 1024, 32
+    assert rows * cols >= TORCH_CAST_MIN
+    q = rng.integers(low, high, (rows, cols)).astype(dtype)
+    scale = (10 ** rng.uniform(-9, 4.7, (rows, cols // block))).astype(np.float16)  # up to 50,000
+    got = _blockwise_shift_scale({"data": q, "scale": scale}, None)
+    assert got.dtype == np.float16  # the torch path ran
+    want = (q.astype(np.float32).reshape(rows, -1, block) * scale.astype(np.float32)[..., None]).reshape(rows, cols)
+    with np.errstate(over="ignore"):
+        want16 = want.astype(np.float16).astype(np.float32)
+    assert np.isinf(want16).any() and (np.abs(want16[want16 != 0]) < 6.1e-5).any()  # overflow and subnormals tested
+    np.testing.assert_array_equal(round_fp16(got), want16)
+
+    x = (rng.standard_normal(TORCH_CAST_MIN) * 3e4).astype(np.float32)
+    x[:4] = [np.nan, 1e-7, 7e4, -np.inf]
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(round_fp16(x), x.astype(np.float16).astype(np.float32))
+
+
 @pytest.mark.parametrize("nbits,granularity", [(4, "per_tensor"), (3, "per_tensor"), (2, "per_grouped_channel")])
 def test_palettized_weights_match_lut_math(work, nbits, granularity):
     """constexpr_lut_to_dense with sub-byte (uint4 / uint3 / uint2) indices unpacked from the weight blob."""

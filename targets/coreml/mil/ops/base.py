@@ -7,6 +7,7 @@ declared dtype by the caller.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -66,3 +67,12 @@ def torch_module():
     import torch
 
     return torch
+
+
+def as_torch(x: np.ndarray):
+    """A torch view of ``x`` (a copy if it is not contiguous); a read-only array (a weight mapped from the blob) is
+    only read, so torch's warning about it is silenced."""
+    torch = torch_module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(x))

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from targets.coreml.mil.ops.base import bool_of, f32, int_of, ints_of, register, torch_module, variant_error
+from targets.coreml.mil.ops.base import as_torch, bool_of, f32, int_of, ints_of, register, torch_module, variant_error
 
 
 # linear algebra
 @register("linear")
 def _linear(a, n):
-    out = np.matmul(f32(a["x"]), f32(a["weight"]).T)
+    # torch, as the weight's decompression and fp16 cast were: NumPy's BLAS threads would contend with torch's
+    # thread pool still spinning after those (measured: GEMMs several times slower on two cores)
+    out = (as_torch(f32(a["x"])) @ as_torch(f32(a["weight"])).T).numpy()
     if a.get("bias") is not None:
         out = out + f32(a["bias"])
     return out
@@ -24,7 +26,7 @@ def _matmul(a, n):
     if bool_of(a.get("transpose_y", False)) and y.ndim >= 2:
         y = np.swapaxes(y, -1, -2)
     if np.issubdtype(x.dtype, np.floating) or np.issubdtype(y.dtype, np.floating):
-        x, y = f32(x), f32(y)
+        return (as_torch(f32(x)) @ as_torch(f32(y))).numpy()  # torch, as linear (the thread pools)
     return np.matmul(x, y)
 
 

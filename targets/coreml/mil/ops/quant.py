@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from targets.coreml.mil.dtypes import DTYPE_BY_NAME
-from targets.coreml.mil.ops.base import f32, int_of, norm_axis, register, variant_error
+from targets.coreml.mil.dtypes import DTYPE_BY_NAME, TORCH_CAST_MIN
+from targets.coreml.mil.ops.base import as_torch, f32, int_of, norm_axis, register, torch_module, variant_error
 
 
 # quantization
@@ -48,6 +48,7 @@ def _blockwise_shift_scale(a, n):
     # (data - offset) * scale, each scale (offset) entry covering a block of data; computed on a blocked view
     # ([s0, d0 / s0, s1, d1 / s1, ...] against [s0, 1, s1, 1, ...]) so that no full-size scale is materialised
     data = np.asarray(a["data"])
+    scale_fp16 = np.asarray(a["scale"]).dtype == np.float16
     scale = f32(a["scale"])
     offset = a.get("offset")
     if data.ndim != scale.ndim or any(d % s for d, s in zip(data.shape, scale.shape)):
@@ -55,6 +56,15 @@ def _blockwise_shift_scale(a, n):
     blocked = [x for d, s in zip(data.shape, scale.shape) for x in (s, d // s)]
     per_block = [x for s in scale.shape for x in (s, 1)]
     x = data.reshape(blocked)
+    if offset is None and scale_fp16 and np.issubdtype(data.dtype, np.integer) and data.itemsize == 1 \
+            and data.size >= TORCH_CAST_MIN:
+        # An 8-bit (or 4-bit) integer times an fp16 scale is exact in float32 (at most 8 + 11 significant bits), so
+        # torch's float16 product, computed in float32 and rounded once, is the fp16 rounding of the float32 product
+        # the general path below gives; it skips a float32 copy of the weight and NumPy's slow float16 cast.
+        torch = torch_module()
+        t = as_torch(x).to(torch.float16)
+        t.mul_(as_torch(np.asarray(a["scale"], np.float16)).reshape(per_block))
+        return t.numpy().reshape(data.shape)
     if offset is not None:
         x = np.subtract(x, np.asarray(offset).astype(np.float32).reshape(per_block), dtype=np.float32)
         np.multiply(x, scale.reshape(per_block), out=x)
