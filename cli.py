@@ -272,8 +272,9 @@ def export(
     ] = None,
     gptq: Annotated[
         bool,
-        typer.Option("--gptq", help="GPTQ-style error-compensating rounding of the decoder's int8 weights from the "
-                     "calibration set (int8-weight, int8-static; not with --parity-target)."),
+        typer.Option("--gptq", help="GPTQ-style error-compensating rounding of the decoder's weights from the "
+                     "calibration set, onto the grid the target's quantizer uses (int8 per channel or in blocks, "
+                     "4-bit blocks on ort and coreml; not ExecuTorch's torchao recipes; not with --parity-target)."),
     ] = False,
     check_floor: Annotated[
         Optional[float],

@@ -1,20 +1,25 @@
-"""GPTQ-style error-compensating rounding of int8 weights (Frantar et al. 2022), target-independent.
+"""GPTQ-style error-compensating rounding of weights onto a target's integer grid (Frantar et al. 2022).
 
-Round-to-nearest int8 rounds every weight on its own. GPTQ rounds a linear's input columns one at a time
+Round-to-nearest rounds every weight on its own. GPTQ rounds a linear's input columns one at a time
 and moves each column's rounding error onto the columns not yet rounded, weighted by the inverse Hessian
 H = sum x x^T of the layer's calibration inputs, so the layer's *output* error ||X W^T - X Q^T|| is what
 is minimised, not the weights' own.
 
-The result is written back as float weights that lie exactly on the int8 grid every target uses for
-per-output-channel symmetric int8 (scale = max|w_row| / 127, values rint(w / scale) in [-127, 127]: ORT's
-targets/ort/quantize_int8.py, XNNPACK's symmetric per-channel observer, Core ML's linear_symmetric). Each
-row's largest weight is held at its value (it sets the scale: were it rounded down, the target would pick
-a smaller scale and round everything again), so the target's own quantizer reproduces GPTQ's integers.
+The result is written back as float weights that lie exactly on the grid the target's own quantizer will
+use (:class:`core.recipes.WeightGrid`, declared per target and recipe in its spec): int8 per output channel
+(scale = max|w_row| / 127: ORT's targets/ort/quantize_int8.py and static quantizer, XNNPACK's symmetric
+per-channel observer, coremltools' linear_symmetric), onnxruntime's MatMulNBits blocks (4 or 8 bits, scale =
+the block's signed extreme / -8 or / -128) and coremltools' int4 blocks (max / 7). In each group the value
+that sets the scale is kept as it is (were it rounded, the quantizer would pick another scale and round
+everything again), so the target's quantizer reproduces GPTQ's integers; tests check it against onnxruntime's
+and coremltools' quantizers. ExecuTorch's torchao configs (int8-weight, 8da4w) scale by max / 127.5 or / 7.5,
+which puts the largest weight between two integers: no rounded weight survives that quantizer as it was, and
+``--gptq`` refuses them.
 
 Why by hand: torchao 0.18's ``torchao.prototype.gptq`` asserts CUDA (``gptq_quantize``: "GPTQ only supports
 CUDA currently") and returns its own Int8Tensor / Int4Tensor subclasses, which none of the exporters here
-read. 4-bit is not done: each target's 4-bit format has its own grid (ORT MatMulNBits blocks, XNNPACK
-groups, Core ML blocks) that the rounding would have to reproduce exactly.
+read; onnxruntime's bundled GPTQ (Intel Neural Compressor's, ``GPTQWeightOnlyQuantConfig``) rounds the ONNX
+graph and needs the decoder's own inputs (KV cache buffers included) as calibration data, and serves one target.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, TYPE_CHECKING
 
 import numpy as np
+
+from core.recipes import WeightGrid
 
 if TYPE_CHECKING:  # an annotation only: the model code is not imported for it
     from core.components import Components
@@ -59,14 +66,35 @@ def hessians(components: Components, calib: Any, names: Iterable[str], progress:
     return hs
 
 
-def gptq_int8(w, h, block: int = BLOCK, damp: float = DAMP):
-    """``w`` [out, in] rounded GPTQ-style to the per-row symmetric int8 grid; returned as float on that grid."""
+def _group_scale(g, grid: WeightGrid):
+    """Per row of ``g`` (a group's current weights [rows, width]): the grid's scale, the column of the value that
+    sets it (it is kept exactly, so the target's quantizer finds the same scale) and that value."""
     import torch
 
+    col = g.abs().argmax(dim=1)
+    extreme = g.gather(1, col.unsqueeze(1)).squeeze(1)
+    scale = extreme / grid.qmin if grid.full_range else extreme.abs() / grid.qmax
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero group rounds to zeros on any scale
+    return scale, col, extreme
+
+
+def gptq_round(w, h, grid: WeightGrid = WeightGrid(), block: int = BLOCK, damp: float = DAMP):
+    """``w`` [out, in] rounded GPTQ-style onto ``grid`` (for its width); returned as float on that grid.
+
+    Each group's scale is taken from its weights as they stand when GPTQ reaches the group (the columns before it
+    have moved their error onto it), which is what the target's quantizer will see; the value setting it is kept.
+    """
+    import torch
+
+    grid = grid.for_width(w.shape[1])
     w0 = w.detach().double().clone()
     rows, cols = w0.shape
-    scale = (w0.abs().amax(dim=1) / 127.0).clamp(min=1e-30)
-    pin = w0.abs().argmax(dim=1)  # each row's largest weight sets its scale: it keeps its value (+-127)
+    group = grid.group or cols
+    # every group starts at a lazy batch's start or lies inside one batch, so its weights are up to date then
+    if block < group < cols and group % block:
+        block = group
+    elif group < block and block % group:
+        block = group * max(1, block // group)
     h = h.double().clone()
     dead = torch.diag(h) == 0  # an input never seen non-zero: its rounding costs nothing, nothing to spread
     h[dead, dead] = 1.0
@@ -74,16 +102,20 @@ def gptq_int8(w, h, block: int = BLOCK, damp: float = DAMP):
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     W = w0.clone()
     Q = torch.zeros_like(W)
-    ar = torch.arange(rows)
+    scale = pin = pinned_value = None
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1, Q1, E1 = W[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, dtype=W.dtype), torch.zeros(rows, i2 - i1, dtype=W.dtype)
         H1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
+            c = i1 + i
+            if c % group == 0:
+                current = W1[:, i:i + group] if group <= block else W[:, c:c + group]  # (c == i1 then: W1 is W's copy)
+                scale, pin, pinned_value = _group_scale(current, grid)
+                pin = pin + c
             col = W1[:, i]
-            q = torch.clamp(torch.round(col / scale), -127, 127) * scale
-            pinned = pin == i1 + i
-            q = torch.where(pinned, w0[ar, i1 + i], q)
+            q = torch.clamp(torch.round(col / scale), grid.qmin, grid.qmax) * scale
+            q = torch.where(pin == c, pinned_value, q)
             Q1[:, i] = q
             err = (col - q) / H1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * H1[i, i:].unsqueeze(0)
@@ -94,10 +126,11 @@ def gptq_int8(w, h, block: int = BLOCK, damp: float = DAMP):
 
 
 def round_weights(
-    components: Components, calib: Any, skip: Iterable[str] = (), progress: Progress | None = None
+    components: Components, calib: Any, grid: WeightGrid = WeightGrid(), skip: Iterable[str] = (),
+    progress: Progress | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """A copy of the model with every decoder linear (but lm_head: tied to the embedding table in most small
-    models, and ``skip``) GPTQ-rounded to int8; and the record for artifact.json."""
+    models, and ``skip``) GPTQ-rounded onto the target's ``grid``; and the record for artifact.json."""
     import copy
 
     from torch import nn
@@ -114,21 +147,29 @@ def round_weights(
             continue
         lin = mods[n]
         w = lin.weight.data
-        q = gptq_int8(w, hs[n])
-        gain.append(_output_error_ratio(w, q, hs[n]))
+        q = gptq_round(w, hs[n], grid)
+        gain.append(_output_error_ratio(w, q, hs[n], grid))
         lin.weight.data = q
         if progress:
             progress("GPTQ rounding", i + 1, len(names))
-    record = {"method": "GPTQ int8 per-channel rounding (calibration/gptq.py)", "layers": len(gain),
+    record = {"method": f"GPTQ rounding onto the target's grid: {grid.describe()} (calibration/gptq.py)", "layers": len(gain),
               "output_error_vs_rtn_median": round(float(np.median(gain)), 4) if gain else None}
     return model, record
 
 
-def _rtn(w):
+def rtn(w, grid: WeightGrid = WeightGrid()):
+    """``w`` rounded to nearest on ``grid`` (what the target's quantizer does with unrounded weights)."""
     import torch
 
-    s = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-30)
-    return torch.clamp(torch.round(w / s), -127, 127) * s
+    grid = grid.for_width(w.shape[1])
+    rows, cols = w.shape
+    group = grid.group or cols
+    out = torch.empty_like(w)
+    for c in range(0, cols, group):
+        g = w[:, c:c + group]
+        scale = _group_scale(g, grid)[0].unsqueeze(1)
+        out[:, c:c + group] = torch.clamp(torch.round(g / scale), grid.qmin, grid.qmax) * scale
+    return out
 
 
 def output_error(w, q, h) -> float:
@@ -137,7 +178,7 @@ def output_error(w, q, h) -> float:
     return float((d @ h.double() @ d.T).diagonal().sum())
 
 
-def _output_error_ratio(w, q, h) -> float:
+def _output_error_ratio(w, q, h, grid: WeightGrid) -> float:
     """GPTQ's output error over round-to-nearest's, on the calibration inputs (< 1: GPTQ helps)."""
-    rtn = output_error(w, _rtn(w.double()), h)
-    return output_error(w, q, h) / rtn if rtn > 0 else 1.0
+    base = output_error(w, rtn(w.double(), grid), h)
+    return output_error(w, q, h) / base if base > 0 else 1.0

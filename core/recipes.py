@@ -75,6 +75,43 @@ FLOAT16 = QuantScheme(float_dtype="float16")
 
 
 @dataclass(frozen=True)
+class WeightGrid:
+    """The symmetric integer grid a target's quantizer puts a linear's weight [out, in] on, stated exactly, so
+    that weights rounded onto it beforehand (``--gptq``) come out of that quantizer integer for integer.
+
+    One scale per row and group of ``group`` input columns (0: the whole row). ``full_range`` (onnxruntime's
+    MatMulNBits): scale = the group's signed extreme / -2^(bits-1), integers in [-2^(bits-1), 2^(bits-1) - 1].
+    Otherwise (restricted: ORT's and XNNPACK's per-channel int8, coremltools' linear_symmetric):
+    scale = max|w| / (2^(bits-1) - 1), integers in +-(2^(bits-1) - 1). ``tiles_only``: a weight whose input
+    width the group does not tile is quantized int8 per channel instead (coremltools' per-block).
+    """
+
+    bits: int = 8
+    group: int = 0
+    full_range: bool = False
+    tiles_only: bool = False
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1)) if self.full_range else -self.qmax
+
+    def for_width(self, cols: int) -> "WeightGrid":
+        """The grid a weight of ``cols`` input columns gets."""
+        if self.group and self.tiles_only and cols % self.group:
+            return WeightGrid()
+        return self
+
+    def describe(self) -> str:
+        grain = f"blocks of {self.group}" if self.group else "per row"
+        scale = f"signed extreme / {self.qmin}" if self.full_range else f"max|w| / {self.qmax}"
+        return f"int{self.bits} {grain}, scale {scale}, integers {self.qmin}..{self.qmax}"
+
+
+@dataclass(frozen=True)
 class RecipeDef:
     name: RecipeName
     doc: str

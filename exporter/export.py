@@ -15,7 +15,7 @@ from typing import Any
 
 from core.artifact import Artifact, Progress, check_output_dir, no_progress
 from core.errors import BadInputError
-from core.recipes import Recipe
+from core.recipes import Recipe, WeightGrid
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,12 @@ class ExportPlan:
     prune_heads: float | None = None
     skip_layers: int | None = None
     smooth: float | None = None  # SmoothQuant migration strength (calibration/smooth.py)
-    gptq: bool = False  # GPTQ-style int8 weight rounding (calibration/gptq.py)
+    gptq: WeightGrid | None = None  # --gptq: GPTQ rounding onto the target's grid (calibration/gptq.py)
     check_floor: float | None = None  # the export check's cosine floor, instead of the recipe's gate
 
     @property
     def needs_calibration(self) -> bool:
-        return self.recipe.needs_calibration or self.parity_target is not None or self.smooth is not None or self.gptq
+        return self.recipe.needs_calibration or self.parity_target is not None or self.smooth is not None or self.gptq is not None
 
 
 def plan(
@@ -82,18 +82,18 @@ def plan(
         check_alpha(smooth)
         if not rec.is_quantized:
             raise BadInputError(f"--smooth applies to quantized recipes; '{recipe}' keeps everything in float")
+    grid = None
     if gptq:
-        from core.recipes import RecipeName
-
-        if rec.name not in (RecipeName.INT8_WEIGHT, RecipeName.INT8_STATIC):
-            raise BadInputError(f"--gptq rounds int8 weights (int8-weight, int8-static), not '{recipe}'")
+        if rspec.weight_grid is None:
+            offered = [f"{r.recipe.value}" for r in spec.recipes if r.weight_grid is not None]
+            why = ("it keeps its weights in float" if not rec.is_quantized else
+                   "its quantizer's grid does not keep weights rounded beforehand (torchao scales by max / 127.5 or / 7.5)")
+            raise BadInputError(f"--gptq does not apply to '{recipe}' on {target}: {why}; on {target} it applies to "
+                                f"{', '.join(offered) or 'no recipe'}")
         if parity_target:
             raise BadInputError("--gptq with --parity-target: not combined yet (the layers the search keeps in float "
                                 "would keep GPTQ-rounded weights); use one or the other")
-        if rec.group_size:
-            raise BadInputError(f"--gptq with --group-size {rec.group_size}: GPTQ rounds each row to one int8 scale, and "
-                                "the target's block quantizer would round every block again to its own scale; use one "
-                                "or the other")
+        grid = rspec.weight_grid(rec)
     if calibration is not None and not (rec.needs_calibration or parity_target or prune_heads or skip_layers or smooth
                                         or gptq):
         if shared_calibration:
@@ -118,7 +118,7 @@ def plan(
     if check_floor is not None and not 0.0 < check_floor <= 1.0:
         raise BadInputError(f"--check-floor {check_floor}: a cosine in (0, 1], e.g. 0.8")
     return ExportPlan(target, rec, out, Path(calibration) if calibration is not None else None, target_cos,
-                      prune_heads, skip_layers, smooth, gptq, check_floor)
+                      prune_heads, skip_layers, smooth, grid, check_floor)
 
 
 def export_model(
@@ -150,8 +150,8 @@ def export_model(
     if plan.smooth is not None:
         model, record, calibration_source = _smooth(model, plan.calibration, plan.smooth, progress)
         compression["smooth"] = record
-    if plan.gptq:
-        model, record, calibration_source = _gptq(model, calibration_source, rec.keep_float, progress)
+    if plan.gptq is not None:
+        model, record, calibration_source = _gptq(model, calibration_source, plan.gptq, rec.keep_float, progress)
         compression["gptq"] = record
     check_keep_float(model, rec.keep_float)
     if rec.group_size:
@@ -194,8 +194,9 @@ def _smooth(model, calibration, alpha: float, progress):
     return smoothed, record, _recalibration_source(calibration, calib)
 
 
-def _gptq(model, calibration, keep_float: tuple[str, ...], progress):
-    """GPTQ-rounded copy of ``model`` (--keep-float layers untouched), its record, where to calibrate it from."""
+def _gptq(model, calibration, grid, keep_float: tuple[str, ...], progress):
+    """``model``'s copy GPTQ-rounded onto the target's ``grid`` (--keep-float layers untouched), its record, where to
+    calibrate it from."""
     from calibration.gptq import round_weights
     from core.components import build_components
 
@@ -203,7 +204,7 @@ def _gptq(model, calibration, keep_float: tuple[str, ...], progress):
     comps.text_decoder.cache.reset()
     calib = calibration_data(comps, calibration, progress)
     keep = {n for n, _ in model.named_modules() if any(n == k or n.startswith(k + ".") for k in keep_float)}
-    rounded, record = round_weights(comps, calib, skip=keep, progress=progress)
+    rounded, record = round_weights(comps, calib, grid, skip=keep, progress=progress)
     return rounded, record, _recalibration_source(calibration, calib)
 
 

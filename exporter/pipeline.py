@@ -187,8 +187,8 @@ def export(
     block influence of ``calibration`` (a calibrate --head-importance dir) or of the built-in calibration set.
     ``parity_target`` (e.g. "cos=0.999") keeps the most INT8-sensitive layers in float, the smallest such set
     found greedily by calibration.sensitivity. ``smooth`` (SmoothQuant alpha) folds per-channel activation
-    scales into the weights first (calibration/smooth.py); ``gptq`` rounds the decoder's int8 weights
-    GPTQ-style (calibration/gptq.py). The same :func:`exporter.export.export_model` builds every
+    scales into the weights first (calibration/smooth.py); ``gptq`` rounds the decoder's weights GPTQ-style
+    onto the target's grid (calibration/gptq.py). The same :func:`exporter.export.export_model` builds every
     artifact of ``build``.
     """
     from exporter import export as ex

@@ -17,11 +17,11 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TYPE_CHECKING
+from typing import Any, Callable, Protocol, TYPE_CHECKING
 
 from core.artifact import Artifact, Progress, Session
 from core.errors import BadInputError, UnknownRecipeError
-from core.recipes import ALL_RECIPES, QuantScheme, Recipe, RecipeName
+from core.recipes import ALL_RECIPES, QuantScheme, Recipe, RecipeName, WeightGrid
 
 if TYPE_CHECKING:  # an annotation only: the model code is not imported for it
     from core.components import Components
@@ -46,6 +46,9 @@ class RecipeSpec:
     per_channel_groups: bool = True  # a grouped recipe accepts --group-size 0 (per output channel)
     # a per-channel recipe that this target also quantizes in blocks when --group-size N is given
     blocks_on_request: bool = False
+    # the integer grid this target's quantizer puts a linear's weights on, for the recipe as given (its group size);
+    # None: not one that weights rounded beforehand survive (--gptq is refused)
+    weight_grid: Callable[[Recipe], WeightGrid] | None = None
 
     def takes_group_size(self, recipe: Recipe) -> bool:
         return recipe.grouped or self.blocks_on_request

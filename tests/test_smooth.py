@@ -219,12 +219,12 @@ def test_gptq_lowers_output_error_and_stays_on_every_targets_int8_grid():
     integer by ORT's own per-channel int8 quantizer (the grid the other targets share)."""
     import torch
 
-    from calibration.gptq import _rtn, gptq_int8, output_error
+    from calibration.gptq import gptq_round, output_error, rtn as _rtn
     from targets.ort.quantize_int8 import _symmetric_int8
 
     x, w = _correlated_inputs()
     h = x.double().T @ x.double()
-    q = gptq_int8(w, h)
+    q = gptq_round(w, h)
     rtn = _rtn(w.double()).float()
     assert output_error(w, q, h) < 0.9 * output_error(w, rtn, h)
     assert not torch.equal(q, rtn)  # it really rounded differently
@@ -254,17 +254,124 @@ def test_gptq_rounds_the_decoder_linears_not_lm_head_or_kept_layers(planted):
         assert np.array_equal(new[n].weight.detach().numpy(), old[n].weight.detach().numpy()), n
 
 
-@pytest.mark.parametrize("args", [
-    ["--recipe", "8da4w", "--gptq"],
-    ["--recipe", "int8-static", "--gptq", "--parity-target", "cos=0.999"],
-    ["--recipe", "int8-weight", "--gptq", "--group-size", "32"],  # GPTQ's per-row grid, then rounded per block again
+def _onnx_matmul_nbits_ints(w, bits: int, block: int):
+    """onnxruntime's own MatMulNBits quantizer on ``w`` [out, in]: the integers (as signed) and the scales per block."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    out_f, in_f = w.shape
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, in_f])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_f])],
+                          [numpy_helper.from_array(np.ascontiguousarray(w.T, np.float32), "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=4, bits=bits,
+                                       quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",))
+    q = MatMulNBitsQuantizer(model, algo_config=cfg)
+    q.process()
+    node = next(n for n in q.model.model.graph.node if n.op_type == "MatMulNBits")
+    inits = {i.name: numpy_helper.to_array(i) for i in q.model.model.graph.initializer}
+    packed = inits[node.input[1]].reshape(out_f, -1).astype(np.int16)
+    if bits == 4:
+        packed = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(out_f, -1)
+    ints = packed[:, :in_f] - (1 << (bits - 1))
+    return ints, inits[node.input[2]].reshape(out_f, -1)
+
+
+@pytest.mark.parametrize("bits,block", [(4, 32), (4, 128), (8, 64)])
+def test_gptq_on_onnxruntimes_block_grid_is_what_its_quantizer_writes(bits, block):
+    """GPTQ onto MatMulNBits' grid (scale = a block's signed extreme / -2^(bits-1)): onnxruntime's own quantizer,
+    given GPTQ's float weights, writes GPTQ's integers and scales, and the output error is below its own
+    round-to-nearest's."""
+    import torch
+
+    from calibration.gptq import gptq_round, output_error, rtn
+    from core.recipes import WeightGrid
+
+    x, w = _correlated_inputs()
+    h = x.double().T @ x.double()
+    grid = WeightGrid(bits, block, full_range=True)
+    q = gptq_round(w, h, grid)
+    ints, scales = _onnx_matmul_nbits_ints(q.numpy(), bits, block)
+    deq = ints.reshape(48, -1, block) * scales[..., None]
+    np.testing.assert_allclose(deq.reshape(48, -1), q.numpy(), rtol=0, atol=1e-6)
+    assert ints.min() >= -(1 << (bits - 1)) and ints.max() < (1 << (bits - 1))
+    rtn_ints, rtn_scales = _onnx_matmul_nbits_ints(w.numpy(), bits, block)  # what the quantizer does on its own
+    ort_rtn = torch.from_numpy((rtn_ints.reshape(48, -1, block) * rtn_scales[..., None]).reshape(48, -1).astype(np.float32))
+    np.testing.assert_allclose(rtn(w.double(), grid).numpy(), ort_rtn.numpy(), rtol=0, atol=1e-6)  # our RTN is theirs
+    assert output_error(w, q, h) < 0.9 * output_error(w, ort_rtn, h)
+
+
+@pytest.mark.parametrize("block", [32, 0])
+def test_gptq_on_coremltools_int4_grid_is_what_its_quantizer_writes(block):
+    """coremltools' linear_symmetric int4 (scale max / 7, integers +-7) per block and per channel, run on the fp16
+    weights a Core ML program holds: GPTQ's integers come back; a width the block does not tile falls back to int8."""
+    from coremltools.optimize._utils import compute_qparams
+
+    from calibration.gptq import gptq_round, output_error, rtn
+    from core.recipes import WeightGrid
+
+    x, w = _correlated_inputs()
+    h = x.double().T @ x.double()
+    grid = WeightGrid(4, block, tiles_only=True)
+    q = gptq_round(w, h, grid)
+    ints, scale, _ = compute_qparams(q.numpy().astype(np.float16), nbits=4, signed=True,
+                                     quantization_mode="LINEAR_SYMMETRIC", dtype=np.int8, block_sizes=[1, block])
+    full = np.repeat(scale.reshape(48, -1).astype(np.float32), block or 256, axis=1)
+    np.testing.assert_allclose(ints * full, q.numpy(), rtol=2e-3, atol=1e-6)  # fp16 scale: 1e-3 relative
+    assert np.abs(ints).max() == 7
+    assert output_error(w, q, h) < 0.9 * output_error(w, rtn(w.double(), grid), h)
+    assert grid.for_width(250) == WeightGrid() if block else grid.for_width(250) == grid
+
+
+@pytest.mark.slow
+def test_gptq_int4_export_writes_gptqs_integers_into_the_onnx(tmp_path):
+    """`export --target ort --recipe int4-weight --gptq` on tiny: the decoder's MatMulNBits hold exactly the
+    weights GPTQ rounded (recomputed here from the same built-in calibration set), not onnxruntime's own RTN."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from calibration.gptq import round_weights
+    from core.components import build_components
+    from core.recipes import WeightGrid
+    from exporter import pipeline
+    from exporter.export import calibration_data
+    from exporter.reference import load_reference
+
+    art = pipeline.export("ort", "int4-weight", tmp_path / "a", gptq=True)
+    rec = art.metadata["compression"]["gptq"]
+    assert "int4 blocks of 32, scale signed extreme / -8" in rec["method"] and rec["output_error_vs_rtn_median"] < 1
+    comps = build_components(load_reference("tiny"))
+    comps.text_decoder.cache.reset()
+    model, _ = round_weights(comps, calibration_data(comps, None, None), WeightGrid(4, 32, full_range=True))
+    want = dict(model.named_modules())["text.layers.0.mlp.down_proj"].weight.detach().numpy()
+    m = onnx.load(str(tmp_path / "a" / "text_decoder.onnx"))
+    inits = {i.name: i for i in m.graph.initializer}
+    node = next(n for n in m.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("text.layers.0.mlp.down_proj/"))
+    out_f, in_f = want.shape
+    packed = numpy_helper.to_array(inits[node.input[1]]).reshape(out_f, -1).astype(np.int16)
+    ints = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(out_f, -1)[:, :in_f] - 8
+    scales = numpy_helper.to_array(inits[node.input[2]]).reshape(out_f, -1)
+    got = (ints.reshape(out_f, -1, 32) * scales[..., None]).reshape(out_f, in_f)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    rtn = torch.from_numpy(load_reference("tiny").text.layers[0].mlp.down_proj.weight.detach().numpy())
+    assert not np.allclose(got, rtn.numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("target,args", [
+    ("executorch", ["--recipe", "8da4w", "--gptq"]),  # torchao's grid: max / 7.5
+    ("executorch", ["--recipe", "int8-weight", "--gptq"]),  # max / 127.5
+    ("ort", ["--recipe", "fp32", "--gptq"]),
+    ("ort", ["--recipe", "int8-static", "--gptq", "--parity-target", "cos=0.999"]),
 ])
-def test_export_refuses_gptq_where_it_does_not_apply(args, tmp_path):
+def test_export_refuses_gptq_where_it_does_not_apply(target, args, tmp_path):
     from typer.testing import CliRunner
 
     from cli import app
 
-    target = "executorch" if "8da4w" in args else "ort"
     r = CliRunner().invoke(app, ["export", "--target", target, "--out", str(tmp_path / "o"), *args])
     assert r.exit_code == 2, r.output
     assert "--gptq" in r.output and not (tmp_path / "o").exists()

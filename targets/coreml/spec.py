@@ -8,7 +8,7 @@ check before model work read :data:`SPEC`.
 
 from __future__ import annotations
 
-from core.recipes import FLOAT16, QuantScheme, RecipeName
+from core.recipes import FLOAT16, QuantScheme, RecipeName, WeightGrid
 from targets.spec import Gate, RecipeSpec, TargetSpec
 
 DEPLOYMENT_TARGET = "iOS18"  # ct.target.iOS18: states, multifunction packages, blockwise int4/int8 weights
@@ -79,14 +79,14 @@ SPEC = TargetSpec(
         # 0.965 at block 128, the other methods >= 0.997; with each byte's two int4 values swapped the decoder
         # falls to 0.04, with one scale for every block (the mean) to 0.90
         RecipeSpec(RecipeName.FP16, FLOAT16, Gate(0.999)),
-        RecipeSpec(RecipeName.INT8_WEIGHT, _INT8_WEIGHTS, Gate(0.99)),
+        RecipeSpec(RecipeName.INT8_WEIGHT, _INT8_WEIGHTS, Gate(0.99), weight_grid=lambda r: WeightGrid(8)),
         # W8A8: quantize/dequantize pairs before every linear / conv, ranges measured by the interpreter
         RecipeSpec(RecipeName.INT8_STATIC, QuantScheme(8, activations="static", embedding_bits=8, float_dtype="float16"),
-                   Gate(0.95)),
+                   Gate(0.95), weight_grid=lambda r: WeightGrid(8)),
         # int4 in blocks of --group-size input channels (0: per output channel); the embedding table, and any
         # weight the block does not tile, int8 per channel
         RecipeSpec(RecipeName.INT4_WEIGHT, QuantScheme(4, groupwise=True, embedding_bits=8, float_dtype="float16"),
-                   Gate(0.95)),
+                   Gate(0.95), weight_grid=lambda r: WeightGrid(4, r.group_size, tiles_only=True)),
     ),
     runtime_packages=("coremltools",),
     # each method (each decoder chunk) is copied to fp16 from the checkpoint's stored weights as it converts

@@ -7,7 +7,7 @@ and every check before model work read :data:`SPEC`.
 
 from __future__ import annotations
 
-from core.recipes import FLOAT32, QuantScheme, RecipeName
+from core.recipes import FLOAT32, QuantScheme, RecipeName, WeightGrid
 from targets.spec import Gate, RecipeSpec, TargetSpec
 
 PTE = "model.pte"  # the one program file (every method plus the runner's constant methods)
@@ -25,7 +25,8 @@ SPEC = TargetSpec(
         RecipeSpec(RecipeName.W4_DA8, QuantScheme(4, groupwise=True, activations="dynamic", embedding_bits=8),
                    Gate(0.95, 0.35)),
         # PT2E with the XNNPACK quantizer on linear/conv: per-channel int8 weights, static per-tensor inputs
-        RecipeSpec(RecipeName.INT8_STATIC, QuantScheme(8, activations="static", embedding_bits=8), Gate(0.95, 0.35)),
+        RecipeSpec(RecipeName.INT8_STATIC, QuantScheme(8, activations="static", embedding_bits=8), Gate(0.95, 0.35),
+                   weight_grid=lambda r: WeightGrid(8)),  # XNNPACK's symmetric per-channel weight observer: +-127
     ),
     runtime_packages=("executorch", "torchao"),
     # every method is copied to float32 on its own as it is exported, a large decoder piece by piece

@@ -6,7 +6,7 @@ onnxruntime or torch.
 
 from __future__ import annotations
 
-from core.recipes import FLOAT32, QuantScheme, RecipeName
+from core.recipes import FLOAT32, QuantScheme, RecipeName, WeightGrid
 from targets.spec import Gate, RecipeSpec, TargetSpec
 
 GENAI_PACKAGE = "onnxruntime-genai"
@@ -25,16 +25,17 @@ RECIPES = (
     # --group-size N: 8-bit MatMulNBits in blocks of N written directly (a contrib op; the session holds ~1.1x the
     # int8 bytes at block 128 instead of the DQ form's ~3x while it is created: targets/ort/quantize_int4.py)
     RecipeSpec(RecipeName.INT8_WEIGHT, QuantScheme(weight_bits=8, embedding_bits=8), Gate(0.99, 0.15),
-               blocks_on_request=True),
+               blocks_on_request=True,
+               weight_grid=lambda r: WeightGrid(8, r.group_size, full_range=True) if r.group_size else WeightGrid(8)),
     # QDQ: int8 per-channel weights and calibrated uint8 per-tensor inputs on the weight MatMuls (float outputs:
     # onnxruntime's CPU EP runs them as U8S8 MatMulIntegerToFloat), then the embedding table as in int8-weight
     # (ORT's static quantizer leaves Gather tables float)
     RecipeSpec(RecipeName.INT8_STATIC, QuantScheme(weight_bits=8, activations="static", embedding_bits=8),
-               Gate(0.95, 0.35)),
+               Gate(0.95, 0.35), weight_grid=lambda r: WeightGrid(8)),
     # MatMulNBits: 4-bit blocks of --group-size inputs, float activations at the graph boundary; convs and the
     # embedding table int8 as in int8-weight. Block-wise only: --group-size 0 (per channel) is refused
     RecipeSpec(RecipeName.INT4_WEIGHT, QuantScheme(weight_bits=4, groupwise=True, embedding_bits=8), Gate(0.96, 0.3),
-               per_channel_groups=False),
+               per_channel_groups=False, weight_grid=lambda r: WeightGrid(4, r.group_size, full_range=True)),
 )
 
 SPEC = TargetSpec(
