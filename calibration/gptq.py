@@ -125,6 +125,18 @@ def gptq_round(w, h, grid: WeightGrid = WeightGrid(), block: int = BLOCK, damp: 
     return Q.to(w.dtype)
 
 
+def memory_needed(model: Any, skip: Iterable[str] = ()) -> int:
+    """Bytes :func:`round_weights` holds beside the model: its copy of the model (rounded layers in float32) and one
+    float64 Hessian [in, in] per rounded decoder linear, all held until the rounding ends."""
+    from torch import nn
+
+    skip = set(skip)
+    copy_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    hessians = sum(8 * m.in_features ** 2 for n, m in model.named_modules()
+                   if n.startswith("text.layers.") and isinstance(m, nn.Linear) and n not in skip)
+    return copy_bytes + hessians
+
+
 def round_weights(
     components: Components, calib: Any, grid: WeightGrid = WeightGrid(), skip: Iterable[str] = (),
     progress: Progress | None = None,

@@ -141,6 +141,8 @@ def export_model(
     progress = progress or no_progress
     target = get_target(plan.target)
     rec = plan.recipe
+    if plan.gptq is not None:
+        check_gptq_fits(model, rec.keep_float)
     if not target.spec.reads_stored_weights:  # e.g. ort upcasts per method and streams large ones
         float32_weights(model)  # a large bf16 checkpoint is kept mapped for eager use; exporters trace fp32 modules
     compression: dict[str, Any] = {}
@@ -200,12 +202,35 @@ def _gptq(model, calibration, grid, keep_float: tuple[str, ...], progress):
     from calibration.gptq import round_weights
     from core.components import build_components
 
+    keep = _kept_modules(model, keep_float)
     comps = build_components(model)
     comps.text_decoder.cache.reset()
     calib = calibration_data(comps, calibration, progress)
-    keep = {n for n, _ in model.named_modules() if any(n == k or n.startswith(k + ".") for k in keep_float)}
     rounded, record = round_weights(comps, calib, grid, skip=keep, progress=progress)
     return rounded, record, _recalibration_source(calibration, calib)
+
+
+def _kept_modules(model, keep_float: tuple[str, ...]) -> set[str]:
+    return {n for n, _ in model.named_modules() if any(n == k or n.startswith(k + ".") for k in keep_float)}
+
+
+def check_gptq_fits(model, keep_float: tuple[str, ...]) -> None:
+    """--gptq rounds the whole model at once: refused, before any work, where that would not fit in memory."""
+    from calibration.gptq import memory_needed
+
+    need, have = memory_needed(model, _kept_modules(model, keep_float)), physical_memory()
+    if need > have // 2:
+        raise BadInputError(
+            f"--gptq would hold {need / 2**30:.1f} GiB beside the model (a copy of it and one Hessian per decoder "
+            f"linear), more than half of this machine's {have / 2**30:.1f} GiB: it rounds the whole model at once, "
+            "which suits models up to a few billion parameters, not this one (export without --gptq)")
+
+
+def physical_memory() -> int:
+    """This machine's memory in bytes."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _recalibration_source(calibration, calib):

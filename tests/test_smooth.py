@@ -361,6 +361,28 @@ def test_gptq_int4_export_writes_gptqs_integers_into_the_onnx(tmp_path):
     assert not np.allclose(got, rtn.numpy(), atol=1e-3)
 
 
+def test_gptq_that_would_not_fit_in_memory_is_refused_before_any_work(tmp_path, monkeypatch):
+    """--gptq rounds the whole model at once (a copy and a Hessian per linear): on a machine too small for that
+    (here: tiny on a pretend 1 MiB machine; in life the 9B on 24 GiB) it is one line, exit 2, nothing written."""
+    from typer.testing import CliRunner
+
+    import calibration.gptq
+    from cli import app
+    from exporter import export
+    from exporter.reference import load_reference
+
+    monkeypatch.setattr(export, "physical_memory", lambda: 1 << 20)
+    called = []
+    monkeypatch.setattr(calibration.gptq, "hessians", lambda *a, **k: called.append(1))
+    r = CliRunner().invoke(app, ["export", "--target", "ort", "--recipe", "int4-weight", "--gptq",
+                                 "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2, r.output
+    assert "--gptq would hold" in r.output and "GiB" in r.output and not called
+    assert not (tmp_path / "o").exists()
+    need = calibration.gptq.memory_needed(load_reference("tiny"))
+    assert 0 < need < (1 << 30)
+
+
 @pytest.mark.parametrize("target,args", [
     ("executorch", ["--recipe", "8da4w", "--gptq"]),  # torchao's grid: max / 7.5
     ("executorch", ["--recipe", "int8-weight", "--gptq"]),  # max / 127.5
