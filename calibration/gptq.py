@@ -39,7 +39,8 @@ DAMP = 0.01  # fraction of mean(diag H) added to H's diagonal (the paper's lambd
 
 
 def hessians(components: Components, calib: Any, names: Iterable[str], progress: Progress | None = None) -> dict[str, Any]:
-    """H = sum over every recorded decoder row of x x^T, per named linear (float64)."""
+    """H = sum over every recorded decoder row of x x^T, per named linear (float64 sums of float32 products; one
+    product per distinct input, shared by the linears that read it)."""
     import torch
 
     from calibration.sensitivity import replay
@@ -48,10 +49,16 @@ def hessians(components: Components, calib: Any, names: Iterable[str], progress:
     hs: dict[str, torch.Tensor] = {}
     handles = []
 
+    last: list = [None, None]  # (the input tensor, its x^T x): q, k and v (gate and up) read the same one
+
     def hook(name):
         def pre(_m, args):
-            x = args[0].detach().double().reshape(-1, args[0].shape[-1])
-            hs[name] = hs[name] + x.T @ x if name in hs else x.T @ x
+            x = args[0]
+            if last[0] is not x:
+                flat = x.detach().float().reshape(-1, x.shape[-1])
+                # float32 products (a few hundred rows per call), summed across calls in float64
+                last[0], last[1] = x, (flat.T @ flat).double()
+            hs[name] = hs[name] + last[1] if name in hs else last[1].clone()
 
         return pre
 
