@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # an annotation only: the model code is not imported for it
 
 Progress = Callable[[str, int, int], None]
 BLOCK = 128  # columns rounded together before the lazy update of the rest (the paper's B)
+ACT_ORDER = False  # round_weights' column order (gptq_round's act_order)
 DAMP = 0.01  # fraction of mean(diag H) added to H's diagonal (the paper's lambda)
 
 
@@ -85,11 +86,15 @@ def _group_scale(g, grid: WeightGrid):
     return scale, col, extreme
 
 
-def gptq_round(w, h, grid: WeightGrid = WeightGrid(), block: int = BLOCK, damp: float = DAMP):
+def gptq_round(w, h, grid: WeightGrid = WeightGrid(), block: int = BLOCK, damp: float = DAMP, act_order: bool = False):
     """``w`` [out, in] rounded GPTQ-style onto ``grid`` (for its width); returned as float on that grid.
 
-    Each group's scale is taken from its weights as they stand when GPTQ reaches the group (the columns before it
-    have moved their error onto it), which is what the target's quantizer will see; the value setting it is kept.
+    In input order, each group's scale is taken from its weights as they stand when GPTQ reaches the group (the
+    columns before it have moved their error onto it), which is what the target's quantizer will see. With
+    ``act_order`` the columns are rounded largest Hessian diagonal first (the paper's "act-order": the inputs with the
+    most energy while the most columns are left to take their error), and every group's scale is fixed beforehand
+    from the original weights ("static groups"), since a group's columns are then rounded far apart. Either way the
+    value that sets a group's scale is kept as it is.
     """
     import torch
 
@@ -97,17 +102,24 @@ def gptq_round(w, h, grid: WeightGrid = WeightGrid(), block: int = BLOCK, damp: 
     w0 = w.detach().double().clone()
     rows, cols = w0.shape
     group = grid.group or cols
-    # every group starts at a lazy batch's start or lies inside one batch, so its weights are up to date then
-    if block < group < cols and group % block:
-        block = group
-    elif group < block and block % group:
-        block = group * max(1, block // group)
+    if not act_order:
+        # every group starts at a lazy batch's start or lies inside one batch, so its weights are up to date then
+        if block < group < cols and group % block:
+            block = group
+        elif group < block and block % group:
+            block = group * max(1, block // group)
     h = h.double().clone()
     dead = torch.diag(h) == 0  # an input never seen non-zero: its rounding costs nothing, nothing to spread
     h[dead, dead] = 1.0
     h += torch.eye(cols, dtype=h.dtype) * (damp * torch.mean(torch.diag(h)))
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
+    static = None
+    if act_order:
+        fixed = [_group_scale(w0[:, c:c + group], grid) for c in range(0, cols, group)]
+        static = [torch.stack(x, dim=1) for x in zip(*fixed)]  # scale, pin (within the group), value: [rows, groups]
+        h = h[perm][:, perm]
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    W = w0.clone()
+    W = w0[:, perm].clone()
     Q = torch.zeros_like(W)
     scale = pin = pinned_value = None
     for i1 in range(0, cols, block):
@@ -116,20 +128,26 @@ def gptq_round(w, h, grid: WeightGrid = WeightGrid(), block: int = BLOCK, damp: 
         H1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             c = i1 + i
-            if c % group == 0:
+            orig = int(perm[c])
+            if static is not None:
+                g = orig // group
+                scale, pin, pinned_value = static[0][:, g], static[1][:, g] + g * group, static[2][:, g]
+            elif c % group == 0:
                 current = W1[:, i:i + group] if group <= block else W[:, c:c + group]  # (c == i1 then: W1 is W's copy)
                 scale, pin, pinned_value = _group_scale(current, grid)
                 pin = pin + c
             col = W1[:, i]
             q = torch.clamp(torch.round(col / scale), grid.qmin, grid.qmax) * scale
-            q = torch.where(pin == c, pinned_value, q)
+            q = torch.where(pin == orig, pinned_value, q)
             Q1[:, i] = q
             err = (col - q) / H1[i, i]
             W1[:, i:] -= err.unsqueeze(1) * H1[i, i:].unsqueeze(0)
             E1[:, i] = err
         Q[:, i1:i2] = Q1
         W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
-    return Q.to(w.dtype)
+    out = torch.empty_like(Q)
+    out[:, perm] = Q
+    return out.to(w.dtype)
 
 
 def memory_needed(model: Any, skip: Iterable[str] = ()) -> int:
@@ -166,7 +184,7 @@ def round_weights(
             continue
         lin = mods[n]
         w = lin.weight.data
-        q = gptq_round(w, hs[n], grid)
+        q = gptq_round(w, hs[n], grid, act_order=ACT_ORDER)
         gain.append(_output_error_ratio(w, q, hs[n], grid))
         lin.weight.data = q
         if progress:

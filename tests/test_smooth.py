@@ -280,11 +280,11 @@ def _onnx_matmul_nbits_ints(w, bits: int, block: int):
     return ints, inits[node.input[2]].reshape(out_f, -1)
 
 
-@pytest.mark.parametrize("bits,block", [(4, 32), (4, 128), (8, 64)])
-def test_gptq_on_onnxruntimes_block_grid_is_what_its_quantizer_writes(bits, block):
+@pytest.mark.parametrize("bits,block,act_order", [(4, 32, False), (4, 128, False), (8, 64, False), (4, 32, True)])
+def test_gptq_on_onnxruntimes_block_grid_is_what_its_quantizer_writes(bits, block, act_order):
     """GPTQ onto MatMulNBits' grid (scale = a block's signed extreme / -2^(bits-1)): onnxruntime's own quantizer,
     given GPTQ's float weights, writes GPTQ's integers and scales, and the output error is below its own
-    round-to-nearest's."""
+    round-to-nearest's; also with act-order (columns out of order, every block's scale fixed beforehand)."""
     import torch
 
     from calibration.gptq import gptq_round, output_error, rtn
@@ -293,7 +293,7 @@ def test_gptq_on_onnxruntimes_block_grid_is_what_its_quantizer_writes(bits, bloc
     x, w = _correlated_inputs()
     h = x.double().T @ x.double()
     grid = WeightGrid(bits, block, full_range=True)
-    q = gptq_round(w, h, grid)
+    q = gptq_round(w, h, grid, act_order=act_order)
     ints, scales = _onnx_matmul_nbits_ints(q.numpy(), bits, block)
     deq = ints.reshape(48, -1, block) * scales[..., None]
     np.testing.assert_allclose(deq.reshape(48, -1), q.numpy(), rtol=0, atol=1e-6)
@@ -301,7 +301,7 @@ def test_gptq_on_onnxruntimes_block_grid_is_what_its_quantizer_writes(bits, bloc
     rtn_ints, rtn_scales = _onnx_matmul_nbits_ints(w.numpy(), bits, block)  # what the quantizer does on its own
     ort_rtn = torch.from_numpy((rtn_ints.reshape(48, -1, block) * rtn_scales[..., None]).reshape(48, -1).astype(np.float32))
     np.testing.assert_allclose(rtn(w.double(), grid).numpy(), ort_rtn.numpy(), rtol=0, atol=1e-6)  # our RTN is theirs
-    assert output_error(w, q, h) < 0.9 * output_error(w, ort_rtn, h)
+    assert output_error(w, q, h) < (0.8 if act_order else 0.9) * output_error(w, ort_rtn, h)
 
 
 @pytest.mark.parametrize("block", [32, 0])
