@@ -10,6 +10,7 @@
 #     (Core ML cannot execute on Linux: generate and parity run the packages in the NumPy MIL interpreter, whose
 #     speed says nothing about a phone's)
 #   TARGET=executorch RECIPES=8da4w examples/export_9b.sh /work   # ExecuTorch: the decoder lowered piece by piece
+#   GENERATE=0 ... leaves generate out
 #
 # One 9B process at a time. Peak RSS is /usr/bin/time -v's "Maximum resident set size". Parity runs the eager
 # reference first and the artifact after (never both resident) on examples/heldout-9b.jsonl (two held-out prompts,
@@ -25,6 +26,7 @@ ROOT=$WORK/logs16
 TARGET=${TARGET:-ort}
 RECIPES=${RECIPES:-"int4-weight int8-weight"}
 STEPS=${STEPS:-4}
+GENERATE=${GENERATE:-1}   # GENERATE=0 leaves generate out (e.g. a row whose generate was measured before)
 # per-recipe export options: on make-checkpoint's random weights 4 bits miss the int4-weight gate (decoder cosine
 # ~0.78 by examples/quant_depth_probe.py, vision 0.883 on a 2-layer cut, floor 0.96): the rounding noise of
 # untrained layers adds up over 40 layers. The rehearsal accepts that drift with --check-floor 0.5, low enough for
@@ -57,8 +59,10 @@ for recipe in $RECIPES; do
         measure "$name" autoglm-export export --checkpoint "$CKPT" --target "$TARGET" --recipe "$recipe" --out "$art" ${!args:-}
     fi
     [ -f "$art/artifact.json" ] || { echo "export $recipe failed: see $ROOT/$name.log"; continue; }
-    MEASURE_LINES='^(error|tokens|text)' measure "$name-generate" \
-        autoglm-export generate --artifact "$art" --prompt "Open the settings app" --max-new-tokens 8
+    if [ "$GENERATE" != 0 ]; then
+        MEASURE_LINES='^(error|tokens|text)' measure "$name-generate" \
+            autoglm-export generate --artifact "$art" --prompt "Open the settings app" --max-new-tokens 8
+    fi
     if [ "$TARGET" != coreml ]; then
         measure "$name-bench" autoglm-export bench "$art" --no-eager --prompt-len 64 --steps 16 --repeats 1 \
             --json "$ROOT/$name-bench.json"

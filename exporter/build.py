@@ -25,6 +25,8 @@ Config schema (every key optional; no file = :data:`DEFAULT_CONFIG`)::
     prune_heads = 0.25         # remove this fraction of attention heads (calibrated importance)
     skip_layers = 2            # remove this many decoder layers (calibrated block influence)
     check_floor = 0.8          # the export check's cosine floor instead of the recipe's gate (accepted drift)
+    smooth = 0.5               # SmoothQuant migration strength (export --smooth)
+    gptq = true                # GPTQ rounding onto the recipe's weight grid (export --gptq)
     thresholds = { "text_decoder.cosine" = 0.98 }  # this artifact only
     name = "executorch-int8-static"                # directory name (default target-recipe)
 
@@ -103,8 +105,11 @@ recipe = "int8-static"
 _TOP_KEYS = {"model", "calibration", "parity", "artifact"}
 _MODEL_KEYS = {"preset", "checkpoint", "layers"}
 _ARTIFACT_KEYS = {"target", "recipe", "keep_float", "group_size", "thresholds", "name", "parity_target", "prune_heads",
-                  "skip_layers", "check_floor"}
-_EXPORT_KEYS = ("target", "recipe", "keep_float", "group_size", "parity_target", "prune_heads", "skip_layers", "check_floor")
+                  "skip_layers", "check_floor", "smooth", "gptq"}
+_EXPORT_KEYS = ("target", "recipe", "keep_float", "group_size", "parity_target", "prune_heads", "skip_layers", "check_floor",
+                "smooth", "gptq")
+# keys that enter an artifact's export key only when set, so that builds made before they existed keep their keys
+_OPTIONAL_EXPORT_KEYS = {"check_floor": None, "smooth": None, "gptq": False}
 _PARITY_KEYS = {"steps", "inputs", "thresholds", "recipe"}
 
 
@@ -217,6 +222,12 @@ def _normalise(raw: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
         cf = a.get("check_floor")
         if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float))):
             raise bad(f"[[artifact]] #{i}: check_floor must be a number (the export check's cosine floor)")
+        sm = a.get("smooth")
+        if sm is not None and (isinstance(sm, bool) or not isinstance(sm, (int, float))):
+            raise bad(f"[[artifact]] #{i}: smooth must be a number (SmoothQuant's migration strength, e.g. 0.5)")
+        gq = a.get("gptq", False)
+        if not isinstance(gq, bool):
+            raise bad(f"[[artifact]] #{i}: gptq must be true or false")
         name = a.get("name") or f"{a['target']}-{a['recipe']}"
         if name in names:
             raise bad(f"[[artifact]] #{i}: duplicate artifact name '{name}' (set name = ... to tell them apart)")
@@ -237,6 +248,8 @@ def _normalise(raw: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
                 "prune_heads": None if ph is None else float(ph),
                 "skip_layers": sl,
                 "check_floor": None if cf is None else float(cf),
+                "smooth": None if sm is None else float(sm),
+                "gptq": gq,
                 "thresholds": merged,
             }
         )
@@ -339,6 +352,7 @@ def build(config_path: Path | None, out: Path, progress: Progress | None = None)
             a["target"], a["recipe"], out / a["name"], cfg["calibration"]["manifest"], tuple(a["keep_float"]),
             a["group_size"], a["parity_target"], a["prune_heads"],
             a["skip_layers"], model_config, check_out=False, shared_calibration=True, check_floor=a["check_floor"],
+            smooth=a["smooth"], gptq=a["gptq"],
         )
     from calibration.manifest import read_manifest
 
@@ -372,8 +386,8 @@ def build(config_path: Path | None, out: Path, progress: Progress | None = None)
     for a in cfg["artifacts"]:
         export_key = _sha(
             {
-                # (check_floor only when set: the keys of builds made before it existed stay the same)
-                "artifact": {k: a[k] for k in _EXPORT_KEYS if k != "check_floor" or a[k] is not None},
+                "artifact": {k: a[k] for k in _EXPORT_KEYS
+                             if k not in _OPTIONAL_EXPORT_KEYS or a[k] != _OPTIONAL_EXPORT_KEYS[k]},
                 "source": source,
                 "calibration": calib_digest if plans[a["name"]].needs_calibration or a["prune_heads"] or a["skip_layers"] else None,
                 "package": __version__,
@@ -498,6 +512,8 @@ def _entry(
         "prune_heads": a["prune_heads"],
         "skip_layers": a["skip_layers"],
         "check_floor": a["check_floor"],
+        "smooth": a["smooth"],
+        "gptq": a["gptq"],
         "files": files,
         # sha256 over the artifact files' own hashes (artifact.json and parity/ hold timings and are excluded)
         "sha256": h.hexdigest(),

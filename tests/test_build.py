@@ -60,6 +60,8 @@ def test_example_configs_parse():
         ("[parity]\nthresholds={'text_decoder.cosin'=0.9}\n[[artifact]]\ntarget='ort'\nrecipe='fp32'\n", "cosin"),
         ("[model]\npreset='tiny'\ncheckpoint='x'\n[[artifact]]\ntarget='ort'\nrecipe='fp32'\n", "either preset or checkpoint"),
         ("not toml [", "not valid TOML"),
+        ("[[artifact]]\ntarget='ort'\nrecipe='int8-weight'\nsmooth='high'\n", "smooth must be a number"),
+        ("[[artifact]]\ntarget='ort'\nrecipe='int8-weight'\ngptq=1\n", "gptq must be true or false"),
     ],
 )
 def test_bad_configs_are_rejected_with_the_key(tmp_path, text, match):
@@ -78,6 +80,35 @@ def test_thresholds_merge_global_recipe_and_artifact(tmp_path):
     )
     t = cfg["artifacts"][0]["thresholds"]
     assert t == {"*.cosine": 0.5, "text_decoder.cosine": 0.7, "audio_encoder.cosine": 0.8}
+
+
+@pytest.mark.parametrize("entry, match", [
+    ("target='executorch'\nrecipe='8da4w'\ngptq=true", "--gptq does not apply"),  # torchao's own grid
+    ("target='ort'\nrecipe='fp32'\nsmooth=0.5", "--smooth applies to quantized recipes"),
+    ("target='ort'\nrecipe='int8-static'\nsmooth=1.5", "smooth"),
+])
+def test_calibration_algorithms_are_checked_like_the_export_options(tmp_path, entry, match):
+    """smooth / gptq go through the export command's own checks, before --out exists."""
+    from core.errors import BadInputError
+
+    with pytest.raises(BadInputError, match=match):
+        builder.build(_write(tmp_path, f"[[artifact]]\n{entry}\n"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_gptq_and_smooth_entries_build_and_are_recorded(tmp_path):
+    """A build entry with gptq / smooth exports through export_model with them: the artifact's own record says so
+    and the manifest keeps the settings."""
+    inputs = heldout_subset(tmp_path / "heldout.jsonl", kinds=("text",))
+    cfg = _write(tmp_path, f"[model]\npreset='tiny'\n[parity]\nsteps=2\ninputs='{inputs}'\n"
+                 "[parity.thresholds]\n'*.cosine'=0.9\n"
+                 "[[artifact]]\nname='g'\ntarget='ort'\nrecipe='int8-weight'\ngptq=true\nsmooth=0.5\n")
+    builder.build(cfg, tmp_path / "out")
+    (entry,) = json.loads((tmp_path / "out" / "manifest.json").read_text())["artifacts"]
+    assert (entry["gptq"], entry["smooth"]) == (True, 0.5)
+    comp = json.loads((tmp_path / "out" / "g" / "artifact.json").read_text())["metadata"]["compression"]
+    assert comp["smooth"]["alpha"] == 0.5 and comp["gptq"]
 
 
 def test_unknown_target_fails_before_any_model_work(tmp_path):
