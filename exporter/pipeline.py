@@ -178,7 +178,7 @@ def export(
     prune_heads: float | None = None,
     skip_layers: int | None = None,
     smooth: float | None = None,
-    gptq: bool = False,
+    gptq: bool | None = None,
     check_floor: float | None = None,
 ):
     """Export one target x recipe into ``out`` (atomic). Returns the Artifact.
@@ -188,7 +188,7 @@ def export(
     ``parity_target`` (e.g. "cos=0.999") keeps the most INT8-sensitive layers in float, the smallest such set
     found greedily by calibration.sensitivity. ``smooth`` (SmoothQuant alpha) folds per-channel activation
     scales into the weights first (calibration/smooth.py); ``gptq`` rounds the decoder's weights GPTQ-style
-    onto the target's grid (calibration/gptq.py). The same :func:`exporter.export.export_model` builds every
+    onto the target's grid (calibration/gptq.py); None: the recipe's default on that target. The same :func:`exporter.export.export_model` builds every
     artifact of ``build``.
     """
     from exporter import export as ex

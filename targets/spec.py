@@ -49,6 +49,10 @@ class RecipeSpec:
     # the integer grid this target's quantizer puts a linear's weights on, for the recipe as given (its group size);
     # None: not one that weights rounded beforehand survive (--gptq is refused)
     weight_grid: Callable[[Recipe], WeightGrid] | None = None
+    # GPTQ rounding (onto weight_grid) unless the user says --no-gptq: set where the drift table on a trained model
+    # (README "Calibration algorithms", SmolLM2-135M) measured it better than round-to-nearest on this target.
+    # Skipped, and recorded, where the model is too large for it (calibration.gptq rounds a whole-model copy)
+    gptq_default: bool = False
 
     def takes_group_size(self, recipe: Recipe) -> bool:
         return recipe.grouped or self.blocks_on_request

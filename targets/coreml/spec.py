@@ -79,7 +79,10 @@ SPEC = TargetSpec(
         # 0.965 at block 128, the other methods >= 0.997; with each byte's two int4 values swapped the decoder
         # falls to 0.04, with one scale for every block (the mean) to 0.90
         RecipeSpec(RecipeName.FP16, FLOAT16, Gate(0.999)),
-        RecipeSpec(RecipeName.INT8_WEIGHT, _INT8_WEIGHTS, Gate(0.99), weight_grid=lambda r: WeightGrid(8)),
+        # GPTQ by default: SmolLM2 (17 held-out prompts, MIL interpreter) top-1 0.961 -> 0.984, perplexity -4.3 % ->
+        # +0.4 %, greedy 0.72 -> 0.78 (fp16 compute keeps the inputs float, where GPTQ's error spreading holds)
+        RecipeSpec(RecipeName.INT8_WEIGHT, _INT8_WEIGHTS, Gate(0.99), weight_grid=lambda r: WeightGrid(8),
+                   gptq_default=True),
         # W8A8: quantize/dequantize pairs before every linear / conv, ranges measured by the interpreter
         RecipeSpec(RecipeName.INT8_STATIC, QuantScheme(8, activations="static", embedding_bits=8, float_dtype="float16"),
                    Gate(0.95), weight_grid=lambda r: WeightGrid(8)),

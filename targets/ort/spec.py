@@ -35,7 +35,11 @@ RECIPES = (
     # MatMulNBits: 4-bit blocks of --group-size inputs, float activations at the graph boundary; convs and the
     # embedding table int8 as in int8-weight. Block-wise only: --group-size 0 (per channel) is refused
     RecipeSpec(RecipeName.INT4_WEIGHT, QuantScheme(weight_bits=4, groupwise=True, embedding_bits=8), Gate(0.96, 0.3),
-               per_channel_groups=False, weight_grid=lambda r: WeightGrid(4, r.group_size, full_range=True)),
+               per_channel_groups=False, weight_grid=lambda r: WeightGrid(4, r.group_size, full_range=True),
+               # SmolLM2, 17 held-out prompts: top-1 0.604 -> 0.836, greedy 0.19 -> 0.38, export-check decoder
+               # cosine 0.876 (below this gate) -> 0.996; 17-prompt perplexity +4.5 % -> +8.3 %, joined held-out
+               # text +23.5 % -> +16.5 %
+               gptq_default=True),
 )
 
 SPEC = TargetSpec(
