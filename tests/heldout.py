@@ -25,6 +25,28 @@ def heldout_subset(dest: Path, kinds=("text", "image", "audio", "image+audio")) 
     return dest
 
 
+def calibration_subset(dest: Path, per_kind: dict[str, int] | None = None) -> Path:
+    """The first few items of each kind of the built-in calibration set (default: 8 text prompts, 2 with an image,
+    2 with a recording, 1 with both), absolute paths: the statistics a test of tiny needs, at a fraction of the cost
+    of the whole set."""
+    from core.dataset import calibration_manifest
+
+    want = per_kind if per_kind is not None else {"text": 8, "image": 2, "audio": 2, "image+audio": 1}
+    src = calibration_manifest()
+    taken: dict[str, int] = {}
+    lines = []
+    for line in src.read_text().splitlines():
+        if not line.strip():
+            continue
+        d = json.loads(line)
+        kind = "+".join(k for k in ("image", "audio") if d.get(k)) or "text"
+        if taken.get(kind, 0) < want.get(kind, 0):
+            taken[kind] = taken.get(kind, 0) + 1
+            lines.append(json.dumps({k: (str(src.parent / v) if k in ("image", "audio") else v) for k, v in d.items()}))
+    dest.write_text("".join(line + "\n" for line in lines))
+    return dest
+
+
 def cos(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity of two arrays, flattened, in float64."""
     a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)

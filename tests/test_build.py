@@ -100,12 +100,10 @@ def test_calibration_algorithms_are_checked_like_the_export_options(tmp_path, en
 def test_gptq_and_smooth_entries_build_and_are_recorded(tmp_path):
     """A build entry with gptq / smooth exports through export_model with them: the artifact's own record says so
     and the manifest keeps the settings."""
-    from core.dataset import calibration_manifest
+    from heldout import calibration_subset
 
     inputs = heldout_subset(tmp_path / "heldout.jsonl", kinds=("text",))
-    calib = tmp_path / "calib.jsonl"  # eight text prompts of the built-in set: enough statistics for tiny, fast
-    calib.write_text("".join([line + "\n" for line in calibration_manifest().read_text().splitlines()
-                             if '"text"' in line and '"image"' not in line and '"audio"' not in line][:8]))
+    calib = calibration_subset(tmp_path / "calib.jsonl", {"text": 8})  # smooth and GPTQ read the decoder's inputs
     cfg = _write(tmp_path, f"[model]\npreset='tiny'\n[calibration]\nmanifest='{calib}'\n"
                  f"[parity]\nsteps=2\ninputs='{inputs}'\n"
                  "[parity.thresholds]\n'*.cosine'=0.9\n"

@@ -191,8 +191,10 @@ def test_smoothed_int8_static_export_records_and_passes_its_check(tmp_path):
     """--smooth through the export command's path (exporter.export): the artifact records it, the export check
     ran against the unsmoothed eager model and passed its gate, and --parity-target's search is recorded."""
     from exporter import pipeline
+    from heldout import calibration_subset
 
-    art = pipeline.export("ort", "int8-static", tmp_path / "a", smooth=0.5, parity_target="cos=0.9999")
+    calib = calibration_subset(tmp_path / "calib.jsonl")
+    art = pipeline.export("ort", "int8-static", tmp_path / "a", calibration=calib, smooth=0.5, parity_target="cos=0.9999")
     comp = art.metadata["compression"]
     assert comp["smooth"]["alpha"] == 0.5 and comp["smooth"]["layers"] == 2
     assert comp["parity_search"]["kept"] == len(art.metadata["keep_float"])
@@ -341,12 +343,15 @@ def test_gptq_int4_export_writes_gptqs_integers_into_the_onnx(tmp_path):
     from exporter.export import calibration_data
     from exporter.reference import load_reference
 
-    art = pipeline.export("ort", "int4-weight", tmp_path / "a", gptq=True)
+    from heldout import calibration_subset
+
+    calib = calibration_subset(tmp_path / "calib.jsonl", {"text": 8})  # GPTQ reads the decoder's inputs only
+    art = pipeline.export("ort", "int4-weight", tmp_path / "a", calibration=calib, gptq=True)
     rec = art.metadata["compression"]["gptq"]
     assert "int4 blocks of 32, scale signed extreme / -8" in rec["method"] and rec["output_error_vs_rtn_median"] < 1
     comps = build_components(load_reference("tiny"))
     comps.text_decoder.cache.reset()
-    model, _ = round_weights(comps, calibration_data(comps, None, None), WeightGrid(4, 32, full_range=True))
+    model, _ = round_weights(comps, calibration_data(comps, calib, None), WeightGrid(4, 32, full_range=True))
     want = dict(model.named_modules())["text.layers.0.mlp.down_proj"].weight.detach().numpy()
     m = onnx.load(str(tmp_path / "a" / "text_decoder.onnx"))
     inits = {i.name: i for i in m.graph.initializer}
