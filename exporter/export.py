@@ -151,10 +151,10 @@ def export_model(
     if plan.gptq is not None:
         refusal = gptq_memory_refusal(model, rec.keep_float)
         if refusal and not plan.gptq_by_default:
-            raise BadInputError(refusal)
+            raise BadInputError(f"--gptq {refusal} (export without --gptq)")
         if refusal:  # the recipe's default, not asked for: round to nearest, and say why
             plan = replace(plan, gptq=None)
-            compression["gptq_skipped"] = refusal.replace("--gptq would hold", "GPTQ (this recipe's default) would hold")
+            compression["gptq_skipped"] = f"GPTQ (this recipe's default) {refusal}"
     if not target.spec.reads_stored_weights:  # e.g. ort upcasts per method and streams large ones
         float32_weights(model)  # a large bf16 checkpoint is kept mapped for eager use; exporters trace fp32 modules
     if plan.prune_heads or plan.skip_layers:
@@ -174,7 +174,8 @@ def export_model(
     comps.text_decoder.cache.reset()
     calib = None
     if rec.needs_calibration or plan.parity_target is not None:  # (--smooth / --gptq calibrated their own)
-        key = (str(plan.calibration), id(model)) if not compression else None
+        # (shared only while the model is the one loaded: a skipped GPTQ changed nothing)
+        key = (str(plan.calibration), id(model)) if not set(compression) - {"gptq_skipped"} else None
         if calibration_cache is not None and key in calibration_cache:
             calib = calibration_cache[key]
         else:
@@ -234,9 +235,9 @@ def gptq_memory_refusal(model, keep_float: tuple[str, ...]) -> str | None:
     need, have = memory_needed(model, _kept_modules(model, keep_float)), physical_memory()
     if need > have // 2:
         return (
-            f"--gptq would hold {need / 2**30:.1f} GiB beside the model (a copy of it and one Hessian per decoder "
+            f"would hold {need / 2**30:.1f} GiB beside the model (a copy of it and one Hessian per decoder "
             f"linear), more than half of this machine's {have / 2**30:.1f} GiB: it rounds the whole model at once, "
-            "which suits models up to a few billion parameters, not this one (export without --gptq)")
+            "which suits models up to a few billion parameters, not this one")
     return None
 
 
