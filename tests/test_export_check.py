@@ -5,6 +5,8 @@ gate, nothing written) is in the conformance suite, tests/test_targets.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,6 +29,8 @@ def test_executorch_rejects_the_lowering_path_that_returns_wrong_numbers(small, 
     from torchao.quantization.granularity import PerAxis
     from torchao.quantization.quant_api import IntxWeightOnlyConfig
 
+    from core.components import build_components
+    from exporter.model import build, get_preset
     from targets import get_target
     from targets.executorch import quantize
     from targets.lifecycle import export
@@ -34,8 +38,14 @@ def test_executorch_rejects_the_lowering_path_that_returns_wrong_numbers(small, 
     monkeypatch.setattr(quantize, "torchao_config",
                         lambda scheme, group_size: IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)))
     # the wrong numbers show first in the program's own token_embedding row for <|begin_of_image|> (the text_decoder's
-    # image marker check), else in the export check proper: either way the program is refused and nothing is written
+    # image marker check), else in the export check proper: either way the program is refused and nothing is written.
+    # The audio encoder lowers to XNNPACK whole (targets/executorch/encoders.py), and with this config inside it
+    # XNNPACK's ConvertToLinearPass raises during lowering: the model without audio reaches the numbers check
+    no_audio = build_components(build(dataclasses.replace(get_preset("tiny").with_layers(1, vision_layers=1), audio=None, fusion=False)))
     with pytest.raises(ExportError, match="int8-weight program rejected by the export check|would not recognise an image prefill"):
+        export(get_target("executorch"), no_audio, Recipe("int8-weight"), tmp_path / "bad")
+    # with the audio tower the same config is refused at lowering, by a line that names the step
+    with pytest.raises(ExportError, match=r"int8-weight program rejected by the export check|would not recognise an image prefill|XNNPACK lowering \(int8-weight\) failed"):
         export(get_target("executorch"), small, Recipe("int8-weight"), tmp_path / "bad")
     assert list(tmp_path.iterdir()) == []
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from core.errors import ExportError
+from targets.executorch.encoders import EtAudioEncoder, EtVisionEncoder
 from targets.executorch.llm_decoder import EtTextModel
 
 STATE = "mrope"  # text_decoder's position-state module (buffers mrope.offset, mrope.image_next)
@@ -25,6 +26,7 @@ STATE = "mrope"  # text_decoder's position-state module (buffers mrope.offset, m
 MARKER_TOL = 0.1
 # each encoder method's inputs (the decoder's are in input_names)
 COMPONENT_INPUTS = {"token_embedding": ("tokens",), "vision_encoder": ("pixels",), "audio_encoder": ("mel",)}
+ET_ENCODERS = {"vision_encoder": EtVisionEncoder, "audio_encoder": EtAudioEncoder}
 
 
 class RopeState(nn.Module):
@@ -122,6 +124,8 @@ def program_modules(components: Any, image_start: torch.Tensor | None = None) ->
         if name == "text_decoder":  # the decoder on ExecuTorch's custom cache / SDPA ops (llm_decoder)
             inner = EtTextModel(module)
             out[name] = EtTextDecoder(inner, grid, inner.max_seq_len, image_start)
+        elif name in ET_ENCODERS:  # the encoders in the forms XNNPACK takes whole (encoders)
+            out[name] = ET_ENCODERS[name](module)
         else:
             out[name] = module
     return out
