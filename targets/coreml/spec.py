@@ -87,9 +87,11 @@ SPEC = TargetSpec(
         RecipeSpec(RecipeName.INT8_STATIC, QuantScheme(8, activations="static", embedding_bits=8, float_dtype="float16"),
                    Gate(0.95), weight_grid=lambda r: WeightGrid(8)),
         # int4 in blocks of --group-size input channels (0: per output channel); the embedding table, and any
-        # weight the block does not tile, int8 per channel
+        # weight the block does not tile, int8 per channel. GPTQ by default: SmolLM2 (17 held-out prompts, MIL
+        # interpreter, block 32) top-1 0.524 -> 0.766, perplexity +36.2 % -> +20.7 %, greedy 0.143 -> 0.188
         RecipeSpec(RecipeName.INT4_WEIGHT, QuantScheme(4, groupwise=True, embedding_bits=8, float_dtype="float16"),
-                   Gate(0.95), weight_grid=lambda r: WeightGrid(4, r.group_size, tiles_only=True)),
+                   Gate(0.95), weight_grid=lambda r: WeightGrid(4, r.group_size, tiles_only=True),
+                   gptq_default=True),
     ),
     runtime_packages=("coremltools",),
     # each method (each decoder chunk) is copied to fp16 from the checkpoint's stored weights as it converts
