@@ -145,10 +145,10 @@ print(json.dumps({"before": before, "peak": status("VmHWM"), "layer_bytes": laye
 """
 
 
-def _peak_rise(child: str, suffix: str, tmp_path: Path) -> tuple[dict[str, int], int]:
+def _peak_rise(child: str, suffix: str, tmp_path: Path, layers: tuple[int, int] = (2, 4)) -> tuple[dict[str, int], int]:
     """Per mode (stream, whole): how much more the export's peak RSS rises (VmHWM from a reset, less RSS
-    before) for a 4-layer decoder than for a 2-layer one, each exported in a fresh process; and one layer's
-    fp32 bytes."""
+    before) for a decoder of layers[1] layers than for one of layers[0], each exported in a fresh process; and
+    one layer's fp32 bytes."""
     def peak(layers: int, mode: str) -> dict[str, int]:
         out = tmp_path / f"{mode}-{layers}{suffix}"
         proc = subprocess.run([sys.executable, "-c", child, str(layers), mode, str(out)], cwd=ROOT, capture_output=True,
@@ -162,7 +162,7 @@ def _peak_rise(child: str, suffix: str, tmp_path: Path) -> tuple[dict[str, int],
     # run 18 measured +131 MiB where the run before measured +32). With it: 178/179 MiB for 2 layers, 212/209 for 4.
     rise = {}
     for mode in ("stream", "whole"):
-        small, large = peak(2, mode), peak(4, mode)
+        small, large = peak(layers[0], mode), peak(layers[1], mode)
         rise[mode] = (large["peak"] - large["before"]) - (small["peak"] - small["before"])
     return rise, small["layer_bytes"]  # 58 MB: fp32 weights of one 1024-wide layer with a 4096 MLP
 
@@ -276,10 +276,11 @@ print(json.dumps({"before": before, "peak": status("VmHWM"), "layer_bytes": laye
 @pytest.mark.slow
 def test_executorch_twice_the_layers_costs_less_than_one_layer_of_peak_memory(tmp_path):
     """The streamed decoder, its packed pieces waiting in files as export's own call keeps them (spill_dir),
-    grows by less than one layer's float32 weights (measured +31-34 MiB of 58 with a fixed mmap threshold); the
-    whole-method path's peak grows by their float32 copy."""
-    rise, layer = _peak_rise(ET_CHILD, ".pte", tmp_path)
+    grows by less than one layer's float32 weights from 1 layer to 2 (measured +18 MiB of 58 with a fixed mmap
+    threshold; +16 from 2 layers to 4: a fixed cost, not a layer's); the whole-method path's peak grows by the
+    layer's float32 copy (measured +59 MiB; +115 from 2 to 4). 1 -> 2 layers: half the lowering of 2 -> 4."""
+    rise, layer = _peak_rise(ET_CHILD, ".pte", tmp_path, layers=(1, 2))
     print({mode: r >> 20 for mode, r in rise.items()}, "MiB; one layer", layer >> 20, "MiB")
-    assert rise["stream"] < layer, f"streamed: +{rise['stream'] >> 20} MiB for 2 more layers of {layer >> 20} MiB"
-    # the whole method holds the 2 more layers' float32 copy (measured +114 MiB of 116): the measure sees layers
-    assert rise["whole"] > 1.5 * layer, f"whole: +{rise['whole'] >> 20} MiB for 2 more layers of {layer >> 20} MiB"
+    assert rise["stream"] < layer, f"streamed: +{rise['stream'] >> 20} MiB for 1 more layer of {layer >> 20} MiB"
+    # the whole method holds the added layer's float32 copy: the measure sees a layer
+    assert rise["whole"] > 0.75 * layer, f"whole: +{rise['whole'] >> 20} MiB for 1 more layer of {layer >> 20} MiB"
