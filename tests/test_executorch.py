@@ -613,3 +613,21 @@ def test_lowering_leaves_no_graph_in_executorch_partitioner_cache():
     assert is_same_node.cache_info().currsize > 0  # ExecuTorch's own lowering fills it (else this test proves nothing)
     lower(torch.export.export(model, x))
     assert is_same_node.cache_info().currsize == 0
+
+
+def test_eager_custom_op_noise_is_dropped_and_other_native_stderr_kept(capfd):
+    """llama::custom_sdpa run eagerly (int8-static calibration) logs "No temp allocator provided" natively on
+    every call; the calibration's filter drops those lines and passes every other line written to fd 2 on."""
+    from targets.executorch.llm_decoder import EAGER_OP_NOISE, eager_custom_ops, register_custom_ops
+
+    register_custom_ops()
+    q, k, v = torch.randn(1, 4, 2, 8), torch.randn(1, 16, 2, 8), torch.randn(1, 16, 2, 8)
+    capfd.readouterr()
+    torch.ops.llama.custom_sdpa(q, k, v, 0, None, 0.0, True)
+    assert EAGER_OP_NOISE in capfd.readouterr().err  # the precondition: the op does print it
+    with eager_custom_ops():
+        out = torch.ops.llama.custom_sdpa(q, k, v, 0, None, 0.0, True)
+        os.write(2, b"a kernel's real error\n")
+    err = capfd.readouterr().err
+    assert EAGER_OP_NOISE not in err and "a kernel's real error" in err
+    assert out.shape == (1, 4, 2, 8)

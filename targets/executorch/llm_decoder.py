@@ -28,7 +28,12 @@ links ExecuTorch's ``custom_ops`` library, as its llama runner does.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import sys
+import tempfile
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +45,34 @@ CUSTOM_OPS = ("llama.update_cache", "llama.custom_sdpa")  # what the exported de
 def register_custom_ops() -> None:
     """Register ExecuTorch's ``llama`` ops (update_cache, custom_sdpa) with torch, once (import side effect)."""
     importlib.import_module("executorch.extension.llm.custom_ops.custom_ops")
+
+
+# What the custom ops' ATen wrappers print natively on every eager call: they run the ExecuTorch kernel with a
+# KernelRuntimeContext that has no temp allocator, the kernel's allocate_temp logs this line (ET_LOG to fd 2) and
+# the kernel falls back to its own buffer. Tiny's int8-static calibration printed it 352 times per export.
+EAGER_OP_NOISE = "No temp allocator provided"
+
+
+@contextlib.contextmanager
+def eager_custom_ops() -> Iterator[None]:
+    """Run the decoder eagerly (calibration) with the custom ops' native noise dropped: fd 2 goes to a
+    temporary file for the block, and every other line written there is passed on to stderr afterwards."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [ln for ln in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if EAGER_OP_NOISE not in ln]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def rotation_matrix(head_dim: int, rotary_dim: int, interleaved: bool) -> torch.Tensor:

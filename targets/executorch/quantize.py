@@ -21,7 +21,7 @@ from calibration.stats import spread
 from core.errors import BadInputError, ExportError
 from core.recipes import QuantScheme, Recipe
 from exporter.model.upcast import typed_copy
-from targets.executorch.llm_decoder import Rotation
+from targets.executorch.llm_decoder import Rotation, eager_custom_ops
 from targets.executorch.program import COMPONENT_INPUTS, STATE, ByteEmbedding, export_module
 
 # int8-static: the ops PT2E quantizes (one overload per pattern family; each annotator takes the whole family)
@@ -166,10 +166,11 @@ def pt2e_quantize(
     quantizer = xnnpack_static_quantizer(keep)
     with torch.no_grad():
         prepared = prepare_pt2e(export_module(components, method, module).module(), quantizer)
-        for i, args in enumerate(samples):
-            if before_call is not None:
-                before_call(prepared, i)
-            prepared(*args)
+        with eager_custom_ops():
+            for i, args in enumerate(samples):
+                if before_call is not None:
+                    before_call(prepared, i)
+                prepared(*args)
         converted = convert_pt2e(prepared)
         return export_module(components, method, converted)
 
