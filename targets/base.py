@@ -9,7 +9,10 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shutil
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +46,29 @@ def quiet(loggers: tuple[str, ...]) -> Iterator[io.StringIO]:
         finally:
             for lg, level in zip(found, levels):
                 lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def native_stderr_without(markers: tuple[str, ...]) -> Iterator[None]:
+    """Drop the lines containing any of ``markers`` that native code writes to fd 2 inside the block (a
+    runtime's own log, which Python's redirects never see): fd 2 goes to a temporary file for the block, and
+    every other line written there is passed on to stderr afterwards, in order."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [ln for ln in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(m in ln for m in markers)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 # --- what every artifact carries -------------------------------------------------

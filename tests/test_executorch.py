@@ -631,3 +631,21 @@ def test_eager_custom_op_noise_is_dropped_and_other_native_stderr_kept(capfd):
     err = capfd.readouterr().err
     assert EAGER_OP_NOISE not in err and "a kernel's real error" in err
     assert out.shape == (1, 4, 2, 8)
+
+
+def test_opening_a_program_hides_the_runtimes_cpuinfo_probe(et_artifacts):
+    """The runtime's threadpool logs its cpuinfo probe natively on the first program load of a process (x86:
+    "Failed to open midr file", 5 lines); ExecuTorchSession drops those lines. Fresh processes, one loading the
+    program bare (the precondition), one through the session."""
+    pte = et_artifacts[RecipeName.FP32].dir / PTE
+    bare = ("import targets.executorch.session as s; s.load_runtime_kernels(); from executorch.runtime import Runtime; "
+            f"p = Runtime.get().load_program({str(pte)!r}); p.load_method('token_embedding')")
+    ours = f"from pathlib import Path; from targets.executorch.session import ExecuTorchSession; ExecuTorchSession(Path({str(pte)!r}))"
+
+    def stderr_of(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}).stderr
+
+    if "cpuinfo_utils" not in stderr_of(bare):
+        pytest.skip("this CPU's cpuinfo probe logs nothing (nothing to hide)")
+    assert "cpuinfo_utils" not in stderr_of(ours)

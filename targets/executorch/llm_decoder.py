@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import os
-import sys
-import tempfile
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from targets.base import native_stderr_without
 
 CUSTOM_OPS = ("llama.update_cache", "llama.custom_sdpa")  # what the exported decoder must contain
 
@@ -53,26 +51,9 @@ def register_custom_ops() -> None:
 EAGER_OP_NOISE = "No temp allocator provided"
 
 
-@contextlib.contextmanager
-def eager_custom_ops() -> Iterator[None]:
-    """Run the decoder eagerly (calibration) with the custom ops' native noise dropped: fd 2 goes to a
-    temporary file for the block, and every other line written there is passed on to stderr afterwards."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            kept = [ln for ln in captured.read().decode(errors="replace").splitlines(keepends=True)
-                    if EAGER_OP_NOISE not in ln]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
+def eager_custom_ops() -> contextlib.AbstractContextManager[None]:
+    """Run the decoder eagerly (calibration) without the custom ops' native noise; other native lines pass."""
+    return native_stderr_without((EAGER_OP_NOISE,))
 
 
 def rotation_matrix(head_dim: int, rotary_dim: int, interleaved: bool) -> torch.Tensor:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from core.errors import BadInputError, RuntimeFailure
+from targets.base import native_stderr_without
 from targets.executorch.llm_decoder import register_custom_ops
 from targets.executorch.program import input_names
 
@@ -46,6 +47,11 @@ def load_runtime_kernels() -> None:
 load_quantized_kernels = load_runtime_kernels  # the earlier name (README, app notes)
 
 
+# what the runtime logs natively (ET_LOG, fd 2) on loading a program, once per process: the XNNPACK threadpool's
+# cpuinfo probe of ARM-only files ("Failed to open midr file ...") on any other CPU
+RUNTIME_NOISE = ("[cpuinfo_utils.cpp:",)
+
+
 class ExecuTorchSession:
     """The .pte in ExecuTorch's Python runtime (XNNPACK + portable kernels), behind the Session interface.
 
@@ -60,8 +66,9 @@ class ExecuTorchSession:
         load_runtime_kernels()
         self.path = path
         try:
-            self.program = Runtime.get().load_program(path)
-            self.methods = {m: self.program.load_method(m) for m in METHODS if m in self.program.method_names}
+            with native_stderr_without(RUNTIME_NOISE):
+                self.program = Runtime.get().load_program(path)
+                self.methods = {m: self.program.load_method(m) for m in METHODS if m in self.program.method_names}
         except Exception as e:
             raise RuntimeFailure(f"ExecuTorch runtime cannot load {path}: {str(e).splitlines()[0]}") from e
         self.provenance = f"ExecuTorch {et_version.__version__} runtime, XNNPACK ({recipe})"
