@@ -49,7 +49,6 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.xdist_group(group))
 
 
-
 @pytest.fixture(scope="session")
 def tiny_model():
     from exporter.model import build, get_preset
