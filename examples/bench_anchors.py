@@ -228,7 +228,8 @@ def discover(out: Path) -> tuple[list[dict], list[dict]]:
         info = json.loads((p / "artifact.json").read_text())
         t, r = info["target"], info["recipe"]
         floor = (info.get("report", {}).get("export_check", {}) or {}).get("floor_set_by_user")
-        items.append({"name": f"ours {t} {r}", "kind": "ours", "path": p, "scheme": target_spec(t).recipe(r).scheme,
+        name = f"ours {t} {r}" + ("" if p.name == f"ours-{t}-{r}" else f" ({p.name})")  # a second folder of a recipe
+        items.append({"name": name, "kind": "ours", "path": p, "scheme": target_spec(t).recipe(r).scheme,
                       "precision": (t, r), "floor": floor})
     for tr in ("executorch/fp32", "executorch/int8-weight", "executorch/8da4w", "executorch/int8-static",
                "ort/fp32", "ort/int8-weight", "ort/int8-static", "ort/int4-weight"):

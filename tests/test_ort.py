@@ -329,7 +329,7 @@ def test_int8_static_wraps_every_decoder_weight_matmul_in_qdq_and_leaves_attenti
     weighted = [n for n in mm if n.input[1] in prod and prod[n.input[1]].op_type == "DequantizeLinear"
                 and prod[n.input[1]].input[0] in inits]
     cfg = _config(ort_artifacts).text
-    assert len(weighted) == 6 * cfg.num_layers + 1  # q k v o gate_up down per layer, lm_head
+    assert len(weighted) == 4 * cfg.num_layers + 1  # qkv (packed) o gate_up down per layer, lm_head
     for n in weighted:
         assert inits[prod[n.input[1]].input[0]].data_type == onnx.TensorProto.INT8, n.name
         assert n.input[0] in prod and prod[n.input[0]].op_type == "DequantizeLinear", n.name
@@ -355,7 +355,7 @@ def _static_model(components, calibration, method: str, tmp_path: Path, keep: tu
     cwd.mkdir()
     components.text_decoder.cache.reset()
     feeds = calibration_feeds(calibration, components, [method], no_progress)
-    export_onnx(components, method, raw)
+    export_onnx(components, method, raw, keep)
     with contextlib.chdir(cwd):
         quantize_static_model(raw, dst, feeds[method], work, keep=keep, activation_range=activation_range)
     # onnxruntime's symbolic shape inference drops sym_shape_infer_temp.onnx + <uuid>.data into the cwd when it
@@ -375,6 +375,10 @@ def test_int8_static_keep_float_layer_reads_float_input_its_quantized_sibling_sh
     assert q.input[0] in prod and prod[q.input[0]].op_type == "DequantizeLinear"
     assert not any(i in prod and prod[i].op_type == "DequantizeLinear" for i in v.input)
     assert prod[prod[q.input[0]].input[0]].input[0] == v.input[0]  # the same tensor, before its QuantizeLinear
+    # the layer with a kept-float projection keeps q, k and v apart; the other layers' are packed and quantized
+    assert "text.layers.0.self_attn.qkv_proj" not in by_module and "text.layers.1.self_attn.q_proj" not in by_module
+    packed = by_module["text.layers.1.self_attn.qkv_proj"]
+    assert packed.input[0] in prod and prod[packed.input[0]].op_type == "DequantizeLinear"
 
 
 def _optimized_decoder(path: Path, tmp_path: Path):
@@ -397,7 +401,7 @@ def test_int8_static_decoder_runs_u8s8_integer_matmuls(ort_artifacts, tmp_path):
     inits = {i.name: i for i in graph.initializer}
     prod = _producers(graph)
     fused = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
-    assert len(fused) == 6 * _config(ort_artifacts).text.num_layers + 1, sorted({n.op_type for n in graph.node})
+    assert len(fused) == 4 * _config(ort_artifacts).text.num_layers + 1, sorted({n.op_type for n in graph.node})
     for n in fused:
         a, b, a_zero, b_zero = n.input[0], n.input[1], n.input[4], n.input[5]
         while prod[a].op_type in ("Reshape", "Transpose", "Squeeze", "Unsqueeze"):  # moved past the quantized tensor
@@ -429,7 +433,7 @@ def test_int8_static_ort_file_profiles_integer_matmul_kernels(ort_artifacts, tin
     events = json.loads(Path(sess.end_profiling()).read_text())
     kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     ops = {e["args"]["op_name"] for e in kernels}
-    assert sum(e["args"]["op_name"] == "MatMulIntegerToFloat" for e in kernels) == 6 * t.num_layers + 1, sorted(ops)
+    assert sum(e["args"]["op_name"] == "MatMulIntegerToFloat" for e in kernels) == 4 * t.num_layers + 1, sorted(ops)
     assert "DequantizeLinear" not in ops, sorted(ops)
     assert not [e for e in kernels if e["args"]["op_name"] in ("MatMul", "Gemm") and "proj" in e["name"]]
 
@@ -553,6 +557,10 @@ def test_int4_weight_every_linear_is_a_4bit_blockwise_matmulnbits(ort_artifacts,
                 lin = linears[module]
                 assert (lin.in_features, lin.out_features) == (k, nout), n.name
                 seen.add(module)
+            elif module.endswith(".self_attn.qkv_proj"):  # the decoder's q, k and v, packed (targets/ort/fusions.py)
+                parts = [linears[module.replace(".qkv_proj", f".{p}_proj")] for p in "qkv"]
+                assert {p.in_features for p in parts} == {k} and sum(p.out_features for p in parts) == nout, n.name
+                seen.update(module.replace(".qkv_proj", f".{p}_proj") for p in "qkv")
         # convs (not tiled by a block) keep int8 per-channel weights
         prod = _producers(graph)
         for n in graph.node:
@@ -564,7 +572,7 @@ def test_int4_weight_every_linear_is_a_4bit_blockwise_matmulnbits(ort_artifacts,
     t = _config(ort_artifacts).text
     assert _embedding_table_is_int8(art.dir / "token_embedding.onnx", t.vocab_size, t.hidden_size)
     q = art.info["report"]["quantization"]
-    assert q["vision_encoder"]["gemm_as_matmul"] > 0 and q["text_decoder"]["matmul_nbits"] == 2 * 6 + 1
+    assert q["vision_encoder"]["gemm_as_matmul"] > 0 and q["text_decoder"]["matmul_nbits"] == 2 * 4 + 1
 
 
 def test_int4_weight_linears_are_smaller_than_int8_weight(ort_artifacts):
@@ -608,7 +616,7 @@ def test_int4_weight_ort_file_runs_matmulnbits_kernels(ort_artifacts, tiny_compo
     events = json.loads(Path(sess.end_profiling()).read_text())
     kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     nbits = [e for e in kernels if e["args"]["op_name"] == "MatMulNBits"]
-    assert len(nbits) == 2 * 6 + 1, sorted({e["args"]["op_name"] for e in kernels})
+    assert len(nbits) == 2 * 4 + 1, sorted({e["args"]["op_name"] for e in kernels})
     assert {e["args"]["provider"] for e in nbits} == {"CPUExecutionProvider"}
     assert not [e for e in kernels if e["args"]["op_name"] in ("MatMul", "Gemm") and "proj" in e["name"]]
 
@@ -883,3 +891,12 @@ def test_decoder_graph_fuses_attention_and_norms(ort_artifacts, tiny_components)
     # past the first layer (which makes the per-call rotary tables), a layer is its linears, norms, GQA and the MLP
     last = {n.op_type for n in graph.node if n.name.startswith(f"text.layers.{layers - 1}.")}
     assert not {"Concat", "Expand", "Transpose", "Reshape", "Where", "Neg"} & last, last
+    # q, k and v are one MatMul (+ bias) whose output is the packed query; the node's key and value are empty
+    prod = _producers(graph)
+    for i, n in enumerate(gqa):
+        assert list(n.input[1:3]) == ["", ""], n.name
+        assert prod[n.input[0]].name.startswith(f"text.layers.{i}.self_attn.qkv_proj/"), prod[n.input[0]].name
+    t = tiny_components.config.text
+    width = {tuple(i.dims) for i in graph.initializer if i.name.startswith("text.layers.") and "qkv_proj.weight" in i.name}
+    assert width == {(t.hidden_size, (t.num_heads + 2 * t.num_kv_heads) * t.head_dim)}
+    assert not [n for n in graph.node if ".q_proj" in n.name or ".k_proj" in n.name or ".v_proj" in n.name]

@@ -1,4 +1,4 @@
-"""onnxruntime's own offline fusions on the exported decoder: residual add + RMSNorm as one kernel.
+"""Offline fusions on the exported decoder: residual add + RMSNorm as one kernel, q/k/v as one MatMul.
 
 onnxruntime's session optimizer fuses each RMSNorm (``x / sqrt(mean(x^2) + eps) * w``, as the eager
 RMSNorm writes it) into ``SimplifiedLayerNormalization`` when the session opens, but never folds the
@@ -14,13 +14,21 @@ a layer's last residual add and the next layer's first norm stay two kernels, so
 begins with a node of its own reading the residual stream: blockwise parity (targets/ort/blocks.py) cuts
 the graph there. Every fused node is named after the module of the node whose output it took over, as
 ``name_by_module`` names the rest.
+
+:func:`pack_qkv` then joins each layer's q, k and v projections into one MatMul whose output is
+``GroupQueryAttention``'s packed query (key and value inputs left empty: the kernel splits the
+``[1, T, (n + 2 kv) * D]`` rows itself), the layout onnxruntime-genai's builder writes: two MatMuls (and
+bias Adds) fewer per layer. The weights are
+joined along the output axis, so every per-column quantizer here (int8 per channel, int4 and int8 blocks
+along K) gives each column the scales it had before, GPTQ's grid included.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Iterable
 
+from targets.ort.quantize_int8 import kept_float, set_nodes
 from targets.ort.quiet import quiet
 
 _LAYER = re.compile(r"\.layers\.(\d+)(?:\.|/|$)")
@@ -95,3 +103,91 @@ def _sort(graph: Any) -> None:
     nodes = list(order)
     del graph.node[:]
     graph.node.extend(nodes)
+
+
+def _projection(name: str, producer: dict[str, Any]) -> tuple[Any, Any] | None:
+    """(MatMul, bias Add or None) where ``name`` is a linear's output (``x @ W`` or ``x @ W + b``), else None."""
+    node = producer.get(name)
+    if node is not None and node.op_type == "Add":
+        inputs = [producer.get(i) for i in node.input]
+        mm = next((n for n in inputs if n is not None and n.op_type == "MatMul"), None)
+        return (mm, node) if mm is not None and len(node.input) == 2 else None
+    return (node, None) if node is not None and node.op_type == "MatMul" else None
+
+
+def pack_qkv(model: Any, keep: Iterable[str] = (), external: dict[str, tuple[int, ...]] | None = None) -> dict[str, list[str]]:
+    """Each GroupQueryAttention fed by three linears of one input (q, k, v: MatMul with a 2-D constant weight,
+    all with a bias Add or none) takes their outputs as one packed query from a single MatMul; in place.
+
+    The joined weight ``<layer>.self_attn.qkv_proj.weight`` is ``[K, Nq + Nk + Nv]``. ``external``: the
+    shapes of weights that are not in the graph (the streamed decoder's); those are joined by the caller
+    from the returned ``{joined name: [q, k, v weight names]}`` (in-graph weights are joined here). A layer
+    with any of the three in ``keep`` (--keep-float module names) stays as it was.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    g = model.graph
+    external = external or {}
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output if o}
+    uses: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    for o in g.output:
+        uses[o.name] = uses.get(o.name, 0) + 1
+
+    def shape(name: str) -> tuple[int, ...] | None:
+        return tuple(inits[name].dims) if name in inits else (tuple(external[name]) if name in external else None)
+
+    joins: dict[str, list[str]] = {}
+    dropped: set[int] = set()
+    stale: set[str] = set()
+    for gqa in [n for n in g.node if n.op_type == "GroupQueryAttention"]:
+        if len(gqa.input) < 3 or not gqa.input[1] or not gqa.input[2]:
+            continue
+        branches = [_projection(x, producer) for x in gqa.input[:3]]
+        if any(b is None for b in branches):
+            continue
+        mms = [mm for mm, _ in branches]
+        adds = [add for _, add in branches]
+        weights = [mm.input[1] for mm in mms]
+        shapes = [shape(w) for w in weights]
+        if (len({mm.input[0] for mm in mms}) != 1 or any(s is None or len(s) != 2 for s in shapes)
+                or len({s[0] for s in shapes}) != 1 or len(set(weights)) != 3
+                or any(uses.get(w, 0) != 1 for w in weights) or any(kept_float(mm.name, keep) for mm in mms)
+                or any(uses.get(mm.output[0], 0) != 1 for mm in mms)
+                or len({a is None for a in adds}) != 1 or len({w in external for w in weights}) != 1):
+            continue
+        biases = []
+        if adds[0] is not None:
+            biases = [next((i for i in a.input if i != mm.output[0]), "") for a, mm in zip(adds, mms)]
+            if (any(b not in inits or len(inits[b].dims) != 1 or uses.get(b, 0) != 1 for b in biases)
+                    or any(uses.get(a.output[0], 0) != 1 for a in adds)):
+                continue
+        scope = mms[0].name.split("/")[0]
+        packed = (scope.rpartition(".")[0] + ".qkv_proj") if "." in scope else f"qkv_proj_{len(joins)}"
+        name = f"{packed}.weight"
+        if weights[0] in external:
+            joins[name] = weights
+        else:
+            joined = np.concatenate([numpy_helper.to_array(inits[w]) for w in weights], axis=1)
+            g.initializer.append(numpy_helper.from_array(joined, name))
+            joins[name] = weights
+        mms[0].input[1] = name
+        if biases:
+            g.initializer.append(numpy_helper.from_array(
+                np.concatenate([numpy_helper.to_array(inits[b]) for b in biases]), f"{packed}.bias"))
+            adds[0].input[list(adds[0].input).index(biases[0])] = f"{packed}.bias"
+        for node in [mms[0]] + ([adds[0]] if biases else []):
+            node.name = node.name.replace(scope, packed, 1)
+            stale.add(node.output[0])
+        dropped.update(id(n) for n in mms[1:] + [a for a in adds[1:] if a is not None])
+        gqa.input[1] = gqa.input[2] = ""
+    if joins:
+        set_nodes(g, [n for n in g.node if id(n) not in dropped])
+        infos = [v for v in g.value_info if v.name not in stale]  # the q output's recorded shape no longer holds
+        del g.value_info[:]
+        g.value_info.extend(infos)
+    return joins

@@ -22,7 +22,7 @@ text_decoder       inputs_embeds [1,T,H], attention_mask        logits [1,T,V],
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from core.artifact import METHODS
 from core.errors import BadInputError, ExportError
 from targets.ort.attention import TRANSLATIONS, gqa_attend
 from targets.ort.files import EXTERNAL_DATA_BYTES, save_model
-from targets.ort.fusions import fuse_norms
+from targets.ort.fusions import fuse_norms, pack_qkv
 from targets.ort.quiet import quiet
 
 class EmbeddingGraph(nn.Module):
@@ -168,8 +168,9 @@ def _param_bytes(module: nn.Module) -> int:
     return total
 
 
-def export_onnx(components: Any, method: str, path: Path) -> None:
-    """torch.onnx (dynamo) export of one method's graph to ``path`` (external data when large)."""
+def export_onnx(components: Any, method: str, path: Path, keep: Iterable[str] = ()) -> None:
+    """torch.onnx (dynamo) export of one method's graph to ``path`` (external data when large). The decoder's
+    norms and q/k/v projections are fused (targets/ort/fusions.py), except the linears of ``keep`` modules."""
     module, args, shapes = _graph(components, method)
     inputs, outputs = graph_io(components.config)[method]
     try:
@@ -189,10 +190,12 @@ def export_onnx(components: Any, method: str, path: Path) -> None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"torch.onnx export of {method} failed: {first}") from e
     name_by_module(program.model.graph, module, components.model)
-    if method == "text_decoder":  # residual add + RMSNorm fused (targets/ort/fusions.py)
+    if method == "text_decoder":  # residual add + RMSNorm, and q/k/v, fused (targets/ort/fusions.py)
         import onnx_ir as ir
 
-        save_model(fuse_norms(ir.serde.serialize_model(program.model)), path)
+        model = fuse_norms(ir.serde.serialize_model(program.model))
+        pack_qkv(model, keep)
+        save_model(model, path)
         return
     program.save(str(path), external_data=_param_bytes(module) > EXTERNAL_DATA_BYTES)
 

@@ -28,7 +28,7 @@ import ctypes
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from exporter.model.upcast import _BASE as _UPCAST_BASE  # Float32Linear -> nn.L
 from exporter.model.upcast import float_bytes
 from targets.ort.attention import TRANSLATIONS
 from targets.ort.files import EXTERNAL_DATA_BYTES
-from targets.ort.fusions import fuse_norms
+from targets.ort.fusions import fuse_norms, pack_qkv
 from targets.ort.graphs import _graph, graph_io, name_by_module
 from targets.ort.quiet import quiet
 
@@ -84,6 +84,47 @@ class Source:
         if self.transpose:
             t = t.T
         return np.ascontiguousarray(t.numpy())
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The model tensors read (whose mapped pages are dropped after)."""
+        return (self.tensor,)
+
+
+@dataclass(frozen=True)
+class Joined:
+    """One streamed initializer made of several, side by side along ``axis`` (q, k and v as one packed
+    projection: targets/ort/fusions.py ``pack_qkv``); each part is read only where a slice asks for it."""
+
+    parts: tuple[Source, ...]
+    axis: int = 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        first = list(self.parts[0].shape)
+        first[self.axis] = sum(p.shape[self.axis] for p in self.parts)
+        return tuple(first)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t for p in self.parts for t in p.tensors)
+
+    def array(self, axis: int = 0, start: int = 0, stop: int | None = None) -> np.ndarray:
+        if axis != self.axis:
+            return np.concatenate([p.array(axis, start, stop) for p in self.parts], axis=self.axis)
+        stop = self.shape[axis] if stop is None else stop
+        pieces, offset = [], 0
+        for p in self.parts:
+            width = p.shape[axis]
+            lo, hi = max(start, offset), min(stop, offset + width)
+            if hi > lo:
+                pieces.append(p.array(axis, lo - offset, hi - offset))
+            offset += width
+        return np.concatenate(pieces, axis=axis)
 
 
 @contextlib.contextmanager
@@ -181,9 +222,10 @@ def _lazy(src: Source, name: str):
     return ir.LazyTensor(lambda: ir.Tensor(src.array()), dtype=ir.DataType.FLOAT, shape=ir.Shape(shape), name=name)
 
 
-def export_graph(components: Any, method: str) -> tuple[Any, dict[str, Source]]:
+def export_graph(components: Any, method: str, keep: Iterable[str] = ()) -> tuple[Any, dict[str, Source | Joined]]:
     """torch.onnx export of ``method`` with zero-byte weights: (the ModelProto without the streamed
-    weights, {initializer name: Source})."""
+    weights, {initializer name: Source}); the decoder fused as the whole path fuses it (``keep``: the
+    --keep-float modules, whose q/k/v stay apart)."""
     import onnx_ir as ir
 
     module, args, shapes = _graph(components, method)
@@ -208,7 +250,15 @@ def export_graph(components: Any, method: str) -> tuple[Any, dict[str, Source]]:
             continue
         del graph.initializers[name]  # the nodes keep reading the name; the streaming pass adds it back
     model = ir.serde.serialize_model(program.model)
-    return (fuse_norms(model) if method == "text_decoder" else model), sources
+    if method != "text_decoder":
+        return model, sources
+    model = fuse_norms(model)
+    joined: dict[str, Source | Joined] = dict(sources)
+    for name, parts in pack_qkv(model, keep, {n: src.shape for n, src in sources.items()}).items():
+        joined[name] = Joined(tuple(sources[p] for p in parts))
+        for p in parts:
+            del joined[p]
+    return model, joined
 
 
 def _real_tensors(module: nn.Module, originals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -396,7 +446,7 @@ def _quantize_node(model: Any, node: Any, sources: dict[str, Source], quantize: 
         for key, array in _arrays(mini).items():
             parts.setdefault(key, []).append((array, size))
         del mini
-    arrays = {key: _join(key, pieces) for key, pieces in parts.items()}
+    arrays = {key: _join(key, pieces, src.shape, axis) for key, pieces in parts.items()}
     for n in first.graph.node:
         for attr in n.attribute:
             if n.op_type == "MatMulNBits" and attr.name == "N":
@@ -404,16 +454,32 @@ def _quantize_node(model: Any, node: Any, sources: dict[str, Source], quantize: 
     return first, arrays, counts
 
 
-def _join(name: str, pieces: list[tuple[np.ndarray, int]]) -> np.ndarray:
+def _join(name: str, pieces: list[tuple[np.ndarray, int]], shape: tuple[int, ...] | None = None,
+          axis: int | None = None) -> np.ndarray:
     """One initializer from its per-slice results: joined along the one axis sized as each slice, or, when
-    every slice gave the same array (a constant such as an axes list), that array."""
+    every slice gave the same array (a constant such as an axes list), that array.
+
+    Where several axes are sized as the slice (a square slice of q, k and v packed): a result laid out as the
+    weight (``shape``, cut along ``axis``: an int8 weight, a float one) joins along ``axis``; any other (the
+    quantizers' own layouts: MatMulNBits' ``[N, blocks, bytes]``, per-channel scales) along its first axis,
+    where those layouts keep the output channels."""
     if all(a.shape == pieces[0][0].shape and np.array_equal(a, pieces[0][0]) for a, _ in pieces[1:]):
         if not any(size in a.shape for a, size in pieces):
             return pieces[0][0]
     axes = {tuple(i for i, d in enumerate(a.shape) if d == size) for a, size in pieces}
-    if len(axes) != 1 or len(next(iter(axes))) != 1:
+    if len(axes) != 1 or not next(iter(axes)):
         raise ExportError(f"streamed export: cannot tell along which axis to join the slices of {name}")
-    return np.concatenate([a for a, _ in pieces], axis=next(iter(axes))[0])
+    candidates = next(iter(axes))
+    if len(candidates) == 1:
+        along = candidates[0]
+    elif shape is not None and axis in candidates and all(
+            a.shape == shape[:axis] + (size,) + shape[axis + 1:] for a, size in pieces):
+        along = axis
+    elif 0 in candidates:
+        along = 0
+    else:
+        raise ExportError(f"streamed export: cannot tell along which axis to join the slices of {name}")
+    return np.concatenate([a for a, _ in pieces], axis=along)
 
 
 def stream_weights(model: Any, sources: dict[str, Source], quantize: MiniQuantizer, path: Path,
@@ -453,7 +519,8 @@ def stream_weights(model: Any, sources: dict[str, Source], quantize: MiniQuantiz
             for o in mini.opset_import:
                 opsets.setdefault(o.domain, o.version)
             for n in names:
-                drop_pages(sources[n].tensor)
+                for t in sources[n].tensors:
+                    drop_pages(t)
             del mini
             done += len(names)
             if progress is not None:
@@ -471,10 +538,10 @@ def stream_weights(model: Any, sources: dict[str, Source], quantize: MiniQuantiz
 
 
 def export_streamed(components: Any, method: str, path: Path, quantize: MiniQuantizer,
-                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                    progress: Callable[[int, int], None] | None = None, keep: Iterable[str] = ()) -> dict[str, Any]:
     """``method`` exported and quantized weight by weight to ``path`` (see the module docstring)."""
     import gc
 
-    model, sources = export_graph(components, method)
+    model, sources = export_graph(components, method, keep)
     gc.collect()
     return stream_weights(model, sources, quantize, path, progress)

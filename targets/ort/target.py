@@ -148,7 +148,7 @@ class OrtTarget:
             else:
                 raw = job.work / f"{m}.onnx"
                 with float32_module(_traced_module(job.components, m)):
-                    export_onnx(job.components, m, raw)
+                    export_onnx(job.components, m, raw, job.recipe.keep_float)
                 done += 1
                 job.progress("onnx export", done, steps)
                 counts = quantize(job, m, raw, final, feeds)
@@ -212,7 +212,8 @@ def _export_streamed(job: BuildJob, method: str, final: Path) -> dict[str, Any]:
     def progress(done: int, total: int) -> None:
         job.progress(f"onnx stream {method}", done, total)
 
-    counts: dict[str, Any] = export_streamed(job.components, method, final, STREAM_QUANTIZERS[job.recipe.name](job), progress)
+    counts: dict[str, Any] = export_streamed(job.components, method, final, STREAM_QUANTIZERS[job.recipe.name](job), progress,
+                                             keep=job.recipe.keep_float)
     if job.recipe.group_size:
         counts.update(block_size=job.recipe.group_size, accuracy_level=INT4_ACCURACY_LEVEL,
                       bits=job.spec.scheme.weight_bits)
