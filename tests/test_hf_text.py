@@ -131,6 +131,13 @@ def test_text_only_ort_folder_says_genai_cannot_open_it(pair, tmp_path):
     og = pytest.importorskip("onnxruntime_genai")
     genai = _export_one_family(pair, tmp_path, "ort", "fp32")["report"]["genai"]
     assert genai["loads"] is False and "not loadable" in genai["text"]
+    # a Llama's bias-free q, k and v are packed too (targets/ort/fusions.py), and passed the export check
+    import onnx
+
+    graph = onnx.load(tmp_path / "a" / "text_decoder.onnx").graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert gqa and all(list(n.input[1:3]) == ["", ""] for n in gqa)
+    assert not [n for n in graph.node if ".q_proj/" in n.name or ".qkv_proj/Add" in n.name]
     with pytest.raises(Exception):
         og.Model(str(tmp_path / "a"))
 
