@@ -169,12 +169,10 @@ def pack_qkv(model: Any, keep: Iterable[str] = (), external: dict[str, tuple[int
         scope = mms[0].name.split("/")[0]
         packed = (scope.rpartition(".")[0] + ".qkv_proj") if "." in scope else f"qkv_proj_{len(joins)}"
         name = f"{packed}.weight"
-        if weights[0] in external:
-            joins[name] = weights
-        else:
+        joins[name] = weights
+        if weights[0] not in external:
             joined = np.concatenate([numpy_helper.to_array(inits[w]) for w in weights], axis=1)
             g.initializer.append(numpy_helper.from_array(joined, name))
-            joins[name] = weights
         mms[0].input[1] = name
         if biases:
             g.initializer.append(numpy_helper.from_array(
@@ -183,11 +181,22 @@ def pack_qkv(model: Any, keep: Iterable[str] = (), external: dict[str, tuple[int
         for node in [mms[0]] + ([adds[0]] if biases else []):
             node.name = node.name.replace(scope, packed, 1)
             stale.add(node.output[0])
-        dropped.update(id(n) for n in mms[1:] + [a for a in adds[1:] if a is not None])
+        for node in mms[1:] + [a for a in adds[1:] if a is not None]:
+            dropped.add(id(node))
+            stale.update(node.output)
         gqa.input[1] = gqa.input[2] = ""
     if joins:
         set_nodes(g, [n for n in g.node if id(n) not in dropped])
-        infos = [v for v in g.value_info if v.name not in stale]  # the q output's recorded shape no longer holds
+        # the q output's recorded shape no longer holds; k's and v's outputs are gone
+        infos = [v for v in g.value_info if v.name not in stale]
         del g.value_info[:]
         g.value_info.extend(infos)
     return joins
+
+
+def fuse_decoder(model: Any, keep: Iterable[str] = (), external: dict[str, tuple[int, ...]] | None = None
+                 ) -> tuple[Any, dict[str, list[str]]]:
+    """The decoder's fusions, in the one order the whole and the streamed export share: :func:`fuse_norms`,
+    then :func:`pack_qkv` (``keep``, ``external``: as it takes them). (the model, pack_qkv's joins)."""
+    model = fuse_norms(model)
+    return model, pack_qkv(model, keep, external)

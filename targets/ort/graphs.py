@@ -32,7 +32,7 @@ from core.artifact import METHODS
 from core.errors import BadInputError, ExportError
 from targets.ort.attention import TRANSLATIONS, gqa_attend
 from targets.ort.files import EXTERNAL_DATA_BYTES, save_model
-from targets.ort.fusions import fuse_norms, pack_qkv
+from targets.ort.fusions import fuse_decoder
 from targets.ort.quiet import quiet
 
 class EmbeddingGraph(nn.Module):
@@ -193,9 +193,7 @@ def export_onnx(components: Any, method: str, path: Path, keep: Iterable[str] = 
     if method == "text_decoder":  # residual add + RMSNorm, and q/k/v, fused (targets/ort/fusions.py)
         import onnx_ir as ir
 
-        model = fuse_norms(ir.serde.serialize_model(program.model))
-        pack_qkv(model, keep)
-        save_model(model, path)
+        save_model(fuse_decoder(ir.serde.serialize_model(program.model), keep)[0], path)
         return
     program.save(str(path), external_data=_param_bytes(module) > EXTERNAL_DATA_BYTES)
 

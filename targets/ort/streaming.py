@@ -39,7 +39,7 @@ from exporter.model.upcast import _BASE as _UPCAST_BASE  # Float32Linear -> nn.L
 from exporter.model.upcast import float_bytes
 from targets.ort.attention import TRANSLATIONS
 from targets.ort.files import EXTERNAL_DATA_BYTES
-from targets.ort.fusions import fuse_norms, pack_qkv
+from targets.ort.fusions import fuse_decoder
 from targets.ort.graphs import _graph, graph_io, name_by_module
 from targets.ort.quiet import quiet
 
@@ -252,9 +252,9 @@ def export_graph(components: Any, method: str, keep: Iterable[str] = ()) -> tupl
     model = ir.serde.serialize_model(program.model)
     if method != "text_decoder":
         return model, sources
-    model = fuse_norms(model)
+    model, joins = fuse_decoder(model, keep, {n: src.shape for n, src in sources.items()})
     joined: dict[str, Source | Joined] = dict(sources)
-    for name, parts in pack_qkv(model, keep, {n: src.shape for n, src in sources.items()}).items():
+    for name, parts in joins.items():
         joined[name] = Joined(tuple(sources[p] for p in parts))
         for p in parts:
             del joined[p]
