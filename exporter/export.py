@@ -53,6 +53,7 @@ def plan(
     smooth: float | None = None,
     gptq: bool | None = None,
     check_floor: float | None = None,
+    activation_range: str | None = None,
 ) -> ExportPlan:
     """Every check of an export's options before any model work; ``config`` (a ModelConfig) adds the
     checks against the model's shape (compression settings). ``shared_calibration``: ``calibration`` is a
@@ -63,7 +64,7 @@ def plan(
 
     spec = target_spec(target)  # unknown target -> exit 2 before any model work
     rspec = spec.recipe(recipe)  # not offered by this target -> exit 2, naming what it offers
-    rec = Recipe(rspec.recipe, keep_float=tuple(keep_float), group_size=group_size)
+    rec = Recipe(rspec.recipe, keep_float=tuple(keep_float), group_size=group_size, activation_range=activation_range)
     if group_size is not None and not rspec.takes_group_size(rec):
         from core.recipes import GROUPED_RECIPES
 
@@ -188,7 +189,7 @@ def export_model(
         scheme = target_spec(plan.target).recipe(rec.name).scheme
         found = search_keep_float(comps, calib, plan.parity_target, progress=progress, scheme=scheme)
         compression["parity_search"] = found.record()  # says whether the target held on held-out prompts
-        rec = Recipe(rec.name, keep_float=tuple(dict.fromkeys(rec.keep_float + found.keep)), group_size=rec.group_size)
+        rec = replace(rec, keep_float=tuple(dict.fromkeys(rec.keep_float + found.keep)))
     return export(target, comps, rec, out or plan.out, calibration=calib if rec.needs_calibration else None,
                   progress=progress, source=source, compression=compression or None, check_floor=plan.check_floor)
 

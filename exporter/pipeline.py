@@ -180,6 +180,7 @@ def export(
     smooth: float | None = None,
     gptq: bool | None = None,
     check_floor: float | None = None,
+    activation_range: str | None = None,
 ):
     """Export one target x recipe into ``out`` (atomic). Returns the Artifact.
 
@@ -188,14 +189,15 @@ def export(
     ``parity_target`` (e.g. "cos=0.999") keeps the most INT8-sensitive layers in float, the smallest such set
     found greedily by calibration.sensitivity. ``smooth`` (SmoothQuant alpha) folds per-channel activation
     scales into the weights first (calibration/smooth.py); ``gptq`` rounds the decoder's weights GPTQ-style
-    onto the target's grid (calibration/gptq.py); None: the recipe's default on that target. The same :func:`exporter.export.export_model` builds every
+    onto the target's grid (calibration/gptq.py); None: the recipe's default on that target. ``activation_range``:
+    how a static recipe sets its activation ranges (the target's ``RecipeSpec.activation_ranges``). The same :func:`exporter.export.export_model` builds every
     artifact of ``build``.
     """
     from exporter import export as ex
 
     config = resolve_config(preset, checkpoint, layers) if (prune_heads is not None or skip_layers is not None) else None
     job = ex.plan(target, recipe, out, calibration, keep_float, group_size, parity_target, prune_heads, skip_layers, config,
-                  smooth=smooth, gptq=gptq, check_floor=check_floor)
+                  smooth=smooth, gptq=gptq, check_floor=check_floor, activation_range=activation_range)
     model = load_reference(preset, checkpoint, layers)
     return ex.export_model(model, job, source_of(preset, checkpoint, layers), progress)
 

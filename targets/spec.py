@@ -53,6 +53,13 @@ class RecipeSpec:
     # (README "Calibration algorithms", SmolLM2-135M) measured it better than round-to-nearest on this target.
     # Skipped, and recorded, where the model is too large for it (calibration.gptq rounds a whole-model copy)
     gptq_default: bool = False
+    # static recipes: the activation-range algorithms this target's quantizer offers (--activation-range), its
+    # default first; empty where the recipe calibrates no activation ranges
+    activation_ranges: tuple[str, ...] = ()
+
+    def activation_range(self, recipe: Recipe) -> str | None:
+        """The algorithm this build sets activation ranges with (the recipe's, else the default), or None."""
+        return recipe.activation_range or (self.activation_ranges[0] if self.activation_ranges else None)
 
     def takes_group_size(self, recipe: Recipe) -> bool:
         return recipe.grouped or self.blocks_on_request
@@ -90,6 +97,12 @@ class TargetSpec:
     def check(self, recipe: Recipe) -> RecipeSpec:
         """``recipe`` as this target can build it (recipe offered, group size available)."""
         spec = self.recipe(recipe.name)
+        if recipe.activation_range is not None and recipe.activation_range not in spec.activation_ranges:
+            if not spec.activation_ranges:
+                raise BadInputError(f"--activation-range applies to static recipes (int8-static); '{recipe.name}' on "
+                                    f"{self.name} calibrates no activation ranges")
+            raise BadInputError(f"--activation-range {recipe.activation_range}: {recipe.name} on {self.name} offers "
+                                f"{', '.join(spec.activation_ranges)} (default {spec.activation_ranges[0]})")
         if recipe.grouped and recipe.group_size == 0 and not spec.per_channel_groups:
             raise BadInputError(
                 f"{recipe.name} on {self.name} quantizes in blocks: --group-size 0 (per channel) is not available; "

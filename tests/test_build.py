@@ -62,6 +62,7 @@ def test_example_configs_parse():
         ("not toml [", "not valid TOML"),
         ("[[artifact]]\ntarget='ort'\nrecipe='int8-weight'\nsmooth='high'\n", "smooth must be a number"),
         ("[[artifact]]\ntarget='ort'\nrecipe='int8-weight'\ngptq=1\n", "gptq must be true or false"),
+        ("[[artifact]]\ntarget='ort'\nrecipe='int8-static'\nactivation_range=1\n", "activation_range must be a string"),
     ],
 )
 def test_bad_configs_are_rejected_with_the_key(tmp_path, text, match):
@@ -86,6 +87,8 @@ def test_thresholds_merge_global_recipe_and_artifact(tmp_path):
     ("target='executorch'\nrecipe='8da4w'\ngptq=true", "--gptq does not apply"),  # torchao's own grid
     ("target='ort'\nrecipe='fp32'\nsmooth=0.5", "--smooth applies to quantized recipes"),
     ("target='ort'\nrecipe='int8-static'\nsmooth=1.5", "smooth"),
+    ("target='executorch'\nrecipe='int8-static'\nactivation_range='entropy'", "executorch offers mse, minmax"),
+    ("target='coreml'\nrecipe='int8-weight'\nactivation_range='minmax'", "applies to static recipes"),
 ])
 def test_calibration_algorithms_are_checked_like_the_export_options(tmp_path, entry, match):
     """smooth / gptq go through the export command's own checks, before --out exists."""

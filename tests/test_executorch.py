@@ -615,6 +615,102 @@ def test_lowering_leaves_no_graph_in_executorch_partitioner_cache():
     assert is_same_node.cache_info().currsize == 0
 
 
+def test_int8_static_activation_range_picks_the_observer():
+    """--activation-range on ExecuTorch: "mse" (default) is XNNPACK's HistogramObserver (the range from an L2 search
+    over the histogram), "minmax" torchao's MinMaxObserver, whose input scale spans the observed extremes. An unknown
+    name is refused."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from core.errors import BadInputError
+    from targets.executorch.quantize import xnnpack_static_quantizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16))
+    x = torch.randn(256, 64)
+    x[0, 0] = 80.0
+
+    def observed(name):
+        prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), xnnpack_static_quantizer((), name))
+        prepared(x)
+        obs = [m for n, m in prepared.named_modules()  # per-tensor: the activations' (weights are per channel)
+               if "activation_post_process" in n and m.max_val.numel() == 1]
+        first = max(obs, key=lambda m: float(m.max_val))  # the linear's input: it sees the 80
+        return type(first).__name__, float(first.calculate_qparams()[0]), float(first.min_val)
+
+    assert observed(None)[0] == observed("mse")[0] == "HistogramObserver"
+    kind, scale, low = observed("minmax")
+    assert kind == "MinMaxObserver" and scale == pytest.approx((80.0 - low) / 255, rel=1e-3)
+    with pytest.raises(BadInputError, match="activation range"):
+        xnnpack_static_quantizer((), "entropy")
+
+
+def test_lowering_reports_the_edge_passes_then_each_xnnpack_partition():
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    x = (torch.randn(2, 16),)
+    own = dict(XnnpackBackend.__dict__)
+    calls = []
+    edge = lower({"a": torch.export.export(model, x), "b": torch.export.export(model, x)}, None,
+                 lambda *a: calls.append(a))
+    parts = sum(r["xnnpack_subgraphs"] for r in lowering_report(edge, ["a", "b"]).values())
+    assert parts >= 2
+    assert calls == [("xnnpack lowering", 0, 1)] + [("xnnpack lowering", k, parts + 1) for k in range(1, parts + 2)]
+    assert dict(XnnpackBackend.__dict__) == own  # ExecuTorch's class put back as it was
+
+
+def _provenance(edge) -> list:
+    """Every node's from_node chain in the lowered program and its XNNPACK subgraphs, without graph ids (id() of
+    graphs that differ between two lowerings)."""
+    def plain(d):
+        return {k: [plain(x) for x in v] if k == "from_node" else v for k, v in d.items() if k != "graph_id"}
+
+    ep = edge.exported_program()
+    graphs = [ep.graph] + [m.original_module.graph for _, m in ep.graph_module.named_children()
+                           if hasattr(m, "original_module")]
+    return [(n.name, [plain(src.to_dict()) for src in n.meta.get("from_node", [])])
+            for g in graphs for n in g.nodes]
+
+
+def test_lowering_shares_provenance_records_and_records_the_same_provenance():
+    """lower() keeps torch from deep-copying each node's provenance chain at every pass (O(passes^2), 10 % of
+    SmolLM2's lowering); the chains it records must be the ones torch records without it."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from torch.fx.traceback import NodeSource
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+        def forward(self, x):
+            return torch.nn.functional.silu(self.a(x)).mul(2.0) @ self.b.weight.T + x.mean(-1, keepdim=True)
+
+    torch.manual_seed(0)
+    model, x = M(), (torch.randn(1, 5, 16),)
+    dyn = ({1: torch.export.Dim("t", min=1, max=64)},)
+    def records(edge) -> int:  # distinct NodeSource objects behind every node's chain
+        seen, todo = set(), [s for n in edge.exported_program().graph.nodes for s in n.meta.get("from_node", [])]
+        while todo:
+            src = todo.pop()
+            if id(src) not in seen:
+                seen.add(id(src))
+                todo.extend(src.from_node)
+        return len(seen)
+
+    init = NodeSource.__init__
+    stock = to_edge_transform_and_lower(torch.export.export(model, x, dynamic_shapes=dyn),
+                                        partitioner=[XnnpackPartitioner()],
+                                        compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    shared = lower({"forward": torch.export.export(model, x, dynamic_shapes=dyn)})
+    assert NodeSource.__init__ is init  # restored on exit
+    want, got = _provenance(stock), _provenance(shared)
+    assert max(len(json.dumps(c)) for _, c in want) > 1000, want  # chains many passes deep (else this proves nothing)
+    assert got == want
+    assert records(shared) < records(stock), (records(shared), records(stock))  # shared, not copied
+
+
 def test_eager_custom_op_noise_is_dropped_and_other_native_stderr_kept(capfd):
     """llama::custom_sdpa run eagerly (int8-static calibration) logs "No temp allocator provided" natively on
     every call; the calibration's filter drops those lines and passes every other line written to fd 2 on."""

@@ -469,6 +469,24 @@ def test_int8_static_percentile_ranges_clip_where_minmax_spans_everything(tiny_c
     assert sum(pct[k] < minmax[k] * 0.99 for k in minmax) >= len(minmax) // 2
 
 
+def test_export_sets_activation_ranges_with_the_recipes_algorithm(ort_artifacts, tiny_components, tiny_calibration,
+                                                                  tmp_path):
+    """--activation-range reaches onnxruntime's calibrator and artifact.json: entropy's decoder ranges are the
+    same tensors as the default MinMax artifact's, none wider and some narrower."""
+    import onnx
+
+    art = export(get_target("ort"), tiny_components, Recipe(INT8_STATIC, activation_range="entropy"), tmp_path / "e",
+                 calibration=tiny_calibration)
+    minmax = ort_artifacts[INT8_STATIC]
+    assert art.info["metadata"]["activation_range"] == "entropy"
+    assert minmax.info["metadata"]["activation_range"] == "minmax"  # the default, recorded
+    ent = _activation_scales(onnx.load(str(art.dir / "text_decoder.onnx")).graph)
+    mm = _activation_scales(onnx.load(str(minmax.dir / "text_decoder.onnx")).graph)
+    assert ent.keys() == mm.keys() and mm
+    assert all(ent[k] <= mm[k] * 1.01 for k in mm)
+    assert sum(ent[k] < mm[k] * 0.99 for k in mm) >= 1
+
+
 def test_int8_weight_is_int8_weights_with_float_activations(ort_artifacts):
     for m in METHOD_FILES:
         graph = onnx.load(ort_artifacts[INT8_WEIGHT].dir / f"{m}.onnx").graph
@@ -735,6 +753,10 @@ def _one_error_line(result) -> str:
         (["--recipe", "fp16"], "recipe 'fp16' is not supported by target 'ort'"),
         (["--recipe", "int4"], "'--recipe': 'int4' is not one of"),  # Typer's choices, from the registry
         (["--recipe", "int8-static", "--calibration", "/no/such/calib.jsonl"], "/no/such/calib.jsonl"),
+        (["--recipe", "int8-static", "--activation-range", "mse"],
+         "--activation-range mse: int8-static on ort offers minmax, percentile, entropy, distribution (default minmax)"),
+        (["--recipe", "int8-weight", "--activation-range", "minmax"],
+         "--activation-range applies to static recipes (int8-static); 'int8-weight' on ort calibrates no activation"),
     ],
 )
 def test_export_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, extra, needle):

@@ -84,8 +84,9 @@ SPEC = TargetSpec(
         RecipeSpec(RecipeName.INT8_WEIGHT, _INT8_WEIGHTS, Gate(0.99), weight_grid=lambda r: WeightGrid(8),
                    gptq_default=True),
         # W8A8: quantize/dequantize pairs before every linear / conv, ranges measured by the interpreter
+        # (activation ranges: the interpreter's min / max over the calibration calls, the only one offered)
         RecipeSpec(RecipeName.INT8_STATIC, QuantScheme(8, activations="static", embedding_bits=8, float_dtype="float16"),
-                   Gate(0.95), weight_grid=lambda r: WeightGrid(8)),
+                   Gate(0.95), weight_grid=lambda r: WeightGrid(8), activation_ranges=("minmax",)),
         # int4 in blocks of --group-size input channels (0: per output channel); the embedding table, and any
         # weight the block does not tile, int8 per channel. GPTQ by default: SmolLM2 (17 held-out prompts, MIL
         # interpreter, block 32) top-1 0.524 -> 0.766, perplexity +36.2 % -> +20.7 %, greedy 0.143 -> 0.188

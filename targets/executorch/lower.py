@@ -8,7 +8,8 @@ portable kernels).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from core.errors import ExportError
 from targets.executorch.program import STATE
@@ -17,9 +18,11 @@ from targets.executorch.program import STATE
 MUST_DELEGATE = ("linear", ".mm.", "bmm", "addmm", "matmul", "convolution")
 
 
-def lower(programs: Any, constants: dict[str, Any] | None = None):
+def lower(programs: Any, constants: dict[str, Any] | None = None,
+          progress: Callable[[str, int, int], None] | None = None):
     """Every method (one ExportedProgram, or a dict of them) lowered together to one edge program manager
-    (XNNPACK partitioner), with the runner's constant methods.
+    (XNNPACK partitioner), with the runner's constant methods. ``progress`` (stage, done, total) hears of the
+    edge passes (one unit) and then of each XNNPACK partition as XNNPACK compiles it.
 
     ExecuTorch's partitioner memoizes ``executorch.exir.backend.utils.is_same_node`` in an unbounded
     ``lru_cache`` keyed by fx nodes: every lowered graph's nodes stay alive with the real tensors in their
@@ -31,14 +34,91 @@ def lower(programs: Any, constants: dict[str, Any] | None = None):
     from executorch.exir.backend.utils import is_same_node
 
     try:
-        return to_edge_transform_and_lower(
-            programs,
-            partitioner=[XnnpackPartitioner()],
-            compile_config=EdgeCompileConfig(_check_ir_validity=False),
-            constant_methods=constants,
-        )
+        with shared_provenance(), partition_progress(progress):
+            return to_edge_transform_and_lower(
+                programs,
+                partitioner=[XnnpackPartitioner()],
+                compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                constant_methods=constants,
+            )
     finally:
         is_same_node.cache_clear()
+
+
+@contextmanager
+def shared_provenance() -> Iterator[None]:
+    """While it is open, a node's provenance record (``torch.fx.traceback.NodeSource``) holds its source node's
+    ``meta["from_node"]`` chain as a new list of the same records instead of a deep copy of them.
+
+    Every pass that re-creates a node (each of ExecuTorch's edge passes and XNNPACK's per-partition passes re-trace
+    the graph) records the node it came from, and torch deep-copies that node's whole provenance chain each time; the
+    chain grows by one level per pass, so the copies cost O(passes^2) per node. On SmolLM2's fp32 lowering they were
+    27 of 266 profiled seconds (63,941 records). The records are never changed once made (torch's and ExecuTorch's
+    passes build new lists, ``GraphTransformObserver`` appends only to the new node's own list), so sharing them
+    records the same provenance (tests/test_executorch.py compares the two). torch has no switch for this."""
+    from torch.fx import traceback as fx_traceback
+
+    cls = fx_traceback.NodeSource
+    original = cls.__init__
+
+    def init(self, node=None, pass_name: str = "", action=None) -> None:
+        chain = node.meta.pop("from_node", None) if node is not None else None
+        try:
+            original(self, node, pass_name, action)  # with the chain hidden: it copies nothing
+        finally:
+            if chain is not None:
+                node.meta["from_node"] = chain
+        if chain is not None:
+            self.from_node = list(chain)
+
+    cls.__init__ = init
+    try:
+        yield
+    finally:
+        cls.__init__ = original
+
+
+LOWERING_STAGE = "xnnpack lowering"
+
+
+@contextmanager
+def partition_progress(progress: Callable[[str, int, int], None] | None) -> Iterator[None]:
+    """While it is open, ExecuTorch's XNNPACK backend reports to ``progress``: one unit when the edge passes and
+    the partitioner are done (the first half of a lowering), then one per partition compiled. ExecuTorch has no
+    progress hook of its own, so its two class attributes are wrapped and put back on exit."""
+    if progress is None:
+        yield
+        return
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    state = {"done": 0, "total": 1}
+    progress(LOWERING_STAGE, 0, 1)
+    multimethod, preprocess = XnnpackBackend.preprocess_multimethod, XnnpackBackend.preprocess
+    own = {k: XnnpackBackend.__dict__[k] for k in ("preprocess_multimethod", "preprocess") if k in XnnpackBackend.__dict__}
+
+    def preprocess_all(cls, method_to_programs, method_to_specs):
+        state["done"], state["total"] = 1, 1 + sum(len(v) for v in method_to_programs.values())
+        progress(LOWERING_STAGE, 1, state["total"])
+        return multimethod(method_to_programs, method_to_specs)
+
+    def preprocess_one(*args, **kwargs):
+        result = preprocess(*args, **kwargs)
+        state["done"] = min(state["done"] + 1, state["total"])
+        progress(LOWERING_STAGE, state["done"], state["total"])
+        return result
+
+    XnnpackBackend.preprocess_multimethod = classmethod(preprocess_all)
+    XnnpackBackend.preprocess = staticmethod(preprocess_one)
+    try:
+        yield
+    finally:
+        for k in ("preprocess_multimethod", "preprocess"):
+            if k in own:
+                setattr(XnnpackBackend, k, own[k])
+            else:
+                delattr(XnnpackBackend, k)
+        if state["done"] < state["total"]:  # nothing to compile, or a failure: the bar is closed either way
+            progress(LOWERING_STAGE, state["total"], state["total"])
 
 
 def lowering_report(edge: Any, methods: list[str]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ Modules named in ``Recipe.keep_float`` stay float on every path.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -43,7 +44,8 @@ def quantize_method(components: Any, method: str, module: nn.Module, recipe: Rec
         samples, before = calibration_calls(method, recorded or {})
         q["calibration_calls"] = len(samples)
         q["kept_float"] = sorted(keep)
-        return pt2e_quantize(components, method, module, samples, keep | rotation_names(module), before), q
+        return pt2e_quantize(components, method, module, samples, keep | rotation_names(module), before,
+                             recipe.activation_range), q
     q.update(quantize_linears(module, scheme, recipe.group_size, keep))
     return export_module(components, method, module), q
 
@@ -128,8 +130,10 @@ def quantize_linears(module: nn.Module, scheme: QuantScheme, group_size: int, ke
 # --- static activations (PT2E) ---------------------------------------------------------------------
 
 
-def xnnpack_static_quantizer(keep: Iterable[str] = ()):
-    """The PT2E quantizer of the int8-static recipe: per-channel int8 weights, static int8 activations.
+def xnnpack_static_quantizer(keep: Iterable[str] = (), activation_range: str | None = None):
+    """The PT2E quantizer of the int8-static recipe: per-channel int8 weights, static int8 activations, their ranges
+    set by ``activation_range``: "mse" (None; the XNNPACK quantizer's HistogramObserver: the range whose
+    quantization minimises the L2 error over the calibration histogram) or "minmax" (torchao's MinMaxObserver).
 
     W8A8 on the weight-bearing ops only (linear, conv): the quantizer's global config would also put
     per-tensor int8 on every add / mul / cat, i.e. the residual stream, the RMSNorm scaling, the rope
@@ -143,6 +147,13 @@ def xnnpack_static_quantizer(keep: Iterable[str] = ()):
     )
 
     config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
+    if activation_range == "minmax":
+        from torchao.quantization.pt2e import MinMaxObserver
+
+        act = replace(config.input_activation, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
+        config = replace(config, input_activation=act, output_activation=act)
+    elif activation_range not in (None, "mse"):
+        raise BadInputError(f"int8-static on executorch: unknown activation range '{activation_range}' (mse, minmax)")
     quantizer = XNNPACKQuantizer()
     for op in PT2E_OPS:
         quantizer.set_operator_type(op, config)
@@ -159,11 +170,12 @@ def pt2e_quantize(
     samples: list[tuple],
     keep: set[str],
     before_call: Callable[[nn.Module, int], None] | None = None,
+    activation_range: str | None = None,
 ):
     """PT2E static int8 (XNNPACK quantizer, per-channel weights); returns the re-exported program."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = xnnpack_static_quantizer(keep)
+    quantizer = xnnpack_static_quantizer(keep, activation_range)
     with torch.no_grad():
         prepared = prepare_pt2e(export_module(components, method, module).module(), quantizer)
         with eager_custom_ops():

@@ -25,8 +25,11 @@ SPEC = TargetSpec(
         RecipeSpec(RecipeName.W4_DA8, QuantScheme(4, groupwise=True, activations="dynamic", embedding_bits=8),
                    Gate(0.95, 0.35)),
         # PT2E with the XNNPACK quantizer on linear/conv: per-channel int8 weights, static per-tensor inputs
+        # (--activation-range: the XNNPACK quantizer's own HistogramObserver, which picks the range that minimises
+        # the histogram's L2 quantization error ("mse", its default), or torchao's MinMaxObserver)
         RecipeSpec(RecipeName.INT8_STATIC, QuantScheme(8, activations="static", embedding_bits=8), Gate(0.95, 0.35),
-                   weight_grid=lambda r: WeightGrid(8)),  # XNNPACK's symmetric per-channel weight observer: +-127
+                   weight_grid=lambda r: WeightGrid(8),  # XNNPACK's symmetric per-channel weight observer: +-127
+                   activation_ranges=("mse", "minmax")),
     ),
     runtime_packages=("executorch", "torchao"),
     # every method is copied to float32 on its own as it is exported, a large decoder piece by piece

@@ -175,7 +175,7 @@ class ExecuTorchTarget:
     def _lower(job: BuildJob, programs: dict[str, Any], report: dict[str, Any]):
         """Lower every method to XNNPACK with the runner's constant methods; report and check what stays outside."""
         try:
-            edge = lower(programs, constant_methods(job.components.config, job.metadata))
+            edge = lower(programs, constant_methods(job.components.config, job.metadata), job.progress)
         except Exception as e:
             raise ExportError(f"XNNPACK lowering ({job.recipe.name}) failed: {str(e).splitlines()[0]}") from e
         report["lowering"] = lowering_report(edge, list(programs))

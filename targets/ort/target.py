@@ -67,7 +67,8 @@ def _weight_only_method(job: BuildJob, method: str, raw: Path, final: Path, feed
 
 def _int8_static(job: BuildJob, method: str, raw: Path, final: Path, feeds: Feeds) -> dict[str, int]:
     quantize_static_model(raw, final, feeds[method], job.work, keep=job.recipe.keep_float,
-                          int8_embeddings=job.spec.scheme.embedding_bits == 8)
+                          int8_embeddings=job.spec.scheme.embedding_bits == 8,
+                          activation_range=job.spec.activation_range(job.recipe))
     return {"calibration_samples": len(feeds[method])}
 
 
