@@ -659,58 +659,6 @@ def test_lowering_reports_the_edge_passes_then_each_xnnpack_partition():
     assert dict(XnnpackBackend.__dict__) == own  # ExecuTorch's class put back as it was
 
 
-def _provenance(edge) -> list:
-    """Every node's from_node chain in the lowered program and its XNNPACK subgraphs, without graph ids (id() of
-    graphs that differ between two lowerings)."""
-    def plain(d):
-        return {k: [plain(x) for x in v] if k == "from_node" else v for k, v in d.items() if k != "graph_id"}
-
-    ep = edge.exported_program()
-    graphs = [ep.graph] + [m.original_module.graph for _, m in ep.graph_module.named_children()
-                           if hasattr(m, "original_module")]
-    return [(n.name, [plain(src.to_dict()) for src in n.meta.get("from_node", [])])
-            for g in graphs for n in g.nodes]
-
-
-def test_lowering_shares_provenance_records_and_records_the_same_provenance():
-    """lower() keeps torch from deep-copying each node's provenance chain at every pass (O(passes^2), 10 % of
-    SmolLM2's lowering); the chains it records must be the ones torch records without it."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
-    from torch.fx.traceback import NodeSource
-
-    class M(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
-
-        def forward(self, x):
-            return torch.nn.functional.silu(self.a(x)).mul(2.0) @ self.b.weight.T + x.mean(-1, keepdim=True)
-
-    torch.manual_seed(0)
-    model, x = M(), (torch.randn(1, 5, 16),)
-    dyn = ({1: torch.export.Dim("t", min=1, max=64)},)
-    def records(edge) -> int:  # distinct NodeSource objects behind every node's chain
-        seen, todo = set(), [s for n in edge.exported_program().graph.nodes for s in n.meta.get("from_node", [])]
-        while todo:
-            src = todo.pop()
-            if id(src) not in seen:
-                seen.add(id(src))
-                todo.extend(src.from_node)
-        return len(seen)
-
-    init = NodeSource.__init__
-    stock = to_edge_transform_and_lower(torch.export.export(model, x, dynamic_shapes=dyn),
-                                        partitioner=[XnnpackPartitioner()],
-                                        compile_config=EdgeCompileConfig(_check_ir_validity=False))
-    shared = lower({"forward": torch.export.export(model, x, dynamic_shapes=dyn)})
-    assert NodeSource.__init__ is init  # restored on exit
-    want, got = _provenance(stock), _provenance(shared)
-    assert max(len(json.dumps(c)) for _, c in want) > 1000, want  # chains many passes deep (else this proves nothing)
-    assert got == want
-    assert records(shared) < records(stock), (records(shared), records(stock))  # shared, not copied
-
-
 def test_eager_custom_op_noise_is_dropped_and_other_native_stderr_kept(capfd):
     """llama::custom_sdpa run eagerly (int8-static calibration) logs "No temp allocator provided" natively on
     every call; the calibration's filter drops those lines and passes every other line written to fd 2 on."""

@@ -34,7 +34,7 @@ def lower(programs: Any, constants: dict[str, Any] | None = None,
     from executorch.exir.backend.utils import is_same_node
 
     try:
-        with shared_provenance(), partition_progress(progress):
+        with partition_progress(progress):
             return to_edge_transform_and_lower(
                 programs,
                 partitioner=[XnnpackPartitioner()],
@@ -43,39 +43,6 @@ def lower(programs: Any, constants: dict[str, Any] | None = None,
             )
     finally:
         is_same_node.cache_clear()
-
-
-@contextmanager
-def shared_provenance() -> Iterator[None]:
-    """While it is open, a node's provenance record (``torch.fx.traceback.NodeSource``) holds its source node's
-    ``meta["from_node"]`` chain as a new list of the same records instead of a deep copy of them.
-
-    Every pass that re-creates a node (each of ExecuTorch's edge passes and XNNPACK's per-partition passes re-trace
-    the graph) records the node it came from, and torch deep-copies that node's whole provenance chain each time; the
-    chain grows by one level per pass, so the copies cost O(passes^2) per node. On SmolLM2's fp32 lowering they were
-    27 of 266 profiled seconds (63,941 records). The records are never changed once made (torch's and ExecuTorch's
-    passes build new lists, ``GraphTransformObserver`` appends only to the new node's own list), so sharing them
-    records the same provenance (tests/test_executorch.py compares the two). torch has no switch for this."""
-    from torch.fx import traceback as fx_traceback
-
-    cls = fx_traceback.NodeSource
-    original = cls.__init__
-
-    def init(self, node=None, pass_name: str = "", action=None) -> None:
-        chain = node.meta.pop("from_node", None) if node is not None else None
-        try:
-            original(self, node, pass_name, action)  # with the chain hidden: it copies nothing
-        finally:
-            if chain is not None:
-                node.meta["from_node"] = chain
-        if chain is not None:
-            self.from_node = list(chain)
-
-    cls.__init__ = init
-    try:
-        yield
-    finally:
-        cls.__init__ = original
 
 
 LOWERING_STAGE = "xnnpack lowering"
