@@ -15,11 +15,11 @@ them).
 
 ``--profile``: after the timed rounds, one more pass of ``ours`` and of ``genai`` on sessions opened with
 onnxruntime's profiler (genai: its decoder's ``session_options.enable_profiling``), alternated ``--profile-rounds``
-times. Per decode step (medians over every profiled step): the step's wall time, the decoder's ``model_run`` (the
-whole ``Run`` inside onnxruntime), the sum of its kernels' times, and the rest: for ours the token embedding's own
-``Run`` and the Python around the calls, for genai its C++ generator around the ``Run``. That says whether a
-difference between the two is in the graph (kernels), in onnxruntime's run overhead, or in the host loop. The
-profiler adds its own cost to every number of this pass, on both sides alike.
+times. Per decode step (means over every profiled step, as the step's wall time is a pass's mean): the step's wall
+time, the decoder's ``model_run`` (the whole ``Run`` inside onnxruntime), the sum of its kernels' times, and the
+rest: for ours the token embedding's own ``Run`` and the Python around the calls, for genai its C++ generator
+around the ``Run``. That says whether a difference between the two is in the graph (kernels), in onnxruntime's run
+overhead, or in the host loop. The profiler adds its own cost to every number of this pass, on both sides alike.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def decode_runs(profile: Path) -> list[tuple[float, float]]:
 
 
 def profiled(a, tmp: Path, Options, ours, genai, og, get_target, read_artifact) -> None:
-    """The --profile pass: both sides on profiled sessions, alternated; a table of per-step medians."""
+    """The --profile pass: both sides on profiled sessions, alternated; a table of per-step means."""
     rows: dict[str, list[tuple[float, float, float, float]]] = {"ours": [], "genai": []}
     for r in range(a.profile_rounds):
         Options.profile_prefix = str(tmp / f"ours{r}")
@@ -158,11 +158,11 @@ def profiled(a, tmp: Path, Options, ours, genai, og, get_target, read_artifact) 
         del model  # the profile is written when genai's session closes
         profile = max(tmp.glob(f"genai{r}*.json"), key=lambda f: f.stat().st_mtime)
         rows["genai"] += [(wall * 1e3, run, kern, 0.0) for run, kern in decode_runs(profile)]
-    print(f"profiled ({a.profile_rounds} passes of {STEPS} steps each, alternated; medians in µs per decode step):")
+    print(f"profiled ({a.profile_rounds} passes of {STEPS} steps each, alternated; means in µs per decode step):")
     print(f"{'':8s} {'step wall':>10s} {'decoder Run':>12s} {'its kernels':>12s} {'Run - kernels':>14s} "
           f"{'embedding Run':>14s} {'outside the Runs':>17s}")
     for name, r in rows.items():
-        wall, run, kern, emb = (float(np.median([x[i] for x in r])) for i in range(4))
+        wall, run, kern, emb = (float(np.mean([x[i] for x in r])) for i in range(4))  # (wall: a pass's mean)
         print(f"{name:8s} {wall:10.0f} {run:12.0f} {kern:12.0f} {run - kern:14.0f} {emb:14.0f} "
               f"{wall - run - emb:17.0f}")
 
