@@ -72,8 +72,9 @@ def export(
         gc.collect()
         trim_heap()  # what the build freed leaves the heap before the check opens the program beside the eager pass
         meta = dict(built.metadata if built.metadata is not None else metadata)
-        if rspec.activation_range(recipe):
-            meta["activation_range"] = rspec.activation_range(recipe)  # --activation-range, or the target's default
+        activation_range = rspec.activation_range(recipe)  # --activation-range, or the target's default
+        if activation_range:
+            meta["activation_range"] = activation_range
         if source is not None:
             meta["source"] = source  # parity rebuilds the reference from it
         if compression:

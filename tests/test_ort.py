@@ -457,6 +457,9 @@ def test_int8_static_percentile_ranges_clip_where_minmax_spans_everything(tiny_c
     from targets.ort import static
     from targets.ort.static import calibration_method
 
+    from targets.ort.spec import ACTIVATION_RANGE_NAMES
+
+    assert tuple(static.ACTIVATION_RANGES) == ACTIVATION_RANGE_NAMES  # a calibrator for every name the spec offers
     member, options = static.ACTIVATION_RANGES["percentile"]
     monkeypatch.setitem(static.ACTIVATION_RANGES, "percentile", (member, {**options, "CalibPercentile": 99.9}))
     with pytest.raises(BadInputError, match="activation range"):

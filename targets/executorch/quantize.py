@@ -20,10 +20,11 @@ from torch import nn
 
 from calibration.stats import spread
 from core.errors import BadInputError, ExportError
-from core.recipes import QuantScheme, Recipe
+from core.recipes import QuantScheme, Recipe, RecipeName
 from exporter.model.upcast import typed_copy
 from targets.executorch.llm_decoder import Rotation, eager_custom_ops
 from targets.executorch.program import COMPONENT_INPUTS, STATE, ByteEmbedding, export_module
+from targets.executorch.spec import SPEC
 
 # int8-static: the ops PT2E quantizes (one overload per pattern family; each annotator takes the whole family)
 PT2E_OPS = (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
@@ -132,8 +133,9 @@ def quantize_linears(module: nn.Module, scheme: QuantScheme, group_size: int, ke
 
 def xnnpack_static_quantizer(keep: Iterable[str] = (), activation_range: str | None = None):
     """The PT2E quantizer of the int8-static recipe: per-channel int8 weights, static int8 activations, their ranges
-    set by ``activation_range``: "mse" (None; the XNNPACK quantizer's HistogramObserver: the range whose
-    quantization minimises the L2 error over the calibration histogram) or "minmax" (torchao's MinMaxObserver).
+    set by ``activation_range``, one of the spec's names (None: its default): "mse" (the XNNPACK quantizer's
+    HistogramObserver: the range whose quantization minimises the L2 error over the calibration histogram) or
+    "minmax" (torchao's MinMaxObserver).
 
     W8A8 on the weight-bearing ops only (linear, conv): the quantizer's global config would also put
     per-tensor int8 on every add / mul / cat, i.e. the residual stream, the RMSNorm scaling, the rope
@@ -146,14 +148,17 @@ def xnnpack_static_quantizer(keep: Iterable[str] = (), activation_range: str | N
         get_symmetric_quantization_config,
     )
 
-    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)
+    offered = SPEC.recipe(RecipeName.INT8_STATIC).activation_ranges
+    activation_range = activation_range or offered[0]
+    if activation_range not in offered:
+        raise BadInputError(f"int8-static on executorch: unknown activation range '{activation_range}' "
+                            f"({', '.join(offered)})")
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)  # its observer: "mse"
     if activation_range == "minmax":
         from torchao.quantization.pt2e import MinMaxObserver
 
         act = replace(config.input_activation, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12))
         config = replace(config, input_activation=act, output_activation=act)
-    elif activation_range not in (None, "mse"):
-        raise BadInputError(f"int8-static on executorch: unknown activation range '{activation_range}' (mse, minmax)")
     quantizer = XNNPACKQuantizer()
     for op in PT2E_OPS:
         quantizer.set_operator_type(op, config)

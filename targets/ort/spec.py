@@ -9,6 +9,10 @@ from __future__ import annotations
 from core.recipes import FLOAT32, QuantScheme, RecipeName, WeightGrid
 from targets.spec import Gate, RecipeSpec, TargetSpec
 
+# int8-static's --activation-range names, the default first (MinMax: the measurements at
+# targets/ort/static.ACTIVATION_RANGES, which maps each name to onnxruntime's CalibrationMethod)
+ACTIVATION_RANGE_NAMES = ("minmax", "percentile", "entropy", "distribution")
+
 GENAI_PACKAGE = "onnxruntime-genai"
 
 # Export check (targets.base.export_gate), run on the files a phone gets (.ort, or .onnx where a model is over
@@ -30,10 +34,8 @@ RECIPES = (
     # QDQ: int8 per-channel weights and calibrated uint8 per-tensor inputs on the weight MatMuls (float outputs:
     # onnxruntime's CPU EP runs them as U8S8 MatMulIntegerToFloat), then the embedding table as in int8-weight
     # (ORT's static quantizer leaves Gather tables float)
-    # (--activation-range: onnxruntime's CalibrationMethod, targets/ort/static.ACTIVATION_RANGES, MinMax first)
     RecipeSpec(RecipeName.INT8_STATIC, QuantScheme(weight_bits=8, activations="static", embedding_bits=8),
-               Gate(0.95, 0.35), weight_grid=lambda r: WeightGrid(8),
-               activation_ranges=("minmax", "percentile", "entropy", "distribution")),
+               Gate(0.95, 0.35), weight_grid=lambda r: WeightGrid(8), activation_ranges=ACTIVATION_RANGE_NAMES),
     # MatMulNBits: 4-bit blocks of --group-size inputs, float activations at the graph boundary; convs and the
     # embedding table int8 as in int8-weight. Block-wise only: --group-size 0 (per channel) is refused
     RecipeSpec(RecipeName.INT4_WEIGHT, QuantScheme(weight_bits=4, groupwise=True, embedding_bits=8), Gate(0.96, 0.3),
